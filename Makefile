@@ -1,0 +1,38 @@
+# Every target creates the virtualenv on first use, so a fresh clone needs only `make test`
+# or `make run`. Requirements: Python 3.11+, a JDK 17+ and Maven (for the local Kafka broker).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: test run lint fmt bench clean broker helm
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+broker: $(STAMP)
+	$(BIN)/python scripts/kafka_broker.py fetch
+
+lint: $(STAMP)
+	$(BIN)/ruff check worker tests scripts
+	$(BIN)/ruff format --check worker tests scripts
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff format worker tests scripts
+	$(BIN)/ruff check --fix worker tests scripts
+
+test: lint broker
+	$(BIN)/pytest
+
+run: broker
+	$(BIN)/python scripts/dev_run.py
+
+bench: broker
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis .bench

@@ -1,0 +1,56 @@
+"""Session fixtures: one real Kafka broker for the whole run, fresh topics and groups per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+
+from scripts.kafka_broker import Broker, BrokerError
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """The bootstrap address of a real broker: ``KAFKA_BOOTSTRAP`` if set, else one we start.
+
+    A broker that cannot start fails the tests that need it (an error, never a skip), so CI can
+    not pass without having talked to real Kafka.
+    """
+    external = os.environ.get("KAFKA_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    broker = Broker()
+    try:
+        broker.start()
+    except BrokerError as exc:
+        pytest.fail(f"could not start the Kafka broker for the tests: {exc}", pytrace=False)
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.cleanup()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique suffix for this test's topics and consumer groups."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def make_topic(kafka_bootstrap: str, unique: str) -> Iterator[object]:
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    created: list[str] = []
+
+    def _make(name: str, partitions: int = 1) -> str:
+        topic = f"{name}-{unique}"
+        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        created.append(topic)
+        return topic
+
+    yield _make
+    admin.close()
