@@ -54,3 +54,32 @@ def make_topic(kafka_bootstrap: str, unique: str) -> Iterator[object]:
 
     yield _make
     admin.close()
+
+
+ZONE_A = "023e105f4ecef8ad9ca31a8372d0c353"
+ZONE_B = "b" * 32
+TOKEN = "test-token-5f1b8e2c9a"
+
+
+@pytest.fixture
+def emulator_factory():
+    """Start emulators on free loopback ports; each is stopped after the test."""
+    from worker.emulator import Emulator, EmulatorState
+
+    started = []
+
+    def _start(plan: str = "pro", zones: dict[str, str] | None = None, **kwargs) -> Emulator:
+        accounts = kwargs.pop("accounts", {"acc": plan})
+        state = EmulatorState(zones or {ZONE_A: "acc"}, accounts, token=TOKEN, **kwargs)
+        emu = Emulator(state).start()
+        started.append(emu)
+        return emu
+
+    yield _start
+    for emu in started:
+        emu.stop()
+
+
+@pytest.fixture
+def emulator(emulator_factory):
+    return emulator_factory()

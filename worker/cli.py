@@ -1,14 +1,79 @@
-"""The ``purge-worker`` command line (filled in by the pipeline)."""
+"""The ``purge-worker`` command line: parse, load the config, dispatch to ``worker.commands``.
+
+Exit codes: 0 success; 2 bad usage, config or input (one line on stderr naming what is wrong);
+1 a runtime failure.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
+from typing import NoReturn
 
-from worker import __version__
+from worker import __version__, logs
+from worker.commands import cache, emulator, purge
+from worker.config import Config, load
+from worker.errors import ConfigError, PermanentError, PurgeWorkerError, RetryableError, UsageError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as every bad input gets: argparse's default prints the whole usage too.
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="purge-worker", description="Kafka events in, Cloudflare purges out.")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help_text: str, needs_config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if needs_config:
+            p.add_argument("-c", "--config", required=True, help="the YAML config file")
+        return p
+
+    purge.add_arguments(
+        command("purge", "an ad-hoc purge through the worker's batching and limits")
+    )
+    cache.add_arguments(command("cache", "Cache Reserve, Tiered Cache and Variants settings"))
+    emulator.add_arguments(
+        command("emulator", "a local Cloudflare API emulator", needs_config=False)
+    )
+    return parser
+
+
+def _with_config(
+    fn: Callable[[argparse.Namespace, Config], int],
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        config = load(args.config)
+        logs.register_secrets(config.secrets())
+        logs.configure(config.log_format, config.log_level)
+        return fn(args, config)
+
+    return run
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "purge": _with_config(purge.run),
+    "cache": _with_config(cache.run),
+    "emulator": emulator.run,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="purge-worker")
-    parser.add_argument("--version", action="version", version=__version__)
-    parser.parse_args(argv)
-    return 0
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, UsageError) as exc:
+        print(f"purge-worker {args.command}: {logs.redact_text(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except (PermanentError, RetryableError, PurgeWorkerError) as exc:
+        print(f"purge-worker {args.command}: {logs.redact_text(str(exc))}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,58 @@
+"""Time, injected into everything that waits, so tests never sleep."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes backwards; for intervals and deadlines."""
+
+    def time(self) -> float:
+        """Wall-clock seconds since the epoch; for event age and timestamps."""
+
+    def sleep(self, seconds: float) -> None:
+        """Block the calling thread for ``seconds``."""
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+class MockClock:
+    """A clock that moves only when told to; ``sleep`` advances it instead of blocking."""
+
+    def __init__(self, start: float = 1_000.0, wall: float = 1_800_000_000.0) -> None:
+        self._now = start
+        self._wall_offset = wall - start
+        self._lock = threading.Lock()
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self._now
+
+    def time(self) -> float:
+        with self._lock:
+            return self._now + self._wall_offset
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.slept.append(seconds)
+            if seconds > 0:
+                self._now += seconds
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds

@@ -1,0 +1,190 @@
+"""A small, typed client for Cloudflare's Cache API over ``requests``.
+
+Every method makes exactly one HTTP request and translates the outcome at this boundary: a
+``requests`` exception becomes ``TransportError``, a retryable status ``ApiUnavailable`` or
+``RateLimited``, any other 4xx ``ApiRejected``. Retrying is the caller's choice (see ``retry.py``).
+Methods block for the duration of the request.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from worker import __version__
+from worker.cloudflare.auth import Credentials
+from worker.errors import (
+    ApiErrorDetail,
+    ApiRejected,
+    ApiUnavailable,
+    RateLimited,
+    TransportError,
+)
+from worker.targets import Kind, Mode
+
+DEFAULT_BASE_URL = "https://api.cloudflare.com/client/v4"
+RETRYABLE_STATUSES = frozenset({408, 409}) | frozenset(range(500, 600))
+
+
+class CacheSetting(enum.StrEnum):
+    """The cache settings endpoints, by their path under ``/zones/{id}/cache/``."""
+
+    CACHE_RESERVE = "cache_reserve"
+    REGIONAL_TIERED = "regional_tiered_cache"
+    SMART_TIERED = "tiered_cache_smart_topology_enable"
+    VARIANTS = "variants"
+
+
+@dataclass(frozen=True)
+class ApiResponse:
+    status: int
+    result: Any
+    request_id: str | None
+
+
+@dataclass(frozen=True)
+class PurgeAccepted:
+    """The API accepted the purge (accepted is not yet evicted)."""
+
+    id: str
+    request_id: str | None
+
+
+@dataclass(frozen=True)
+class SettingValue:
+    id: str
+    value: Any
+    editable: bool | None
+    modified_on: str | None
+
+
+@dataclass(frozen=True)
+class ClearStatus:
+    state: str
+    start_ts: str | None
+    end_ts: str | None
+
+
+class CloudflareClient:
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: tuple[float, float] = (3.05, 30.0),
+        session: requests.Session | None = None,
+    ) -> None:
+        self._credentials = credentials
+        self.base_url = base_url.rstrip("/")
+        self._timeout = timeout
+        self._session = session or requests.Session()
+        self._session.headers["User-Agent"] = f"purge-worker/{__version__}"
+
+    def __repr__(self) -> str:
+        return f"CloudflareClient(base_url={self.base_url!r})"
+
+    def close(self) -> None:
+        self._session.close()
+
+    # -- purge ---------------------------------------------------------------------------------
+
+    def purge(
+        self, zone_id: str, kind: Kind, items: list[Any], mode: Mode = Mode.PURGE
+    ) -> PurgeAccepted:
+        """Send one purge request; ``items`` must already fit the per-request cap."""
+        body: dict[str, Any] = (
+            {"purge_everything": True} if kind is Kind.EVERYTHING else {kind.value: items}
+        )
+        resp = self.request("POST", f"/zones/{zone_id}/{mode.endpoint}", body)
+        result = resp.result if isinstance(resp.result, dict) else {}
+        return PurgeAccepted(str(result.get("id", "")), resp.request_id)
+
+    # -- settings ------------------------------------------------------------------------------
+
+    def get_setting(self, zone_id: str, setting: CacheSetting) -> SettingValue:
+        return _setting(self.request("GET", f"/zones/{zone_id}/cache/{setting}").result)
+
+    def edit_setting(self, zone_id: str, setting: CacheSetting, value: Any) -> SettingValue:
+        resp = self.request("PATCH", f"/zones/{zone_id}/cache/{setting}", {"value": value})
+        return _setting(resp.result)
+
+    def delete_setting(self, zone_id: str, setting: CacheSetting) -> SettingValue:
+        return _setting(self.request("DELETE", f"/zones/{zone_id}/cache/{setting}").result)
+
+    def cache_reserve_clear_status(self, zone_id: str) -> ClearStatus:
+        return _clear(self.request("GET", f"/zones/{zone_id}/cache/cache_reserve_clear").result)
+
+    def cache_reserve_clear_start(self, zone_id: str) -> ClearStatus:
+        resp = self.request("POST", f"/zones/{zone_id}/cache/cache_reserve_clear", {})
+        return _clear(resp.result)
+
+    def verify_token(self) -> str:
+        """The token's status (``active`` for a live token)."""
+        result = self.request("GET", "/user/tokens/verify").result
+        return str(result.get("status", "")) if isinstance(result, dict) else ""
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: Any = None) -> ApiResponse:
+        """One request; raises the error types of ``worker.errors`` (see module docstring)."""
+        url = self.base_url + path
+        try:
+            resp = self._session.request(
+                method, url, json=body, headers=self._credentials.headers(), timeout=self._timeout
+            )
+        except requests.RequestException as exc:
+            # requests' exceptions hold the prepared request, auth headers included, so they are
+            # never chained and only their type is named.
+            raise TransportError(f"{method} {path}: {type(exc).__name__}") from None
+        return _interpret(method, path, resp)
+
+
+def _interpret(method: str, path: str, resp: requests.Response) -> ApiResponse:
+    request_id = resp.headers.get("cf-ray") or resp.headers.get("x-request-id")
+    try:
+        envelope = resp.json()
+    except ValueError:
+        envelope = None
+    errors: tuple[ApiErrorDetail, ...] = ()
+    if isinstance(envelope, dict):
+        errors = tuple(
+            ApiErrorDetail(int(e.get("code", 0) or 0), str(e.get("message", "")))
+            for e in envelope.get("errors") or []
+            if isinstance(e, dict)
+        )
+    status = resp.status_code
+    if status == 429:
+        raise RateLimited(errors, _retry_after(resp.headers.get("Retry-After")))
+    if status in RETRYABLE_STATUSES:
+        raise ApiUnavailable(status, errors, "" if errors else f"{method} {path}")
+    if status >= 400:
+        raise ApiRejected(status, errors, "" if errors else f"{method} {path}")
+    if not isinstance(envelope, dict) or not envelope.get("success", False):
+        raise ApiRejected(status, errors, f"{method} {path}: response is not a success envelope")
+    return ApiResponse(status, envelope.get("result"), request_id)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return max(0.0, math.ceil(seconds)) if math.isfinite(seconds) else None
+
+
+def _setting(result: Any) -> SettingValue:
+    data = result if isinstance(result, dict) else {}
+    return SettingValue(
+        str(data.get("id", "")), data.get("value"), data.get("editable"), data.get("modified_on")
+    )
+
+
+def _clear(result: Any) -> ClearStatus:
+    data = result if isinstance(result, dict) else {}
+    return ClearStatus(str(data.get("state", "")), data.get("start_ts"), data.get("end_ts"))

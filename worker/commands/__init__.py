@@ -1,0 +1,1 @@
+"""One module per ``purge-worker`` sub-command; ``worker.cli`` parses and dispatches."""

@@ -1,0 +1,103 @@
+"""``purge-worker purge``: an ad-hoc purge with the worker's validation, batching and limits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+from worker.clock import SystemClock
+from worker.config import Config
+from worker.errors import InvalidTarget, UnknownZone, UsageError
+from worker.purger import Purger
+from worker.routing import ZoneRouter
+from worker.targets import Kind, Mode, Target
+from worker.wiring import Accounts
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", action="append", default=[], help="a URL (repeatable)")
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a cache-key header sent with every --url (repeatable)",
+    )
+    p.add_argument("--tag", action="append", default=[], help="a cache tag (repeatable)")
+    p.add_argument("--host", action="append", default=[], help="a host name (repeatable)")
+    p.add_argument("--prefix", action="append", default=[], help="host/path prefix (repeatable)")
+    p.add_argument("--everything", action="store_true", help="purge the whole zone (needs --yes)")
+    p.add_argument("--yes", action="store_true", help="confirm --everything")
+    p.add_argument("--zone", help="zone name or id, for --tag and --everything")
+    p.add_argument(
+        "--invalidate", action="store_true", help="mark stale and revalidate instead of deleting"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the requests, send nothing")
+
+
+def targets_from(args: argparse.Namespace) -> list[Target]:
+    headers = {}
+    for h in args.header:
+        name, sep, value = h.partition("=")
+        if not sep:
+            raise UsageError(f"--header {h!r}: expected NAME=VALUE")
+        headers[name] = value
+    try:
+        targets = [Target.url(u, headers or None) for u in args.url]
+        targets += [Target.tag(t, args.zone) for t in args.tag]
+        targets += [Target.host(h) for h in args.host]
+        targets += [Target.prefix(p) for p in args.prefix]
+    except InvalidTarget as exc:
+        raise UsageError(str(exc)) from None
+    if args.everything:
+        if not args.yes:
+            raise UsageError("--everything empties the zone's cache: add --yes to confirm")
+        if not args.zone:
+            raise UsageError("--everything needs --zone")
+        targets.append(Target.everything(args.zone))
+    if not targets:
+        raise UsageError("nothing to purge: give --url, --tag, --host, --prefix or --everything")
+    return targets
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    targets = targets_from(args)
+    clock = SystemClock()
+    accounts = Accounts(config, clock)
+    router = ZoneRouter(config.zones)
+    mode = Mode.INVALIDATE if args.invalidate else Mode.PURGE
+    groups: dict[tuple[str, Kind], list[Target]] = defaultdict(list)
+    for target in targets:
+        try:
+            zone = router.route(target)
+        except UnknownZone as exc:
+            raise UsageError(str(exc)) from None
+        for t in ZoneRouter.expand(zone, target):
+            if t not in groups[(zone.id, t.kind)]:
+                groups[(zone.id, t.kind)].append(t)
+    purger = Purger(config.delivery.retry, clock, dry_run=args.dry_run)
+    failed = 0
+    for (zone_id, kind), items in groups.items():
+        zone = next(z for z in config.zones if z.id == zone_id)
+        cap = accounts.cap(zone, kind is Kind.FILES)
+        for start in range(0, len(items), cap):
+            chunk = items[start : start + cap]
+            result = purger.send(accounts.destinations[zone_id], kind, mode, chunk)
+            print(
+                json.dumps(
+                    {
+                        "zone": zone.name,
+                        "kind": kind.value,
+                        "mode": mode.value,
+                        "items": [t.item() for t in chunk],
+                        "requests": result.requests,
+                        "accepted": len(result.accepted),
+                        "failed": [{"item": t.item(), "error": str(e)} for t, e in result.failed],
+                        "dry_run": args.dry_run,
+                    }
+                )
+            )
+            failed += len(result.failed)
+    accounts.close()
+    return 1 if failed else 0

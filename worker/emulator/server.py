@@ -1,0 +1,179 @@
+"""The emulator's HTTP front: a threaded loopback server speaking the API's paths and envelope."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from worker.emulator.state import EmulatorState, Reply, envelope, error
+
+_PURGE = re.compile(r"^/client/v4/zones/([^/]+)/(purge_cache|invalidate_cache)$")
+_SETTING = re.compile(r"^/client/v4/zones/([^/]+)/cache/([a-z_]+)$")
+_VERIFY = "/client/v4/user/tokens/verify"
+MAX_BODY = 10 * 1024 * 1024
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections, as with the real API
+    # Headers and body go out in separate writes; without this, Nagle and delayed ACKs add 40 ms.
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        state = self.server.state
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            self._send(*error(413, 1001, "request body too large"), record=(method, path))
+            return
+        raw = self.rfile.read(length) if length else b""
+        if path.startswith("/__emulator/"):
+            self._inspect(method, path, raw)
+            return
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        self._send(*self._api(state, method, path, raw, headers), record=(method, path))
+
+    def _api(
+        self, state: EmulatorState, method: str, path: str, raw: bytes, headers: dict[str, str]
+    ) -> Reply:
+        latency_ms, fault = state.injected_fault()
+        if latency_ms:
+            time.sleep(latency_ms / 1000)
+        if fault is not None:
+            return fault
+        denied = state.authenticate(headers)
+        if denied is not None:
+            return denied
+        if path == _VERIFY and method == "GET":
+            return 200, envelope({"id": "0" * 32, "status": "active"}), {}
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                return error(400, 6007, "Malformed JSON in request body")
+        m = _PURGE.match(path)
+        if m:
+            if method != "POST":
+                return error(405, 10405, "Method not allowed")
+            return state.zone(m.group(1)) or state.purge(m.group(1), m.group(2), body)
+        m = _SETTING.match(path)
+        if m:
+            return state.zone(m.group(1)) or state.setting(m.group(1), m.group(2), method, body)
+        return error(404, 7000, "No route for that URI")
+
+    def _inspect(self, method: str, path: str, raw: bytes) -> None:
+        state = self.server.state
+        purges, requests = state.snapshot()
+        if method == "GET" and path == "/__emulator/purges":
+            self._send_json(200, purges)
+        elif method == "GET" and path == "/__emulator/requests":
+            self._send_json(200, requests)
+        elif method == "POST" and path == "/__emulator/reset":
+            state.reset()
+            self._send_json(200, {"reset": True})
+        elif method == "POST" and path == "/__emulator/faults":
+            try:
+                spec = json.loads(raw or b"{}")
+                status, env, _ = (
+                    state.set_faults(spec)
+                    if isinstance(spec, dict)
+                    else error(400, 1001, "fault spec must be a JSON object")
+                )
+            except (ValueError, TypeError) as exc:
+                status, env, _ = error(400, 1001, f"bad fault spec: {exc}")
+            self._send_json(status, env)
+        else:
+            self._send_json(404, {"error": f"no emulator endpoint {method} {path}"})
+
+    def _send(
+        self, status: int, body: dict[str, Any], headers: dict[str, str], *, record: tuple[str, str]
+    ) -> None:
+        self.server.state.record_request(record[0], record[1], status)
+        self._send_json(status, body, {"cf-ray": f"{id(body):x}-EMU", **headers})
+
+    def _send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, addr: tuple[str, int], state: EmulatorState, verbose: bool) -> None:
+        self.state = state
+        self.verbose = verbose
+        super().__init__(addr, _Handler)
+
+
+class Emulator:
+    """Serve ``state`` on ``host:port`` (0 picks a free port) from a background thread."""
+
+    def __init__(
+        self, state: EmulatorState, host: str = "127.0.0.1", port: int = 0, verbose: bool = False
+    ) -> None:
+        self.state = state
+        self._server = _Server((host, port), state, verbose)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/client/v4"
+
+    def start(self) -> Emulator:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="emulator", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

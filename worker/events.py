@@ -1,0 +1,128 @@
+"""Decoding Kafka records into events: CloudEvents 1.0 (structured and binary) or plain JSON.
+
+Decoding never raises anything but ``InvalidEvent``: a record that cannot be read is one the
+worker dead-letters and moves past, never one it stops on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from worker.errors import InvalidEvent
+
+CE_CONTENT_TYPE = "application/cloudevents+json"
+CE_REQUIRED = ("id", "source", "specversion", "type")
+DEFAULT_MAX_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A Kafka record as the worker needs it, independent of the client library."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """What the rules see: the event's fields plus where it came from."""
+
+    body: dict[str, Any]
+    format: str  # "cloudevents" (structured), "cloudevents-binary" or "json"
+    id: str | None
+    type: str | None
+    time: float | None  # seconds since the epoch: the event's own time, else the record's
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def decode(
+    record: Record, *, max_bytes: int = DEFAULT_MAX_BYTES, type_field: str = "type"
+) -> Event:
+    """Raises ``InvalidEvent`` with the decoder's reason; never anything else."""
+    value = record.value
+    if value is None:
+        raise InvalidEvent("record has no value (a tombstone)")
+    if len(value) > max_bytes:
+        raise InvalidEvent(f"record value is {len(value)} bytes, over the limit of {max_bytes}")
+    headers = _headers(record.headers)
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"record value is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        parsed = json.loads(text)
+    except ValueError as exc:
+        raise InvalidEvent(f"record value is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidEvent("record value is JSON nested too deeply") from None
+    key = _text(record.key)
+    fallback_time = record.timestamp_ms / 1000 if record.timestamp_ms else None
+    if "ce_specversion" in headers:
+        body = {k[3:]: v for k, v in headers.items() if k.startswith("ce_")}
+        body["data"] = parsed
+        fmt = "cloudevents-binary"
+    elif isinstance(parsed, dict) and (
+        headers.get("content-type", "").startswith(CE_CONTENT_TYPE) or "specversion" in parsed
+    ):
+        body = parsed
+        fmt = "cloudevents"
+    else:
+        if not isinstance(parsed, dict):
+            raise InvalidEvent(f"event must be a JSON object, got {type(parsed).__name__}")
+        body = parsed
+        fmt = "json"
+    if fmt != "json":
+        missing = [a for a in CE_REQUIRED if not isinstance(body.get(a), str) or not body.get(a)]
+        if missing:
+            raise InvalidEvent(f"CloudEvent lacks required attribute(s): {', '.join(missing)}")
+        if body["specversion"] != "1.0":
+            raise InvalidEvent(f"CloudEvents specversion {body['specversion']!r} is not 1.0")
+    etype = body.get("type" if fmt != "json" else type_field)
+    eid = body.get("id")
+    return Event(
+        body=body,
+        format=fmt,
+        id=str(eid) if isinstance(eid, str | int) and not isinstance(eid, bool) else None,
+        type=etype if isinstance(etype, str) else None,
+        time=_event_time(body.get("time")) or fallback_time,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=key,
+        headers=headers,
+    )
+
+
+def _headers(raw: tuple[tuple[str, bytes], ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in raw:
+        out[name.lower()] = value.decode("utf-8", "replace") if value is not None else ""
+    return out
+
+
+def _text(raw: bytes | None) -> str | None:
+    return raw.decode("utf-8", "replace") if raw is not None else None
+
+
+def _event_time(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # Epoch seconds or milliseconds: anything past year 33658 in seconds is milliseconds.
+        return value / 1000 if value > 1e12 else float(value)
+    if isinstance(value, str) and value:
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None

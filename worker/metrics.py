@@ -1,0 +1,98 @@
+"""Every Prometheus metric purge-worker exports, in one place, with small fixed label sets.
+
+Label values come from closed sets (outcomes, kinds, status classes, error classes) or from
+configuration (topic, zone name): never from event content, never a secret.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+_P = "purge_worker_"
+
+# Records taken from Kafka, by how they ended: purged, dead_lettered, skipped (no rule fired).
+RECORDS = Counter(
+    _P + "records_total", "Records processed", ["topic", "outcome"], registry=REGISTRY
+)
+# Targets the rules produced, before coalescing.
+TARGETS = Counter(
+    _P + "targets_total", "Purge targets produced by rules", ["kind"], registry=REGISTRY
+)
+# Items actually sent in purge requests, after dedupe and subsumption (ratio with TARGETS).
+ITEMS_SENT = Counter(
+    _P + "items_sent_total", "Items sent in purge requests", ["kind"], registry=REGISTRY
+)
+# Purge API requests by zone, selector and HTTP status class (2xx, 4xx, 429, 5xx, error).
+REQUESTS = Counter(
+    _P + "api_requests_total", "Purge API requests", ["zone", "kind", "status"], registry=REGISTRY
+)
+# Wall time of each purge API request.
+REQUEST_SECONDS = Histogram(
+    _P + "api_request_seconds",
+    "Purge API request latency",
+    ["kind"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+# Retries of purge requests after a retryable failure.
+RETRIES = Counter(_P + "api_retries_total", "Purge request retries", ["kind"], registry=REGISTRY)
+# 429 answers: should stay at zero; a rise means another client shares the account's budget.
+RATE_LIMITED = Counter(_P + "api_rate_limited_total", "429 answers from the API", registry=REGISTRY)
+# Batches the API refused as too large: the per-request cap changed under us.
+CAP_REJECTED = Counter(
+    _P + "api_cap_rejected_total",
+    "Requests refused for too many items",
+    ["kind"],
+    registry=REGISTRY,
+)
+# Time spent waiting for the client-side rate limiter.
+LIMITER_WAIT = Counter(
+    _P + "rate_limiter_wait_seconds_total", "Seconds waited for rate budget", registry=REGISTRY
+)
+# Dead-letter records written, by purge.error.class.
+DEAD_LETTERS = Counter(
+    _P + "dead_letters_total",
+    "Records written to the dead-letter topic",
+    ["error_class"],
+    registry=REGISTRY,
+)
+# Targets and records waiting in the coalescer or in flight.
+PENDING_TARGETS = Gauge(
+    _P + "pending_targets", "Targets pending in the coalescer", registry=REGISTRY
+)
+PENDING_RECORDS = Gauge(_P + "pending_records", "Records not yet committable", registry=REGISTRY)
+# Event age at purge: now minus the event's own time (the lag to alert on).
+EVENT_AGE = Histogram(
+    _P + "event_age_seconds",
+    "Seconds from the event's time to its purge being accepted",
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600),
+    registry=REGISTRY,
+)
+# Consumer lag per partition: log end offset minus the committed position.
+CONSUMER_LAG = Gauge(
+    _P + "consumer_lag", "Records behind the log end", ["topic", "partition"], registry=REGISTRY
+)
+# Unix time of the last record processed; "now - this" grows when stuck, with or without events.
+LAST_RECORD_TIME = Gauge(
+    _P + "last_record_timestamp_seconds", "When the last record was processed", registry=REGISTRY
+)
+# Unix time of the last poll loop iteration (liveness).
+LAST_POLL_TIME = Gauge(
+    _P + "last_poll_timestamp_seconds", "When the poll loop last ran", registry=REGISTRY
+)
+# Whether consumption is paused for backpressure (1) or running (0).
+PAUSED = Gauge(_P + "consumption_paused", "1 while partitions are paused", registry=REGISTRY)
+# This replica's share of each account's rate budget.
+BUDGET_SHARE = Gauge(
+    _P + "rate_budget_share", "Share of the account budget", ["account"], registry=REGISTRY
+)
+
+
+def status_class(status: int | None) -> str:
+    """Collapse an HTTP status into the small label set of REQUESTS."""
+    if status is None:
+        return "error"
+    if status == 429:
+        return "429"
+    return f"{status // 100}xx"

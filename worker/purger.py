@@ -1,0 +1,162 @@
+"""Send one batch of same-kind targets to one zone: rate-limited, retried, bisected on rejection.
+
+A 400 for a batch usually means one bad item; halving the batch until the bad items stand alone
+purges everything else and pins the rejection on the records that produced the bad targets. This
+also survives a silently lowered per-request cap: halves fit where the whole did not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from worker import metrics
+from worker.clock import Clock
+from worker.cloudflare.client import CloudflareClient, PurgeAccepted
+from worker.cloudflare.ratelimit import AccountRateLimiter
+from worker.cloudflare.retry import RetryPolicy, call_with_retries
+from worker.errors import ApiRejected, PermanentError, RateLimited, RetriesExhausted
+from worker.targets import Kind, Mode, Target
+
+log = structlog.get_logger("worker.purger")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a batch goes: the zone, and the account whose client and budget it uses."""
+
+    zone_id: str
+    zone_name: str
+    client: CloudflareClient
+    limiter: AccountRateLimiter
+
+
+@dataclass
+class BatchResult:
+    accepted: list[Target] = field(default_factory=list)
+    failed: list[tuple[Target, PermanentError]] = field(default_factory=list)
+    requests: int = 0
+
+
+class Purger:
+    """Thread-safe if the clients and limiters are (they are). ``send`` blocks until done."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        clock: Clock,
+        *,
+        dry_run: bool = False,
+        on_sent: Callable[[Destination, Kind, Mode, int, PurgeAccepted | None], None] | None = None,
+    ) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._dry_run = dry_run
+        self._on_sent = on_sent
+
+    def send(
+        self, dest: Destination, kind: Kind, mode: Mode, targets: Sequence[Target]
+    ) -> BatchResult:
+        result = BatchResult()
+        self._send(dest, kind, mode, list(targets), result)
+        return result
+
+    def _send(
+        self, dest: Destination, kind: Kind, mode: Mode, targets: list[Target], out: BatchResult
+    ) -> None:
+        try:
+            self._send_with_retries(dest, kind, mode, targets, out)
+            out.accepted.extend(targets)
+        except ApiRejected as exc:
+            # Only a 400 can be about the items; 401/403/404 are about the token or zone.
+            if exc.status == 400 and len(targets) > 1:
+                if "more than" in str(exc):
+                    metrics.CAP_REJECTED.labels(kind.value).inc()
+                    log.error(
+                        "per-request cap rejected",
+                        zone=dest.zone_name,
+                        kind=kind.value,
+                        items=len(targets),
+                        error=str(exc),
+                    )
+                mid = len(targets) // 2
+                self._send(dest, kind, mode, targets[:mid], out)
+                self._send(dest, kind, mode, targets[mid:], out)
+            else:
+                out.failed.extend((t, exc) for t in targets)
+        except (RetriesExhausted, PermanentError) as exc:
+            out.failed.extend((t, exc) for t in targets)
+
+    def _send_with_retries(
+        self, dest: Destination, kind: Kind, mode: Mode, targets: list[Target], out: BatchResult
+    ) -> None:
+        items = [t.item() for t in targets]
+
+        def attempt() -> None:
+            waited = dest.limiter.acquire(kind, len(items))
+            if waited:
+                metrics.LIMITER_WAIT.inc(waited)
+            out.requests += 1
+            self._attempt(dest, kind, mode, items)
+
+        def on_retry(exc: BaseException, attempt_no: int, sleep: float) -> None:
+            metrics.RETRIES.labels(kind.value).inc()
+            log.warning(
+                "purge retry",
+                zone=dest.zone_name,
+                kind=kind.value,
+                items=len(items),
+                attempt=attempt_no,
+                sleep=round(sleep, 3),
+                error=str(exc),
+            )
+
+        call_with_retries(attempt, self._policy, self._clock, on_retry)
+
+    def _attempt(self, dest: Destination, kind: Kind, mode: Mode, items: Sequence[object]) -> None:
+        if self._dry_run:
+            log.info(
+                "dry run: purge not sent",
+                zone=dest.zone_name,
+                kind=kind.value,
+                mode=mode.value,
+                items=len(items),
+            )
+            if self._on_sent:
+                self._on_sent(dest, kind, mode, len(items), None)
+            return
+        started = time.perf_counter()
+        status: int | None = None
+        try:
+            accepted = dest.client.purge(dest.zone_id, kind, list(items), mode)
+            status = 200
+        except RateLimited as exc:
+            status = 429
+            metrics.RATE_LIMITED.inc()
+            dest.limiter.on_rate_limited(kind, exc.retry_after)
+            raise
+        except ApiRejected as exc:
+            status = exc.status
+            raise
+        except Exception as exc:
+            status = getattr(exc, "status", None)
+            raise
+        finally:
+            metrics.REQUESTS.labels(dest.zone_name, kind.value, metrics.status_class(status)).inc()
+            metrics.REQUEST_SECONDS.labels(kind.value).observe(time.perf_counter() - started)
+        dest.limiter.on_success()
+        metrics.ITEMS_SENT.labels(kind.value).inc(len(items))
+        log.info(
+            "purge accepted",
+            zone=dest.zone_name,
+            kind=kind.value,
+            mode=mode.value,
+            items=len(items),
+            request_id=accepted.request_id,
+            purge_id=accepted.id,
+        )
+        if self._on_sent:
+            self._on_sent(dest, kind, mode, len(items), accepted)

@@ -1,0 +1,369 @@
+"""Mapping rules: an event in, purge targets out.
+
+Declarative rules (from YAML) match on topic, event type and field values, then render target
+templates; plug-in rules name a Python function. Rules are compiled once at start-up, and every
+mistake that can be found then (unknown keys, bad regexes, captures that do not exist, a plug-in
+that does not import) is a ``ConfigError`` naming the file, the rule and the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from worker.errors import ConfigError, InvalidEvent, InvalidTarget, PermanentError
+from worker.events import Event
+from worker.schema import Section
+from worker.targets import Kind, Mode, Target
+from worker.templates import Template, TemplateError, lookup
+
+TargetKinds = ("urls", "tags", "hosts", "prefixes")
+
+
+@dataclass(frozen=True)
+class RuleTarget:
+    target: Target
+    mode: Mode
+    rule: str
+
+
+@dataclass
+class PurgePlan:
+    """What an event purges: targets (deduplicated, first-seen order) and the rules that fired."""
+
+    targets: list[RuleTarget] = field(default_factory=list)
+    fired: list[str] = field(default_factory=list)
+
+    def add(self, items: Iterable[RuleTarget]) -> None:
+        seen = {(t.target, t.mode) for t in self.targets}
+        for item in items:
+            if (item.target, item.mode) not in seen:
+                seen.add((item.target, item.mode))
+                self.targets.append(item)
+
+
+class Rule(Protocol):
+    name: str
+
+    def evaluate(self, event: Event) -> list[RuleTarget] | None:
+        """Targets if the rule matches (maybe none), None if not. Raises PermanentError."""
+
+
+# -- matching ------------------------------------------------------------------------------------
+
+
+class _Matcher:
+    def __init__(self, spec: Any, where: Section, key: str) -> None:
+        self.values: tuple[Any, ...] | None = None
+        self.regex: re.Pattern[str] | None = None
+        self.exists: bool | None = None
+        if isinstance(spec, dict):
+            sub = Section(spec, where.key(key), where.source)
+            if sub.has("regex"):
+                pattern = sub.get("regex", str)
+                try:
+                    self.regex = re.compile(pattern)
+                except re.error as exc:
+                    raise sub.error(
+                        "regex", f"invalid regular expression {pattern!r}: {exc}"
+                    ) from None
+            if sub.has("exists"):
+                self.exists = sub.get("exists", bool)
+            if sub.has("in"):
+                self.values = tuple(sub.raw("in"))
+            sub.done()
+            if self.regex is None and self.exists is None and self.values is None:
+                raise where.error(key, "a matcher mapping needs regex, in or exists")
+        elif isinstance(spec, list):
+            self.values = tuple(spec)
+        else:
+            self.values = (spec,)
+
+    @property
+    def captures(self) -> frozenset[str]:
+        return frozenset(self.regex.groupindex) if self.regex else frozenset()
+
+    def test(self, value: Any, captures: dict[str, str]) -> bool:
+        if self.exists is not None and (value is not None) != self.exists:
+            return False
+        if self.values is not None and not any(_equal(value, v) for v in self.values):
+            return False
+        if self.regex is not None:
+            if value is None or isinstance(value, dict | list):
+                return False
+            m = self.regex.search(value if isinstance(value, str) else str(value))
+            if not m:
+                return False
+            captures.update({k: v for k, v in m.groupdict().items() if v is not None})
+        return True
+
+
+def _equal(actual: Any, expected: Any) -> bool:
+    if actual == expected and type(actual) is type(expected):
+        return True
+    # YAML reads `id: 42` as an int while JSON may carry "42": compare their text.
+    return (
+        actual is not None and not isinstance(actual, dict | list) and str(actual) == str(expected)
+    )
+
+
+class _Match:
+    def __init__(self, section: Section) -> None:
+        self.topic = (
+            _Matcher(section.raw("topic"), section, "topic") if section.has("topic") else None
+        )
+        self.type = _Matcher(section.raw("type"), section, "type") if section.has("type") else None
+        fields = section.section("fields")
+        self.fields = [
+            (path, _Matcher(fields.raw(path), fields, path)) for path in list(fields.data)
+        ]
+        fields.done()
+        section.done()
+
+    @property
+    def captures(self) -> frozenset[str]:
+        names: set[str] = set()
+        for m in (self.topic, self.type, *(m for _, m in self.fields)):
+            if m is not None:
+                names |= m.captures
+        return frozenset(names)
+
+    def test(self, event: Event) -> dict[str, str] | None:
+        captures: dict[str, str] = {}
+        if self.topic and not self.topic.test(event.topic, captures):
+            return None
+        if self.type and not self.type.test(event.type, captures):
+            return None
+        for path, matcher in self.fields:
+            if not matcher.test(lookup(event, path), captures):
+                return None
+        return captures
+
+
+# -- declarative rules ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _UrlTemplate:
+    url: Template
+    headers: tuple[tuple[str, tuple[Template, ...]], ...]
+
+
+class DeclarativeRule:
+    def __init__(self, section: Section, *, allow_everything: bool) -> None:
+        self.name = section.get("name", str)
+        self.zone: str | None = section.get("zone", str, None)
+        self.mode = Mode(section.choice("mode", ("purge", "invalidate"), "purge"))
+        self._match = _Match(section.section("match"))
+        caps = self._match.captures
+        self._urls = [self._url(item, section, caps) for item in self._list(section, "urls")]
+        self._templates = {
+            kind: [self._template(t, section, kind, caps) for t in self._list(section, kind)]
+            for kind in ("tags", "hosts", "prefixes")
+        }
+        self.everything = section.get("everything", bool, False)
+        if self.everything and not allow_everything:
+            raise section.error(
+                "everything", "purging everything is off; set delivery.allow_everything"
+            )
+        section.raw("description", None)
+        section.done()
+        if not (self._urls or any(self._templates.values()) or self.everything):
+            raise section.error(
+                "urls", "the rule produces no targets (urls, tags, hosts, prefixes or everything)"
+            )
+
+    @staticmethod
+    def _list(section: Section, key: str) -> list[Any]:
+        value = section.raw(key, [])
+        if not isinstance(value, list):
+            raise section.error(key, "must be a list")
+        return value
+
+    @staticmethod
+    def _template(text: Any, section: Section, key: str, caps: frozenset[str]) -> Template:
+        try:
+            return Template(text, caps)
+        except TemplateError as exc:
+            raise section.error(key, str(exc)) from None
+
+    def _url(self, item: Any, section: Section, caps: frozenset[str]) -> _UrlTemplate:
+        if isinstance(item, str):
+            return _UrlTemplate(self._template(item, section, "urls", caps), ())
+        sub = Section(item, section.key("urls"), section.source)
+        url = self._template(sub.get("url", str), sub, "url", caps)
+        hdrs = sub.section("headers")
+        headers = []
+        for name in list(hdrs.data):
+            values = hdrs.strings(name)
+            headers.append((name, tuple(self._template(v, hdrs, name, caps) for v in values)))
+        hdrs.done()
+        sub.done()
+        return _UrlTemplate(url, tuple(headers))
+
+    def evaluate(self, event: Event) -> list[RuleTarget] | None:
+        captures = self._match.test(event)
+        if captures is None:
+            return None
+        out: list[RuleTarget] = []
+        for spec in self._urls:
+            for url in spec.url.render(event, captures):
+                for headers in _header_combos(spec.headers, event, captures):
+                    out.append(self._target(Target.url, url, headers))
+        for value in _render_all(self._templates["tags"], event, captures):
+            out.append(RuleTarget(Target.tag(value, self.zone), self.mode, self.name))
+        for value in _render_all(self._templates["hosts"], event, captures):
+            out.append(self._target(Target.host, value))
+        for value in _render_all(self._templates["prefixes"], event, captures):
+            out.append(self._target(Target.prefix, value))
+        if self.everything:
+            if not self.zone:
+                raise InvalidEvent(f"rule {self.name}: everything needs the rule's zone")
+            out.append(RuleTarget(Target.everything(self.zone), self.mode, self.name))
+        return out
+
+    def _target(self, make: Callable[..., Target], *args: Any) -> RuleTarget:
+        return RuleTarget(make(*args), self.mode, self.name)
+
+
+def _render_all(templates: list[Template], event: Event, captures: dict[str, str]) -> list[str]:
+    return [v for t in templates for v in t.render(event, captures)]
+
+
+def _header_combos(
+    headers: tuple[tuple[str, tuple[Template, ...]], ...], event: Event, captures: dict[str, str]
+) -> list[dict[str, str] | None]:
+    combos: list[dict[str, str]] = [{}]
+    for name, templates in headers:
+        values = [v for t in templates for v in t.render(event, captures)]
+        combos = [{**c, name: v} for c in combos for v in values]
+    return [c or None for c in combos]
+
+
+# -- plug-ins ------------------------------------------------------------------------------------
+
+PluginResult = Iterable[Target] | dict[str, Sequence[str]]
+
+
+class PluginRule:
+    """``plugin: "package.module:function"``; the function takes the event (and ``options``)."""
+
+    def __init__(self, section: Section) -> None:
+        self.name = section.get("name", str)
+        ref = section.get("plugin", str)
+        self.zone: str | None = section.get("zone", str, None)
+        self.mode = Mode(section.choice("mode", ("purge", "invalidate"), "purge"))
+        self._match = _Match(section.section("match"))
+        self._options: dict[str, Any] = section.get("options", dict, {})
+        section.raw("description", None)
+        section.done()
+        self._fn = _import(ref, section)
+        try:
+            inspect.signature(self._fn).bind(None, **self._options)
+        except TypeError as exc:
+            raise section.error("options", f"{ref} does not accept these options: {exc}") from None
+
+    def evaluate(self, event: Event) -> list[RuleTarget] | None:
+        if self._match.test(event) is None:
+            return None
+        try:
+            result = self._fn(event, **self._options)
+        except PermanentError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (a plug-in bug dead-letters the event, never stops the worker)
+            raise InvalidEvent(
+                f"plugin rule {self.name} raised {type(exc).__name__}: {exc}"
+            ) from None
+        return [RuleTarget(t, self.mode, self.name) for t in self._targets(result)]
+
+    def _targets(self, result: Any) -> list[Target]:
+        if result is None:
+            return []
+        if isinstance(result, dict):
+            makers: dict[str, Callable[[str], Target]] = {
+                "urls": Target.url,
+                "tags": lambda v: Target.tag(v, self.zone),
+                "hosts": Target.host,
+                "prefixes": Target.prefix,
+            }
+            unknown = set(result) - set(makers)
+            if unknown:
+                raise InvalidEvent(
+                    f"plugin rule {self.name} returned unknown keys {sorted(unknown)}"
+                )
+            return [makers[k](v) for k, values in result.items() for v in values]
+        targets = list(result)
+        for t in targets:
+            if not isinstance(t, Target):
+                raise InvalidEvent(
+                    f"plugin rule {self.name} returned {type(t).__name__}, not a Target"
+                )
+            if t.kind is Kind.EVERYTHING:
+                raise InvalidTarget(f"plugin rule {self.name} may not purge everything")
+        return [
+            Target(t.kind, t.value, t.headers, t.zone or self.zone) if t.kind is Kind.TAGS else t
+            for t in targets
+        ]
+
+
+def _import(ref: str, section: Section) -> Callable[..., Any]:
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise section.error("plugin", f"{ref!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 (any import-time failure is the same config error)
+        raise section.error(
+            "plugin", f"cannot import {module_name}: {type(exc).__name__}: {exc}"
+        ) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise section.error("plugin", f"{module_name} has no function {attr!r}")
+    return fn  # type: ignore[no-any-return]
+
+
+# -- the rule set --------------------------------------------------------------------------------
+
+
+class RuleSet:
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = list(rules)
+
+    def evaluate(self, event: Event) -> PurgePlan:
+        """Every matching rule's targets, united. Raises PermanentError (InvalidEvent/Target)."""
+        plan = PurgePlan()
+        for rule in self.rules:
+            try:
+                targets = rule.evaluate(event)
+            except InvalidTarget as exc:
+                raise InvalidTarget(f"rule {rule.name}: {exc}") from None
+            if targets is not None:
+                plan.fired.append(rule.name)
+                plan.add(targets)
+        return plan
+
+
+def compile_rules(raw: Any, source: str, *, allow_everything: bool) -> RuleSet:
+    if not isinstance(raw, list):
+        raise ConfigError(source, "rules", "must be a list of rules")
+    rules: list[Rule] = []
+    names: set[str] = set()
+    for i, item in enumerate(raw):
+        label = (
+            item.get("name") if isinstance(item, dict) and isinstance(item.get("name"), str) else i
+        )
+        section = Section(item, f"rules[{label}]", source)
+        rule: Rule = (
+            PluginRule(section)
+            if section.has("plugin")
+            else DeclarativeRule(section, allow_everything=allow_everything)
+        )
+        if rule.name in names:
+            raise ConfigError(source, f"rules[{label}]", f"duplicate rule name {rule.name!r}")
+        names.add(rule.name)
+        rules.append(rule)
+    return RuleSet(rules)

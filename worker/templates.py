@@ -1,0 +1,187 @@
+"""Target templates: ``"https://{data.host}/{data.locales[]}/{data.slug}"``.
+
+A placeholder is a dotted path, optionally followed by filters: ``{data.title|slug}``.
+Roots: ``match.NAME`` (a named regex capture of the rule), ``kafka.topic|key|partition|offset`` and
+``kafka.headers.NAME``, else a path into the event body. ``name[]`` fans out over a list;
+several fan-outs in one template give every combination. ``{{`` and ``}}`` are literal braces.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from worker.errors import InvalidEvent
+from worker.events import Event
+
+MAX_FANOUT = 1000
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+_SEGMENT = re.compile(r"^([A-Za-z0-9_$@-]+)(\[\]|\[\d+\])?$")
+_SLUG_RE = re.compile(r"[^a-z0-9]+")
+
+FILTERS: dict[str, Callable[[str], str]] = {
+    "lower": str.lower,
+    "upper": str.upper,
+    "slug": lambda s: _SLUG_RE.sub("-", s.lower()).strip("-"),
+    "urlencode": lambda s: quote(s, safe=""),
+    "strip_slash": lambda s: s.strip("/"),
+}
+
+
+class TemplateError(ValueError):
+    """A template that cannot be compiled; the message says which part is wrong."""
+
+
+@dataclass(frozen=True)
+class _Ref:
+    text: str
+    segments: tuple[tuple[str, str | None], ...]  # (name, "[]" | "[3]" | None)
+    filters: tuple[Callable[[str], str], ...]
+
+    @property
+    def root(self) -> str:
+        return self.segments[0][0]
+
+
+class Template:
+    def __init__(self, source: str, captures: frozenset[str]) -> None:
+        if not isinstance(source, str):
+            raise TemplateError(f"template must be a string, got {type(source).__name__}")
+        self.source = source
+        self._parts: list[str | _Ref] = []
+        pos = 0
+        for m in _PLACEHOLDER.finditer(source):
+            self._parts.append(source[pos : m.start()])
+            pos = m.end()
+            if m.group(0) in ("{{", "}}"):
+                self._parts.append(m.group(0)[0])
+                continue
+            self._parts.append(_compile_ref(m.group(1), captures))
+        rest = source[pos:]
+        if "{" in rest or "}" in rest:
+            raise TemplateError(
+                f"unbalanced brace in {source!r} (write {{{{ or }}}} for a literal)"
+            )
+        self._parts.append(rest)
+
+    @property
+    def refs(self) -> list[str]:
+        return [p.text for p in self._parts if isinstance(p, _Ref)]
+
+    def render(self, event: Event, captures: dict[str, str]) -> list[str]:
+        """Every string this template yields for the event. Raises ``InvalidEvent``."""
+        choices: list[list[str]] = []
+        for part in self._parts:
+            choices.append([part] if isinstance(part, str) else _resolve(part, event, captures))
+        total = 1
+        for c in choices:
+            total *= len(c)
+        if total > MAX_FANOUT:
+            raise InvalidEvent(
+                f"template {self.source!r} fans out to {total} values (max {MAX_FANOUT})"
+            )
+        return ["".join(combo) for combo in itertools.product(*choices)]
+
+
+def _compile_ref(text: str, captures: frozenset[str]) -> _Ref:
+    path, *filter_names = (p.strip() for p in text.split("|"))
+    if not path:
+        raise TemplateError(f"empty placeholder {{{text}}}")
+    segments: list[tuple[str, str | None]] = []
+    for seg in path.split("."):
+        m = _SEGMENT.match(seg)
+        if not m:
+            raise TemplateError(f"bad path segment {seg!r} in {{{text}}}")
+        segments.append((m.group(1), m.group(2)))
+    filters = []
+    for name in filter_names:
+        if name not in FILTERS:
+            raise TemplateError(
+                f"unknown filter {name!r} in {{{text}}}; known: {', '.join(FILTERS)}"
+            )
+        filters.append(FILTERS[name])
+    ref = _Ref(text, tuple(segments), tuple(filters))
+    if ref.root == "match" and (len(segments) != 2 or segments[1][0] not in captures):
+        known = ", ".join(sorted(captures)) or "none"
+        raise TemplateError(f"{{{text}}} names no capture of this rule (captures: {known})")
+    if ref.root == "kafka":
+        allowed = {"topic", "key", "partition", "offset", "headers"}
+        if len(segments) < 2 or segments[1][0] not in allowed:
+            raise TemplateError(
+                f"{{{text}}}: kafka.* is topic, key, partition, offset or headers.NAME"
+            )
+    return ref
+
+
+def _resolve(ref: _Ref, event: Event, captures: dict[str, str]) -> list[str]:
+    if ref.root == "match":
+        values: list[Any] = [captures.get(ref.segments[1][0])]
+        rest: tuple[tuple[str, str | None], ...] = ()
+    elif ref.root == "kafka":
+        meta: dict[str, Any] = {
+            "topic": event.topic,
+            "key": event.key,
+            "partition": event.partition,
+            "offset": event.offset,
+            "headers": event.headers,
+        }
+        values, rest = [meta], ref.segments[1:]
+    else:
+        values, rest = [event.body], ref.segments
+    for name, index in rest:
+        nxt: list[Any] = []
+        for v in values:
+            child = v.get(name) if isinstance(v, dict) else None
+            if index == "[]":
+                if not isinstance(child, list):
+                    raise InvalidEvent(f"{{{ref.text}}}: {name} is not a list")
+                nxt.extend(child)
+            elif index:
+                i = int(index[1:-1])
+                nxt.append(child[i] if isinstance(child, list) and i < len(child) else None)
+            else:
+                nxt.append(child)
+        values = nxt
+    out = []
+    for v in values:
+        text = _scalar(v, ref.text)
+        for f in ref.filters:
+            text = f(text)
+        out.append(text)
+    return out
+
+
+def _scalar(value: Any, ref: str) -> str:
+    if value is None:
+        raise InvalidEvent(f"field {{{ref}}} is missing")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    if isinstance(value, list):
+        raise InvalidEvent(f"field {{{ref}}} is a list: write it with [] to fan out")
+    raise InvalidEvent(f"field {{{ref}}} is an object, not a value")
+
+
+def lookup(event: Event, path: str) -> Any:
+    """The raw value at a dotted path (``kafka.*`` included), or None; for rule matching."""
+    parts = path.split(".")
+    if parts[0] == "kafka":
+        meta: dict[str, Any] = {
+            "topic": event.topic,
+            "key": event.key,
+            "partition": event.partition,
+            "offset": event.offset,
+            "headers": event.headers,
+        }
+        value: Any = meta
+        parts = parts[1:]
+    else:
+        value = event.body
+    for p in parts:
+        value = value.get(p) if isinstance(value, dict) else None
+    return value
