@@ -17,8 +17,8 @@ broker: $(STAMP)
 	$(BIN)/python scripts/kafka_broker.py fetch
 
 lint: $(STAMP)
-	$(BIN)/ruff check worker tests scripts
-	$(BIN)/ruff format --check worker tests scripts
+	$(BIN)/ruff check worker tests scripts examples
+	$(BIN)/ruff format --check worker tests scripts examples
 	$(BIN)/mypy
 
 fmt: $(STAMP)

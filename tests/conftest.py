@@ -70,7 +70,9 @@ def emulator_factory():
 
     def _start(plan: str = "pro", zones: dict[str, str] | None = None, **kwargs) -> Emulator:
         accounts = kwargs.pop("accounts", {"acc": plan})
-        state = EmulatorState(zones or {ZONE_A: "acc"}, accounts, token=TOKEN, **kwargs)
+        state = EmulatorState(
+            zones or {ZONE_A: "acc", ZONE_B: "acc"}, accounts, token=TOKEN, **kwargs
+        )
         emu = Emulator(state).start()
         started.append(emu)
         return emu

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from worker import __version__, logs
-from worker.commands import cache, emulator, purge
+from worker.commands import cache, check, emulator, explain, purge, run
 from worker.config import Config, load
 from worker.errors import ConfigError, PermanentError, PurgeWorkerError, RetryableError, UsageError
 
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-c", "--config", required=True, help="the YAML config file")
         return p
 
+    run.add_arguments(command("run", "consume, purge and dead-letter until SIGTERM/SIGINT"))
+    explain.add_arguments(command("explain", "print the purge plan one event produces"))
+    check.add_arguments(command("check", "validate the config and rules (--online: Kafka, tokens)"))
     purge.add_arguments(
         command("purge", "an ad-hoc purge through the worker's batching and limits")
     )
@@ -59,6 +62,9 @@ def _with_config(
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _with_config(run.run),
+    "explain": _with_config(explain.run),
+    "check": _with_config(check.run),
     "purge": _with_config(purge.run),
     "cache": _with_config(cache.run),
     "emulator": emulator.run,

@@ -167,7 +167,12 @@ def parse(data: Any, source: str, env: Mapping[str, str]) -> Config:
     cf.done()
     coalesce = _coalesce(top.section("coalesce"))
     delivery = _delivery(top.section("delivery"))
-    rules = compile_rules(top.raw("rules"), source, allow_everything=delivery.allow_everything)
+    rules = compile_rules(
+        top.raw("rules"),
+        source,
+        allow_everything=delivery.allow_everything,
+        plugin_path=str(Path(source).resolve().parent) if Path(source).exists() else None,
+    )
     obs = top.section("observability")
     metrics_port = _port(obs, "metrics_port", 9464)
     health_port = _port(obs, "health_port", 8080)
@@ -358,4 +363,12 @@ def _check_rule_zones(rules: RuleSet, zones: tuple[Zone, ...], source: str) -> N
         if zone and zone.lower() not in names:
             raise ConfigError(
                 source, f"rules[{rule.name}].zone", f"{zone!r} is not a configured zone"
+            )
+        # Tags and "everything" carry no host, so with several zones the rule must name one.
+        if not zone and len(zones) > 1 and getattr(rule, "needs_zone", False):
+            raise ConfigError(
+                source,
+                f"rules[{rule.name}].zone",
+                f"the rule emits tags or everything, which name no host; with {len(zones)} zones "
+                "configured, set the rule's zone",
             )

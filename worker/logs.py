@@ -52,15 +52,28 @@ def redact_processor(
     return event_dict
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is at write time (test runners and daemons replace it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """``fmt``: json, console, or auto (console when ``stream`` is a terminal)."""
-    stream = stream or sys.stderr
+    """``fmt``: json, console, or auto (console when the stream is a terminal)."""
+    out: Any = stream or _Stderr()
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
+        fmt = "console" if out.isatty() else "json"
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     structlog.configure(
         processors=[
@@ -74,6 +87,6 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )

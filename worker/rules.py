@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -172,6 +173,7 @@ class DeclarativeRule:
             )
         section.raw("description", None)
         section.done()
+        self.needs_zone = bool(self._templates["tags"]) or self.everything
         if not (self._urls or any(self._templates.values()) or self.everything):
             raise section.error(
                 "urls", "the rule produces no targets (urls, tags, hosts, prefixes or everything)"
@@ -252,7 +254,7 @@ PluginResult = Iterable[Target] | dict[str, Sequence[str]]
 class PluginRule:
     """``plugin: "package.module:function"``; the function takes the event (and ``options``)."""
 
-    def __init__(self, section: Section) -> None:
+    def __init__(self, section: Section, search_path: str | None = None) -> None:
         self.name = section.get("name", str)
         ref = section.get("plugin", str)
         self.zone: str | None = section.get("zone", str, None)
@@ -261,7 +263,7 @@ class PluginRule:
         self._options: dict[str, Any] = section.get("options", dict, {})
         section.raw("description", None)
         section.done()
-        self._fn = _import(ref, section)
+        self._fn = _import(ref, section, search_path)
         try:
             inspect.signature(self._fn).bind(None, **self._options)
         except TypeError as exc:
@@ -310,7 +312,10 @@ class PluginRule:
         ]
 
 
-def _import(ref: str, section: Section) -> Callable[..., Any]:
+def _import(ref: str, section: Section, search_path: str | None) -> Callable[..., Any]:
+    # Plug-ins next to the config file import without packaging them.
+    if search_path and search_path not in sys.path:
+        sys.path.insert(0, search_path)
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise section.error("plugin", f"{ref!r} must look like 'package.module:function'")
@@ -347,7 +352,9 @@ class RuleSet:
         return plan
 
 
-def compile_rules(raw: Any, source: str, *, allow_everything: bool) -> RuleSet:
+def compile_rules(
+    raw: Any, source: str, *, allow_everything: bool, plugin_path: str | None = None
+) -> RuleSet:
     if not isinstance(raw, list):
         raise ConfigError(source, "rules", "must be a list of rules")
     rules: list[Rule] = []
@@ -358,7 +365,7 @@ def compile_rules(raw: Any, source: str, *, allow_everything: bool) -> RuleSet:
         )
         section = Section(item, f"rules[{label}]", source)
         rule: Rule = (
-            PluginRule(section)
+            PluginRule(section, plugin_path)
             if section.has("plugin")
             else DeclarativeRule(section, allow_everything=allow_everything)
         )

@@ -1,0 +1,202 @@
+"""The pipeline's logic with in-memory Kafka stand-ins and the real emulator over HTTP."""
+
+import json
+
+import pytest
+import requests
+
+from tests.conftest import ZONE_A
+from tests.helpers import cloudevent, make_config, purged_items, purges
+from worker.clock import SystemClock
+from worker.deadletter import header
+from worker.events import Record
+from worker.pipeline import Pipeline
+from worker.testing import InMemorySink, InMemorySource
+from worker.wiring import Accounts
+
+
+def run_until_idle(pipeline, source, max_steps=2000):
+    for _ in range(max_steps):
+        pipeline.step()
+        idle = not pipeline.inflight and not pipeline.futures and not pipeline.coalescer.pending
+        if idle and all(source.positions[tp] == len(q) for tp, q in source.queues.items()):
+            pipeline._commit()
+            return
+    raise AssertionError("pipeline did not go idle")
+
+
+def build(emulator, records, **over):
+    config = make_config(emulator.api_url, **over)
+    source = InMemorySource(records)
+    sink = InMemorySink()
+    clock = SystemClock()
+    return Pipeline(config, source, sink, Accounts(config, clock), clock), source, sink
+
+
+def rec(offset, value, partition=0, headers=()):
+    return Record("cms", partition, offset, b"k", value, tuple(headers), 1_800_000_000_000)
+
+
+def test_events_become_exactly_the_expected_purges(emulator):
+    records = [
+        rec(0, cloudevent("article.published", {"slug": "a", "locales": ["en", "de"], "id": 1})),
+        rec(1, cloudevent("article.updated", {"slug": "a", "locales": ["en"], "id": 1})),  # dupes
+        rec(2, cloudevent("image.updated", {"host": "img.example-cdn.net", "path": "x.jpg"})),
+        rec(3, b'{"type": "unrelated"}'),
+    ]
+    pipeline, source, sink = build(emulator, records)
+    run_until_idle(pipeline, source)
+    assert sorted(purged_items(emulator, "files")) == sorted(
+        [
+            "https://www.example.com/en/a",
+            "https://www.example.com/de/a",
+            json.dumps(
+                {"url": "https://m.example.com/a", "headers": {"CF-Device-Type": "mobile"}},
+                sort_keys=True,
+            ),
+            json.dumps(
+                {"url": "https://m.example.com/a", "headers": {"CF-Device-Type": "tablet"}},
+                sort_keys=True,
+            ),
+            "https://img.example-cdn.net/x.jpg",
+        ]
+    )
+    assert purged_items(emulator, "tags") == ["article-1"]
+    assert source.committed == {("cms", 0): 4}
+    assert sink.records == []
+
+
+def test_subsumption_host_swallows_urls_and_prefix_swallows_longer(emulator):
+    records = [
+        rec(0, cloudevent("article.published", {"slug": "a", "locales": ["en"], "id": 1})),
+        rec(1, cloudevent("section.changed", {"section": "en"})),
+        rec(2, cloudevent("site.rebuilt", {"host": "m.example.com"})),
+    ]
+    pipeline, source, _ = build(emulator, records)
+    run_until_idle(pipeline, source)
+    got = {(p["kind"], json.dumps(p["items"])) for p in purges(emulator)}
+    # www.example.com/en/a is under prefix www.example.com/en/; m.example.com URLs under the host.
+    assert got == {
+        ("prefixes", '["www.example.com/en/"]'),
+        ("hosts", '["m.example.com"]'),
+        ("tags", '["article-1"]'),
+    }
+    assert source.committed == {("cms", 0): 3}
+
+
+def test_poison_records_are_dead_lettered_with_headers_and_good_ones_purged(emulator):
+    good = cloudevent("article.published", {"slug": "ok", "locales": ["en"], "id": 7})
+    records = [
+        rec(0, b"\xff\xfe not utf8"),
+        rec(1, b"{not json"),
+        rec(2, good),
+        rec(3, cloudevent("article.published", {"locales": ["en"], "id": 8})),  # no slug
+        rec(4, cloudevent("image.updated", {"host": "evil.org", "path": "x"})),
+        rec(
+            5, cloudevent("article.published", {"slug": "s", "locales": ["en"], "id": "has space"})
+        ),
+        rec(6, b"x" * 2000, headers=[("trace", b"t-1")]),
+    ]
+    pipeline, source, sink = build(
+        emulator,
+        records,
+        kafka={"topics": ["cms"], "dead_letter_topic": "dlq", "max_record_bytes": 1000},
+    )
+    run_until_idle(pipeline, source)
+    classes = {r.offset: header(h, "purge.error.class") for r, h in sink.records}
+    assert classes == {
+        0: "invalid_event",
+        1: "invalid_event",
+        3: "invalid_event",
+        4: "unknown_zone",
+        5: "invalid_target",
+        6: "invalid_event",
+    }
+    r6, h6 = next((r, h) for r, h in sink.records if r.offset == 6)
+    assert r6.value == b"x" * 2000 and r6.key == b"k"
+    assert h6[0] == ("trace", b"t-1")  # original headers first, unchanged
+    for name in (
+        "purge.error.message",
+        "purge.original.topic",
+        "purge.original.partition",
+        "purge.original.offset",
+        "purge.original.timestamp",
+        "purge.attempts",
+        "purge.failed_at",
+    ):
+        assert header(h6, name), name
+    assert header(h6, "purge.original.offset") == "6"
+    assert "over the limit" in header(h6, "purge.error.message")
+    assert "https://www.example.com/en/ok" in purged_items(emulator)
+    assert source.committed == {("cms", 0): 7}
+
+
+def test_rejected_url_in_batch_dead_letters_only_its_record(emulator):
+    requests.post(
+        emulator.url + "/__emulator/faults",
+        json={"reject_items": ["https://www.example.com/en/bad"], "reject_code": 1012},
+        timeout=5,
+    )
+    records = [
+        rec(i, cloudevent("article.published", {"slug": s, "locales": ["en"], "id": i}))
+        for i, s in enumerate(["a", "b", "bad", "c"])
+    ]
+    pipeline, source, sink = build(emulator, records)
+    run_until_idle(pipeline, source)
+    assert [
+        (r.offset, header(h, "purge.error.class"), header(h, "purge.error.code"))
+        for r, h in sink.records
+    ] == [(2, "api_rejected", "1012")]
+    urls = purged_items(emulator, "files")
+    for s in "abc":
+        assert f"https://www.example.com/en/{s}" in urls
+    assert source.committed == {("cms", 0): 4}
+
+
+def test_backpressure_pauses_and_resumes(emulator):
+    records = [
+        rec(i, cloudevent("image.updated", {"host": "img.example-cdn.net", "path": f"{i}"}))
+        for i in range(50)
+    ]
+    pipeline, source, _ = build(
+        emulator,
+        records,
+        kafka={"topics": ["cms"], "dead_letter_topic": "dlq", "max_poll_records": 10},
+        coalesce={"window_seconds": 5, "max_pending_records": 20, "max_pending_targets": 1000},
+    )
+    run_until_idle(pipeline, source)
+    assert source.pause_count >= 1 and not source.paused
+    assert len(purged_items(emulator, "files")) == 50
+
+
+def test_dead_letter_guard_stops_instead_of_draining_the_topic(emulator):
+    from worker.errors import DeadLetterGuardTripped
+
+    records = [rec(i, b"garbage") for i in range(30)]
+    pipeline, source, sink = build(
+        emulator, records, delivery={"dead_letter_guard": {"max_ratio": 0.5, "min_records": 10}}
+    )
+    with pytest.raises(DeadLetterGuardTripped, match="dead-lettered"):
+        run_until_idle(pipeline, source)
+    assert len(sink.records) < 10
+    assert source.committed.get(("cms", 0), 0) <= len(sink.records)
+
+
+def test_dead_letter_write_failure_holds_the_offset(emulator):
+    records = [rec(0, b"garbage"), rec(1, cloudevent("site.rebuilt", {"host": "www.example.com"}))]
+    pipeline, source, sink = build(emulator, records)
+    sink.fail_next = 1
+    pipeline.step()
+    pipeline._commit()
+    assert source.committed.get(("cms", 0)) is None  # record 0 not confirmed: nothing commits
+    pipeline._dead_letter_retry_at = 0
+    run_until_idle(pipeline, source)
+    assert len(sink.records) == 1 and source.committed == {("cms", 0): 2}
+
+
+def test_dry_run_sends_nothing(emulator):
+    records = [rec(0, cloudevent("site.rebuilt", {"host": "www.example.com"}))]
+    pipeline, source, _ = build(emulator, records, delivery={"dry_run": True})
+    run_until_idle(pipeline, source)
+    assert purges(emulator) == [] and source.committed == {("cms", 0): 1}
+    assert ZONE_A

@@ -1,0 +1,191 @@
+"""Where records come from, as the pipeline sees it: a small interface and its Kafka version."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import structlog
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka import TopicPartition as KafkaTP
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from worker.config import KafkaConfig
+from worker.errors import RetryableError
+from worker.events import Record
+from worker.offsets import TopicPartition
+
+log = structlog.get_logger("worker.source")
+
+
+class Source(Protocol):
+    def poll(self, timeout: float, max_records: int) -> list[Record]:
+        """Records in offset order per partition; blocks up to ``timeout`` seconds."""
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        """Commit ``offsets`` (the next offset to read); False if the group moved on meanwhile."""
+
+    def pause(self) -> None:
+        """Stop fetching from every assigned partition; ``poll`` keeps the membership alive."""
+
+    def resume(self) -> None: ...
+
+    def take_revoked(self) -> set[TopicPartition]:
+        """Partitions revoked since the last call. Must not block."""
+
+    def assignment(self) -> set[TopicPartition]: ...
+
+    def total_partitions(self) -> int:
+        """Partitions of every subscribed topic (for this replica's share of the budget)."""
+
+    def lag(self, consumed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Records behind the log end per partition, given the last consumed offsets."""
+
+    def close(self) -> None: ...
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Runs on kafka-python's IO thread: only records what happened, never blocks."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.revoked: set[TopicPartition] = set()
+        self.generation = 0
+
+    def on_partitions_revoked(self, revoked: Sequence[KafkaTP]) -> None:
+        with self.lock:
+            self.revoked |= {(tp.topic, tp.partition) for tp in revoked}
+
+    def on_partitions_assigned(self, assigned: Sequence[KafkaTP]) -> None:
+        with self.lock:
+            self.generation += 1
+
+
+class KafkaSource:
+    def __init__(self, config: KafkaConfig, **overrides: Any) -> None:
+        self._config = config
+        self._listener = _Listener()
+        self._paused = False
+        options = {
+            **config.client_options(),
+            "group_id": config.group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": config.auto_offset_reset,
+            "max_poll_records": config.max_poll_records,
+            "session_timeout_ms": 10_000,
+            "heartbeat_interval_ms": 3_000,
+            **overrides,
+        }
+        try:
+            self._consumer = KafkaConsumer(**options)
+        except KafkaError as exc:
+            raise RetryableError(
+                f"cannot reach Kafka at {','.join(config.bootstrap_servers)}: {exc}"
+            ) from None
+        self._consumer.subscribe(list(config.topics), listener=self._listener)
+
+    def poll(self, timeout: float, max_records: int) -> list[Record]:
+        batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
+        out: list[Record] = []
+        for records in batches.values():
+            for r in records:
+                out.append(
+                    Record(
+                        r.topic,
+                        r.partition,
+                        r.offset,
+                        r.key,
+                        r.value,
+                        tuple(r.headers or ()),
+                        r.timestamp,
+                    )
+                )
+        return out
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        owned = self.assignment()
+        payload = {
+            KafkaTP(t, p): OffsetAndMetadata(o, "", -1)
+            for (t, p), o in offsets.items()
+            if (t, p) in owned
+        }
+        if not payload:
+            return True
+        try:
+            self._consumer.commit(payload)
+            return True
+        except CommitFailedError as exc:
+            # The group rebalanced: those records will be redelivered (duplicates, never loss).
+            log.warning("commit failed after a rebalance", error=str(exc))
+            return False
+        except KafkaError as exc:
+            log.warning("commit failed", error=str(exc))
+            return False
+
+    def pause(self) -> None:
+        tps = self._consumer.assignment()
+        if tps:
+            self._consumer.pause(*tps)
+        self._paused = True
+
+    def resume(self) -> None:
+        tps = self._consumer.assignment()
+        if tps:
+            self._consumer.resume(*tps)
+        self._paused = False
+
+    def take_revoked(self) -> set[TopicPartition]:
+        with self._listener.lock:
+            revoked, self._listener.revoked = self._listener.revoked, set()
+        if revoked and self._paused:
+            # Newly assigned partitions start unpaused; keep the backpressure decision.
+            self.pause()
+        return revoked
+
+    def assignment(self) -> set[TopicPartition]:
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def total_partitions(self) -> int:
+        total = 0
+        for topic in self._config.topics:
+            parts = self._consumer.partitions_for_topic(topic)
+            total += len(parts) if parts else 0
+        return total
+
+    def lag(self, consumed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        out = {}
+        for (topic, partition), offset in consumed.items():
+            high = self._consumer.highwater(KafkaTP(topic, partition))
+            if high is not None:
+                out[(topic, partition)] = max(0, high - offset - 1)
+        return out
+
+    def close(self) -> None:
+        # close() leaves the group, so the partitions move to another replica at once.
+        self._consumer.close()
+
+
+class KafkaDeadLetterSink:
+    def __init__(
+        self, config: KafkaConfig, topic: str | None = None, timeout: float = 30.0
+    ) -> None:
+        self._topic = topic or config.dead_letter_topic
+        self._timeout = timeout
+        try:
+            self._producer = KafkaProducer(**config.client_options(), acks="all", linger_ms=5)
+        except KafkaError as exc:
+            raise RetryableError(f"cannot reach Kafka for the dead-letter topic: {exc}") from None
+
+    def write(self, record: Record, headers: list[tuple[str, bytes]]) -> None:
+        try:
+            future = self._producer.send(
+                self._topic, key=record.key, value=record.value, headers=headers
+            )
+            future.get(timeout=self._timeout)
+        except KafkaError as exc:
+            raise RetryableError(f"dead-letter write to {self._topic} failed: {exc}") from None
+
+    def close(self) -> None:
+        self._producer.close(timeout=10)
