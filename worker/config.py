@@ -161,7 +161,8 @@ def parse(data: Any, source: str, env: Mapping[str, str]) -> Config:
     top = Section(data, "", source)
     kafka = _kafka(top.section("kafka"), env)
     cf = top.section("cloudflare")
-    base_url = env.get("CLOUDFLARE_BASE_URL") or cf.get("base_url", str, DEFAULT_BASE_URL)
+    base_url = cf.get("base_url", str, DEFAULT_BASE_URL)
+    base_url = env.get("CLOUDFLARE_BASE_URL") or base_url
     accounts = _accounts(cf.section("accounts"), env)
     zones = _zones(cf, accounts)
     cf.done()

@@ -1,0 +1,107 @@
+"""Helpers for tests against the real broker: produce, read back, committed offsets, workers."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+
+from worker.clock import SystemClock
+from worker.config import Config
+from worker.pipeline import Pipeline
+from worker.source import KafkaDeadLetterSink, KafkaSource
+from worker.wiring import Accounts
+
+
+def produce(bootstrap: str, topic: str, values, key=b"k", headers=(), partition=None) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    futures = [
+        producer.send(topic, value=v, key=key, headers=list(headers), partition=partition)
+        for v in values
+    ]
+    for f in futures:
+        f.get(timeout=30)
+    producer.close()
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+    ends = consumer.end_offsets(parts)
+    consumer.close()
+    return {tp.partition: off for tp, off in ends.items()}
+
+
+def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        offsets = admin.list_group_offsets(group).get(group, {})
+    except KafkaError:  # the group's coordinator is not there yet: nothing committed
+        return {}
+    finally:
+        admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
+
+
+def all_committed(bootstrap: str, group: str, topic: str) -> bool:
+    ends = end_offsets(bootstrap, topic)
+    done = committed(bootstrap, group, topic)
+    return all(done.get(p, 0) >= end for p, end in ends.items() if end > 0)
+
+
+def read_all(bootstrap: str, topic: str, timeout_s: float = 5.0) -> list[Any]:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=int(timeout_s * 1000),
+        enable_auto_commit=False,
+    )
+    records = list(consumer)
+    consumer.close()
+    return records
+
+
+def kafka_config(config: Config, bootstrap: str, topic: str, dlq: str, group: str) -> Config:
+    kafka = replace(
+        config.kafka,
+        bootstrap_servers=(bootstrap,),
+        topics=(topic,),
+        dead_letter_topic=dlq,
+        group_id=group,
+    )
+    return replace(config, kafka=kafka)
+
+
+class RunningWorker:
+    """The production pipeline with the real Kafka source and sink, on a thread."""
+
+    def __init__(self, config: Config) -> None:
+        clock = SystemClock()
+        self.pipeline = Pipeline(
+            config,
+            KafkaSource(config.kafka),
+            KafkaDeadLetterSink(config.kafka),
+            Accounts(config, clock),
+            clock,
+        )
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.pipeline.run(self.stop_event)
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "worker did not stop"
+        if self.error:
+            raise self.error
