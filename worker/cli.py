@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from worker import __version__, logs
-from worker.commands import cache, check, emulator, explain, purge, run
+from worker.commands import cache, check, emulator, explain, purge, replay, run
 from worker.config import Config, load
 from worker.errors import ConfigError, PermanentError, PurgeWorkerError, RetryableError, UsageError
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_arguments(command("run", "consume, purge and dead-letter until SIGTERM/SIGINT"))
     explain.add_arguments(command("explain", "print the purge plan one event produces"))
     check.add_arguments(command("check", "validate the config and rules (--online: Kafka, tokens)"))
+    replay.add_arguments(command("replay", "re-drive records from a dead-letter topic"))
     purge.add_arguments(
         command("purge", "an ad-hoc purge through the worker's batching and limits")
     )
@@ -65,6 +66,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _with_config(run.run),
     "explain": _with_config(explain.run),
     "check": _with_config(check.run),
+    "replay": _with_config(replay.run),
     "purge": _with_config(purge.run),
     "cache": _with_config(cache.run),
     "emulator": emulator.run,

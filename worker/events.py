@@ -29,6 +29,10 @@ class Record:
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
     timestamp_ms: int | None = None
+    # For a dead letter being replayed: where the record first came from, and how many times it
+    # has failed. Rules see the original topic; a new failure keeps the original coordinates.
+    origin: Record | None = None
+    attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,9 @@ def decode(
         id=str(eid) if isinstance(eid, str | int) and not isinstance(eid, bool) else None,
         type=etype if isinstance(etype, str) else None,
         time=_event_time(body.get("time")) or fallback_time,
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
+        topic=(record.origin or record).topic,
+        partition=(record.origin or record).partition,
+        offset=(record.origin or record).offset,
         key=key,
         headers=headers,
     )

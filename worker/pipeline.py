@@ -21,6 +21,7 @@ from worker.coalescer import Batch, Coalescer
 from worker.config import Config
 from worker.deadletter import DeadLetterGuard, DeadLetterSink, headers_for
 from worker.errors import (
+    DeadLetterGuardTripped,
     InvalidEvent,
     NoRuleMatched,
     PermanentError,
@@ -39,7 +40,7 @@ from worker.wiring import Accounts
 log = structlog.get_logger("worker.pipeline")
 
 Ref = tuple[str, int, int]
-LAG_INTERVAL = 10.0
+LAG_INTERVAL = 5.0
 DEAD_LETTER_RETRY = 2.0
 
 
@@ -71,8 +72,6 @@ class Pipeline:
         sink: DeadLetterSink,
         accounts: Accounts,
         clock: Clock,
-        *,
-        attempts_of: dict[Ref, int] | None = None,
     ) -> None:
         self.config = config
         self.source = source
@@ -90,12 +89,12 @@ class Pipeline:
         self.futures: dict[Future[BatchResult], Batch] = {}
         self.ready: list[Ref] = []
         self.status = Status()
+        self.tripped = False
         self._paused = False
         self._last_commit = 0.0
         self._last_lag = 0.0
         self._dead_letter_retry_at = 0.0
         self._share: float | None = None
-        self._attempts_of = attempts_of or {}
 
     def _cap(self, zone_id: str, kind: Kind) -> int:
         return self.accounts.cap(self._zones[zone_id], kind is Kind.FILES)
@@ -132,6 +131,11 @@ class Pipeline:
         self._maybe_commit()
         self._update_share_and_lag()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing pending, in flight or waiting to be finished."""
+        return not (self.inflight or self.futures or self.coalescer.pending or self.ready)
+
     def drain(self) -> None:
         """Stop taking records, purge what is pending, wait up to the deadline, commit, close."""
         deadline = self.clock.monotonic() + self.config.delivery.drain_deadline_seconds
@@ -165,6 +169,13 @@ class Pipeline:
         except Exception as exc:
             log.exception("unexpected error handling a record", **_where(record))
             state.failures.append(InvalidEvent(f"internal error: {type(exc).__name__}: {exc}"))
+        log.debug(
+            "record planned",
+            targets=state.remaining,
+            failures=len(state.failures),
+            event_id=state.event.id if state.event else None,
+            **_where(record),
+        )
         if state.remaining == 0:
             self.ready.append(ref)
 
@@ -245,7 +256,7 @@ class Pipeline:
             if state is None:
                 continue
             if state.failures:
-                if now < self._dead_letter_retry_at:
+                if self.tripped or now < self._dead_letter_retry_at:
                     waiting.append(ref)
                     continue
                 try:
@@ -273,10 +284,20 @@ class Pipeline:
         metrics.PENDING_RECORDS.set(len(self.inflight))
 
     def _dead_letter(self, ref: Ref, state: InFlight) -> None:
-        self.guard.check()
-        attempts = self._attempts_of.get(ref, 0) + 1
+        try:
+            self.guard.check()
+        except DeadLetterGuardTripped:
+            # No more dead letters from here on: the draining that follows only commits what
+            # finished cleanly, and the unfinished records wait on Kafka for a fixed deploy.
+            self.tripped = True
+            raise
+        record = state.record
         headers = headers_for(
-            state.record, state.failures, failed_at=self.clock.time(), attempts=attempts
+            record,
+            state.failures,
+            failed_at=self.clock.time(),
+            attempts=record.attempts + 1,
+            original=record.origin,
         )
         self.sink.write(state.record, headers)
         self.guard.record_dead()

@@ -1,0 +1,239 @@
+"""``purge-worker replay``: re-drive records from a dead-letter topic.
+
+Two modes: ``--mode purge`` (default) runs them through the pipeline again, so fixed rules take
+effect, within the account's rate budget; ``--mode republish`` puts the original record back on its
+topic (or ``--to``) for the workers to take. Filters, ``--max``, ``--dry-run``; a progress bar on a
+terminal, periodic lines otherwise; a summary at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+import structlog
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+from tqdm import tqdm
+
+from worker.clock import SystemClock
+from worker.config import Config
+from worker.deadletter import DeadLetterSink
+from worker.errors import DeadLetterGuardTripped, RetryableError, UsageError
+from worker.events import Record
+from worker.pipeline import Pipeline
+from worker.replay import DeadLetterReader, ReplayFilter, describe, parse_time
+from worker.source import KafkaDeadLetterSink
+from worker.wiring import Accounts
+
+log = structlog.get_logger("worker.replay")
+PLAIN_PROGRESS_SECONDS = 5.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="source", required=True, help="the dead-letter topic to read")
+    p.add_argument(
+        "--mode",
+        choices=["purge", "republish"],
+        default="purge",
+        help="purge again through the rules (default), or republish the original record",
+    )
+    p.add_argument("--to", help="republish to this topic instead of each record's original topic")
+    p.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        default=[],
+        help="only this purge.error.class (repeatable)",
+    )
+    p.add_argument("--since", help="only records that failed at or after this time (RFC 3339)")
+    p.add_argument("--until", help="only records that failed before this time (RFC 3339)")
+    p.add_argument("--original-topic", help="only records first read from this topic")
+    p.add_argument("--max", type=int, default=None, help="stop after this many matching records")
+    p.add_argument(
+        "--group",
+        help="consumer group for the replay's progress "
+        "(default: <kafka.group_id>.replay); a new group starts from the beginning",
+    )
+    p.add_argument(
+        "--budget-share",
+        type=float,
+        default=0.5,
+        help="share of each account's rate budget the replay may use (default 0.5)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would happen; change nothing")
+
+
+class _Progress:
+    def __init__(self, total: int, reader: DeadLetterReader) -> None:
+        self.reader = reader
+        self.bar = (
+            tqdm(total=total, unit="rec", desc="replay", file=sys.stderr)
+            if sys.stderr.isatty()
+            else None
+        )
+        self.last = time.monotonic()
+        self.started = self.last
+
+    def update(self) -> None:
+        c = self.reader.counts
+        if self.bar is not None:
+            self.bar.n = c.scanned
+            self.bar.set_postfix(replayed=c.replayed, skipped=c.skipped, failed=c.failed_again)
+            self.bar.refresh()
+        elif time.monotonic() - self.last >= PLAIN_PROGRESS_SECONDS:
+            self.last = time.monotonic()
+            rate = c.scanned / max(1e-9, self.last - self.started)
+            print(
+                f"replay: scanned {c.scanned}, replayed {c.replayed}, skipped {c.skipped}, "
+                f"failed again {c.failed_again} ({rate:.0f} rec/s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _CountingSink:
+    """Counts records dead-lettered again, and passes them on."""
+
+    def __init__(self, inner: DeadLetterSink, reader: DeadLetterReader) -> None:
+        self.inner = inner
+        self.reader = reader
+
+    def write(self, record: Record, headers: list[tuple[str, bytes]]) -> None:
+        self.inner.write(record, headers)
+        self.reader.counts.failed_again += 1
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    if args.max is not None and args.max < 1:
+        raise UsageError("--max must be at least 1")
+    if not 0 < args.budget_share <= 1:
+        raise UsageError("--budget-share must be in (0, 1]")
+    if args.to and args.mode != "republish":
+        raise UsageError("--to only applies to --mode republish")
+    flt = ReplayFilter(
+        classes=frozenset(args.classes),
+        since=parse_time(args.since) if args.since else None,
+        until=parse_time(args.until) if args.until else None,
+        original_topic=args.original_topic,
+    )
+    group = args.group or f"{config.kafka.group_id}.replay"
+    if not args.dry_run and args.mode == "purge" and config.missing_credentials():
+        raise UsageError(config.missing_credentials()[0])
+    reader = DeadLetterReader(config.kafka, args.source, group, flt, args.max)
+    progress = _Progress(reader.total, reader)
+    stop = threading.Event()
+    try:
+        if args.dry_run:
+            _dry_run(reader, progress, args)
+        elif args.mode == "republish":
+            _republish(reader, progress, config, args.to, stop)
+        else:
+            _purge(reader, progress, config, args.budget_share, stop)
+    except KeyboardInterrupt:
+        print(
+            "replay: interrupted; progress so far is committed, run again to resume",
+            file=sys.stderr,
+        )
+    finally:
+        progress.close()
+    c = reader.counts
+    summary: dict[str, Any] = {
+        "scanned": c.scanned,
+        "matched": c.matched,
+        "replayed": c.replayed,
+        "skipped": c.skipped,
+        "failed_again": c.failed_again,
+        "by_class": c.by_class,
+        "dry_run": args.dry_run,
+        "mode": args.mode,
+    }
+    print(json.dumps(summary))
+    return 1 if c.failed_again else 0
+
+
+def _dry_run(reader: DeadLetterReader, progress: _Progress, args: argparse.Namespace) -> None:
+    while not reader.exhausted:
+        for record in reader.poll(0.5, 500):
+            target = args.to or (record.origin or record).topic
+            action = f"republish to {target}" if args.mode == "republish" else "purge again"
+            print(json.dumps({**describe(record), "would": action}))
+        progress.update()
+    reader.close()
+
+
+def _republish(
+    reader: DeadLetterReader,
+    progress: _Progress,
+    config: Config,
+    to: str | None,
+    stop: threading.Event,
+) -> None:
+    producer = KafkaProducer(**config.kafka.client_options(), acks="all", linger_ms=5)
+    try:
+        while not reader.exhausted and not stop.is_set():
+            for record in reader.poll(0.5, 500):
+                origin = record.origin or record
+                try:
+                    producer.send(
+                        to or origin.topic,
+                        key=record.key,
+                        value=record.value,
+                        headers=list(origin.headers),
+                    ).get(timeout=30)
+                except KafkaError as exc:
+                    raise RetryableError(f"republish failed: {exc}") from None
+                reader.counts.replayed += 1
+            # Everything scanned so far is either confirmed republished or filtered out.
+            reader.commit_scanned()
+            progress.update()
+    finally:
+        producer.close()
+        reader.close()
+
+
+def _purge(
+    reader: DeadLetterReader,
+    progress: _Progress,
+    config: Config,
+    share: float,
+    stop: threading.Event,
+) -> None:
+    clock = SystemClock()
+    # Replayed records that fail again go back to the dead-letter topic they came from.
+    kafka = replace(config.kafka, dead_letter_topic=reader.topic)
+    sink = _CountingSink(KafkaDeadLetterSink(kafka), reader)
+    accounts = Accounts(config, clock)
+    pipeline = Pipeline(replace(config, kafka=kafka), reader, sink, accounts, clock)
+    pipeline.status.running = True
+    accounts.set_share(share)
+    pipeline._share = share  # the replay's share is fixed, not derived from partitions
+
+    counts = reader.counts
+
+    def account() -> None:
+        # Finished records either purged (replayed) or went back to the dead-letter topic.
+        counts.replayed = counts.matched - len(pipeline.inflight) - counts.failed_again
+
+    try:
+        while not stop.is_set() and not (reader.exhausted and pipeline.idle):
+            pipeline.step()
+            account()
+            progress.update()
+    except DeadLetterGuardTripped as exc:
+        log.error("replay stopped: dead-letter guard tripped", reason=str(exc))
+    finally:
+        pipeline.drain()
+        account()
