@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Helm is built from its Go module once and cached (no prebuilt binaries can be fetched here).
+HELM_VERSION := v3.22.0
+HELM   := $(HOME)/.cache/purge-worker/helm-$(HELM_VERSION)/helm
 
 .PHONY: test run lint fmt bench clean broker helm
 
@@ -12,6 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+$(HELM):
+	GOBIN=$(dir $(HELM)) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+
+helm: $(HELM)
 
 broker: $(STAMP)
 	$(BIN)/python scripts/kafka_broker.py fetch
@@ -25,8 +33,8 @@ fmt: $(STAMP)
 	$(BIN)/ruff format worker tests scripts
 	$(BIN)/ruff check --fix worker tests scripts
 
-test: lint broker
-	$(BIN)/pytest
+test: lint broker helm
+	HELM=$(HELM) $(BIN)/pytest
 
 run: broker
 	$(BIN)/python scripts/dev_run.py

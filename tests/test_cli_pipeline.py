@@ -170,3 +170,25 @@ def test_check_online(tmp_path, emulator, kafka_bootstrap, make_topic, capsys, m
     assert main(["check", "-c", cfg, "--online"]) == 1
     out = capsys.readouterr().out
     assert "10000" in out and "bad-token-1234" not in out
+
+
+def test_rules_files_are_merged_and_errors_name_the_rules_file(tmp_path, emulator, capsys):
+    data = config_dict(emulator.api_url)
+    extra = [{"name": "extra", "match": {"type": "x"}, "hosts": ["www.example.com"]}]
+    (tmp_path / "more-rules.yaml").write_text(yaml.safe_dump(extra))
+    data["rules_files"] = ["more-rules.yaml"]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check", "-c", str(path)]) == 0
+    assert "5 rules" in capsys.readouterr().out
+    del data["rules"]
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check", "-c", str(path)]) == 0
+    (tmp_path / "more-rules.yaml").write_text(yaml.safe_dump([{"name": "bad", "urlz": []}]))
+    assert main(["check", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "more-rules.yaml" in err and "rules[bad].urlz" in err
+    data["rules_files"] = ["missing.yaml"]
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check", "-c", str(path)]) == 2
+    assert "missing.yaml" in capsys.readouterr().err

@@ -168,12 +168,7 @@ def parse(data: Any, source: str, env: Mapping[str, str]) -> Config:
     cf.done()
     coalesce = _coalesce(top.section("coalesce"))
     delivery = _delivery(top.section("delivery"))
-    rules = compile_rules(
-        top.raw("rules"),
-        source,
-        allow_everything=delivery.allow_everything,
-        plugin_path=str(Path(source).resolve().parent) if Path(source).exists() else None,
-    )
+    rules = _rules(top, source, delivery.allow_everything)
     obs = top.section("observability")
     metrics_port = _port(obs, "metrics_port", 9464)
     health_port = _port(obs, "health_port", 8080)
@@ -196,6 +191,47 @@ def parse(data: Any, source: str, env: Mapping[str, str]) -> Config:
         log_format,
         log_level,
     )
+
+
+def _rules(top: Section, source: str, allow_everything: bool) -> RuleSet:
+    """Rules inline under ``rules``, and/or in YAML files listed under ``rules_files`` (each a
+    list of rules; relative paths are relative to the config file). Names are unique across all."""
+    base = Path(source).resolve().parent if Path(source).exists() else None
+    plugin_path = str(base) if base else None
+    sets = []
+    if top.has("rules") or not top.has("rules_files"):
+        sets.append(
+            compile_rules(
+                top.raw("rules"), source, allow_everything=allow_everything, plugin_path=plugin_path
+            )
+        )
+    for name in top.strings("rules_files", ()):
+        path = Path(name) if Path(name).is_absolute() or base is None else base / name
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(
+                source, "rules_files", f"cannot read {path}: {exc.strerror}"
+            ) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(str(path), "", f"not valid YAML: {exc}") from None
+        sets.append(
+            compile_rules(
+                raw if raw is not None else [],
+                str(path),
+                allow_everything=allow_everything,
+                plugin_path=str(path.parent),
+            )
+        )
+    rules = [r for s in sets for r in s.rules]
+    seen: set[str] = set()
+    for rule in rules:
+        if rule.name in seen:
+            raise ConfigError(
+                source, f"rules[{rule.name}]", "duplicate rule name across rule files"
+            )
+        seen.add(rule.name)
+    return RuleSet(rules)
 
 
 def _kafka(s: Section, env: Mapping[str, str]) -> KafkaConfig:

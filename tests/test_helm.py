@@ -1,0 +1,204 @@
+"""The Helm chart: lint, render for realistic values, validate offline against the Kubernetes
+schemas, and check the essentials a user relies on."""
+
+import base64
+import os
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from worker.config import parse
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "purge-worker"
+VALUES = sorted((ROOT / "helm" / "values").glob("*.yaml"))
+K8S_VERSION = "1.31.0"
+CRDS = {"ServiceMonitor", "ScaledObject"}  # not in the core schemas: checked by hand below
+
+
+def helm_binary() -> str:
+    path = os.environ.get("HELM") or str(Path.home() / ".cache/purge-worker/helm-v3.22.0/helm")
+    if not Path(path).exists():
+        pytest.fail(f"helm not found at {path}: run `make helm` (make test does)", pytrace=False)
+    return path
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([helm_binary(), *args], capture_output=True, text=True, check=check)
+
+
+def render(*values: str | Path, sets: tuple[str, ...] = ()) -> list[dict]:
+    args = ["template", "rel", str(CHART), "--namespace", "cms"]
+    for v in values:
+        args += ["-f", str(v)]
+    for s in sets:
+        args += ["--set", s]
+    out = helm(*args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(docs, kind, suffix=""):
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix))
+
+
+def test_helm_lint():
+    result = helm("lint", str(CHART), "--strict", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for values in VALUES:
+        result = helm("lint", str(CHART), "--strict", "-f", str(values), check=False)
+        assert result.returncode == 0, f"{values.name}: {result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize("values", [None, *VALUES], ids=["defaults", *[v.stem for v in VALUES]])
+def test_renderings_validate_against_kubernetes_schemas(values):
+    docs = render(*([values] if values else []))
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "ConfigMap", "Service", "ServiceAccount", "PodDisruptionBudget"} <= kinds
+    for doc in docs:
+        if doc["kind"] in CRDS:
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        labels = doc["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "purge-worker"
+        assert labels["app.kubernetes.io/instance"] == "rel"
+
+
+def test_probes_security_and_secret_handling():
+    docs = render(ROOT / "helm/values/realistic.yaml")
+    deploy = by_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    config = yaml.safe_load(by_kind(docs, "ConfigMap", "purge-worker")["data"]["config.yaml"])
+    assert ports == {
+        "metrics": config["observability"]["metrics_port"],
+        "health": config["observability"]["health_port"],
+    }
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["runAsNonRoot"] is True and sc["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["terminationGracePeriodSeconds"] > config["delivery"]["drain_deadline_seconds"]
+    env = {e["name"]: e for e in container["env"]}
+    for name in ("CLOUDFLARE_API_TOKEN", "KAFKA_PASSWORD"):
+        assert "value" not in env[name]
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "purge-worker-credentials"
+    assert not [d for d in docs if d["kind"] == "Secret"]  # an existing Secret is used
+
+
+def test_chart_created_secret_never_inlines_the_token():
+    token = "tok-" + "z" * 30
+    docs = render(ROOT / "helm/values/hpa.yaml", sets=(f"secret.apiToken={token}",))
+    secret = by_kind(docs, "Secret")
+    assert base64.b64decode(secret["data"]["cloudflare-api-token"]).decode() == token
+    for doc in docs:
+        if doc["kind"] != "Secret":
+            assert token not in yaml.safe_dump(doc)
+
+
+def test_config_checksum_changes_when_rules_change(tmp_path):
+    base = ROOT / "helm/values/hpa.yaml"
+    extra = tmp_path / "more.yaml"
+    extra.write_text(yaml.safe_dump({"rules": [{"name": "other", "hosts": ["www.example.com"]}]}))
+
+    def annotations(*values):
+        return by_kind(render(*values), "Deployment")["spec"]["template"]["metadata"]["annotations"]
+
+    a, b = annotations(base), annotations(base, extra)
+    assert a["checksum/rules"] != b["checksum/rules"]
+    assert a["checksum/config"] == b["checksum/config"]
+    c = by_kind(render(base, sets=("worker.coalesce.window_seconds=3",)), "Deployment")
+    assert (
+        c["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != a["checksum/config"]
+    )
+
+
+def test_rendered_config_and_rules_are_accepted_by_the_worker(tmp_path):
+    docs = render(ROOT / "helm/values/realistic.yaml")
+    config = yaml.safe_load(by_kind(docs, "ConfigMap", "purge-worker")["data"]["config.yaml"])
+    rules = by_kind(docs, "ConfigMap", "-rules")["data"]["rules.yaml"]
+    (tmp_path / "rules.yaml").write_text(rules)
+    config["rules_files"] = [str(tmp_path / "rules.yaml")]
+    parsed = parse(config, "rendered.yaml", {"KAFKA_PASSWORD": "p", "CLOUDFLARE_API_TOKEN": "t"})
+    assert [r.name for r in parsed.rules.rules] == ["article-pages"]
+    assert parsed.kafka.sasl_mechanism == "SCRAM-SHA-512"
+
+
+def test_keda_hpa_and_network_policy():
+    keda = render(ROOT / "helm/values/keda.yaml")
+    scaled = by_kind(keda, "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["maxReplicaCount"] == 12  # capped at the partition count (asked 20)
+    assert {t["metadata"]["topic"] for t in scaled["spec"]["triggers"]} == {
+        "cms.content",
+        "cms.assets",
+    }
+    assert all(t["metadata"]["consumerGroup"] == "purge-worker" for t in scaled["spec"]["triggers"])
+    deploy = by_kind(keda, "Deployment")
+    assert "replicas" not in deploy["spec"]
+    volumes = {v["name"]: v for v in deploy["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["rules"]["configMap"]["name"] == "cms-purge-rules"
+    assert not [
+        d for d in keda if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-rules")
+    ]
+    hpa = by_kind(render(ROOT / "helm/values/hpa.yaml"), "HorizontalPodAutoscaler")
+    assert hpa["spec"]["maxReplicas"] == 4
+    policy = by_kind(render(ROOT / "helm/values/realistic.yaml"), "NetworkPolicy")
+    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert {53, 9092, 443} <= egress_ports
+    monitor = by_kind(render(ROOT / "helm/values/realistic.yaml"), "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("replicaCount=-1",), "replicaCount"),
+        (("cloudflare.zones[0].id=not-a-zone", "cloudflare.zones[0].hosts[0]=a.com"), "id"),
+        (("kafka.security.protocol=SASL",), "protocol"),
+        (("kafka.topics=null",), "topics"),
+        (("metrics.port=70000",), "port"),
+        (("cloudflare.accounts.main.plan=gold",), "plan"),
+        (("replicas=3",), "replicas"),  # a typo of replicaCount
+    ],
+)
+def test_schema_rejects_bad_values_with_a_clear_message(sets, message):
+    args = ["template", "rel", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    result = helm(*args, check=False)
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("keda.enabled=true", "autoscaling.enabled=true"), "enable only one"),
+        (("worker.delivery.drain_deadline_seconds=5",), "set drainDeadlineSeconds"),
+        (("secret.create=true",), "secret.apiToken is required"),
+    ],
+)
+def test_inconsistent_values_fail_with_a_reason(sets, message):
+    args = ["template", "rel", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    result = helm(*args, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_dockerfile_is_multi_stage_non_root_and_runs_the_worker():
+    text = (ROOT / "Dockerfile").read_text()
+    froms = [line for line in text.splitlines() if line.startswith("FROM ")]
+    assert len(froms) >= 2 and " AS build" in froms[0]
+    user = next(line for line in text.splitlines() if line.startswith("USER "))
+    assert user.split()[1].split(":")[0] not in ("0", "root")
+    assert 'ENTRYPOINT ["purge-worker"]' in text and '"run"' in text
+    final = text.split(froms[-1], 1)[1]
+    assert "gcc" not in final and "build-essential" not in final
