@@ -4,7 +4,7 @@ import pytest
 
 from worker.clock import MockClock
 from worker.cloudflare.plans import Plan, limits_for
-from worker.cloudflare.ratelimit import SAFETY, AccountRateLimiter
+from worker.cloudflare.ratelimit import MIN_WAIT_STEP, SAFETY, AccountRateLimiter
 from worker.targets import Kind
 
 
@@ -42,8 +42,15 @@ def test_url_budget_is_per_url_not_per_request():
     elapsed = clock.monotonic() - 1000
     # Never more than the server's allowance (one second of burst plus the refill) ...
     assert sent <= 800 + 800 * elapsed
-    # ... and, after the burst, a sustained rate close to the plan's URLs per second.
-    assert (sent - 800) / elapsed >= 800 * 0.9
+    # ... and a sustained rate close to the plan's URLs per second.
+    assert sent / elapsed >= 800 * 0.9
+
+
+def test_url_budget_starts_empty_so_a_joining_replica_adds_no_burst():
+    clock = MockClock()
+    lim = AccountRateLimiter(limits_for(Plan.PRO), clock, share=1 / 3)
+    wait = lim.acquire(Kind.FILES, 30)
+    assert 0 < wait <= 30 / (1500 / 3 * SAFETY) + 2 * MIN_WAIT_STEP  # step granularity
 
 
 def test_share_scales_the_budget():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from worker.clock import Clock
 from worker.targets import Kind, Mode, Target
@@ -180,6 +181,32 @@ class _ZoneBucket:
             yield from files.values()
         yield from self.tags.values()
 
+    def discard(self, drop: Callable[[Owner], bool]) -> int:
+        """Remove owners for which ``drop`` is true; items left with no owner go. Returns how
+        many items went."""
+        removed = 0
+        tables: list[dict[Any, Pending]] = [self.hosts, self.tags]
+        tables += list(self.prefixes.values()) + list(self.files.values())
+        for table in tables:
+            for key in list(table):
+                pending = table[key]
+                pending.owners = {o: c for o, c in pending.owners.items() if not drop(o)}
+                if not pending.owners:
+                    del table[key]
+                    removed += 1
+        if self.everything is not None:
+            self.everything.owners = {
+                o: c for o, c in self.everything.owners.items() if not drop(o)
+            }
+            if not self.everything.owners:
+                self.everything = None
+                removed += 1
+        for nested in (self.prefixes, self.files):
+            for netloc in [n for n, t in nested.items() if not t]:
+                del nested[netloc]
+        self.size -= removed
+        return removed
+
     def take(self, kind: Kind, limit: int | None = None) -> list[Pending]:
         """Remove and return up to ``limit`` pending items of ``kind`` (all when None)."""
         out: list[Pending] = []
@@ -254,6 +281,15 @@ class Coalescer:
             if now - bucket.first_at >= self._window:
                 batches.extend(self._drain(key, bucket))
         return batches
+
+    def discard(self, drop: Callable[[Owner], bool]) -> int:
+        """Forget pending work of owners for which ``drop`` is true (revoked partitions)."""
+        removed = 0
+        for key, bucket in list(self._buckets.items()):
+            removed += bucket.discard(drop)
+            if bucket.size == 0:
+                del self._buckets[key]
+        return removed
 
     def flush_all(self) -> list[Batch]:
         """Every pending target, now (shutdown and rebalance)."""

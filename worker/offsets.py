@@ -23,11 +23,15 @@ class OffsetTracker:
     def __init__(self) -> None:
         self._parts: dict[TopicPartition, _Partition] = {}
 
-    def track(self, tp: TopicPartition, offset: int) -> None:
-        """A record was taken from the partition (offsets arrive in increasing order)."""
+    def track(self, tp: TopicPartition, offset: int) -> bool:
+        """A record was taken from the partition. Returns False, tracking nothing, if the offset
+        is not past the last one seen (the partition is being re-read): forget it first."""
         part = self._parts.setdefault(tp, _Partition())
+        if part.last_seen is not None and offset <= part.last_seen:
+            return False
         part.pending.append(offset)
         part.last_seen = offset
+        return True
 
     def complete(self, tp: TopicPartition, offset: int) -> None:
         part = self._parts.get(tp)

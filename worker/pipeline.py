@@ -9,6 +9,7 @@ then does its offset become committable.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -39,7 +40,9 @@ from worker.wiring import Accounts
 
 log = structlog.get_logger("worker.pipeline")
 
-Ref = tuple[str, int, int]
+# A record's identity while in flight: topic, partition, offset, and an ingest sequence number,
+# so work left over from before a rebalance can never complete a re-delivered copy of the record.
+Ref = tuple[str, int, int, int]
 LAG_INTERVAL = 5.0
 DEAD_LETTER_RETRY = 2.0
 
@@ -72,6 +75,8 @@ class Pipeline:
         sink: DeadLetterSink,
         accounts: Accounts,
         clock: Clock,
+        *,
+        fixed_share: float | None = None,
     ) -> None:
         self.config = config
         self.source = source
@@ -87,14 +92,19 @@ class Pipeline:
         self.pool = ThreadPoolExecutor(config.delivery.concurrency, thread_name_prefix="purge")
         self.inflight: dict[Ref, InFlight] = {}
         self.futures: dict[Future[BatchResult], Batch] = {}
+        self.queued: deque[Batch] = deque()
         self.ready: list[Ref] = []
         self.status = Status()
         self.tripped = False
+        self._seq = 0
         self._paused = False
         self._last_commit = 0.0
         self._last_lag = 0.0
         self._dead_letter_retry_at = 0.0
         self._share: float | None = None
+        self._fixed_share = fixed_share
+        if fixed_share is not None:
+            self._set_share(fixed_share)
 
     def _cap(self, zone_id: str, kind: Kind) -> int:
         return self.accounts.cap(self._zones[zone_id], kind is Kind.FILES)
@@ -113,12 +123,14 @@ class Pipeline:
 
     def step(self) -> None:
         """One iteration: poll, route, flush, collect, finish, commit. Never blocks for long."""
-        self._handle_revoked()
-        timeout = 0.05 if (self.futures or self.coalescer.pending) else 0.5
+        timeout = 0.05 if (self.futures or self.queued or self.coalescer.pending) else 0.5
         due = self.coalescer.next_due()
         if due is not None:
             timeout = max(0.0, min(timeout, due - self.clock.monotonic()))
         records = self.source.poll(timeout, self.config.kafka.max_poll_records)
+        # A rebalance happens inside poll(): forget the revoked partitions before taking the
+        # records this poll returned, which already belong to the new assignment.
+        self._handle_revoked()
         now_wall = self.clock.time()
         self.status.last_poll = now_wall
         metrics.LAST_POLL_TIME.set(now_wall)
@@ -134,14 +146,15 @@ class Pipeline:
     @property
     def idle(self) -> bool:
         """Nothing pending, in flight or waiting to be finished."""
-        return not (self.inflight or self.futures or self.coalescer.pending or self.ready)
+        busy = self.inflight or self.futures or self.queued or self.coalescer.pending or self.ready
+        return not busy
 
     def drain(self) -> None:
         """Stop taking records, purge what is pending, wait up to the deadline, commit, close."""
         deadline = self.clock.monotonic() + self.config.delivery.drain_deadline_seconds
         self.source.pause()
         self._submit(self.coalescer.flush_all())
-        while self.futures and self.clock.monotonic() < deadline:
+        while (self.futures or self.queued) and self.clock.monotonic() < deadline:
             self._collect(block=True, timeout=max(0.0, deadline - self.clock.monotonic()))
             self._finish()
         self._finish()
@@ -158,8 +171,14 @@ class Pipeline:
     # -- records in -------------------------------------------------------------------------------
 
     def _ingest(self, record: Record) -> None:
-        ref: Ref = (record.topic, record.partition, record.offset)
-        self.offsets.track((record.topic, record.partition), record.offset)
+        tp = (record.topic, record.partition)
+        if not self.offsets.track(tp, record.offset):
+            # The offset went backwards: the partition is being read again from an earlier
+            # position (a rebalance, a reset). Start its bookkeeping over.
+            self._forget({tp}, "partition rewound")
+            self.offsets.track(tp, record.offset)
+        self._seq += 1
+        ref: Ref = (record.topic, record.partition, record.offset, self._seq)
         state = InFlight(record)
         self.inflight[ref] = state
         try:
@@ -212,7 +231,15 @@ class Pipeline:
     # -- purges out -------------------------------------------------------------------------------
 
     def _submit(self, batches: Iterable[Batch]) -> None:
-        for batch in batches:
+        self.queued.extend(batches)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand the pool only a couple of batches per thread: the rest wait here, where a
+        rebalance can still take back the work of records that are no longer ours."""
+        limit = 2 * self.config.delivery.concurrency
+        while self.queued and len(self.futures) < limit:
+            batch = self.queued.popleft()
             dest = self.accounts.destinations[batch.zone_id]
             future = self.pool.submit(self.purger.send, dest, batch.kind, batch.mode, batch.targets)
             self.futures[future] = batch
@@ -228,6 +255,7 @@ class Pipeline:
                 log.exception("purge batch crashed", zone=batch.zone_id, kind=batch.kind.value)
                 result = BatchResult(failed=[(t, RetriesExhausted(exc, 1)) for t in batch.targets])
             self._apply(batch, result)
+        self._dispatch()
 
     def _apply(self, batch: Batch, result: BatchResult) -> None:
         by_target = {p.target: p for p in batch.items}
@@ -315,7 +343,7 @@ class Pipeline:
     # -- flow control and commits -----------------------------------------------------------------
 
     def _backpressure(self) -> None:
-        pending = self.coalescer.pending
+        pending = self.coalescer.pending + sum(len(b.items) for b in self.queued)
         records = len(self.inflight)
         metrics.PENDING_TARGETS.set(pending)
         cfg = self.config.coalesce
@@ -349,42 +377,57 @@ class Pipeline:
 
     def _handle_revoked(self) -> None:
         revoked = self.source.take_revoked()
-        if not revoked:
-            return
-        self.offsets.forget(revoked)
-        gone = [ref for ref in self.inflight if (ref[0], ref[1]) in revoked]
+        if revoked:
+            self._forget(revoked, "partitions revoked")
+            self._share = None  # recompute after the new assignment
+
+    def _forget(self, tps: set[tuple[str, int]], why: str) -> None:
+        """Drop all state of records from ``tps``: their new owner (or re-read) redoes them."""
+        self.offsets.forget(tps)
+        gone = {ref for ref in self.inflight if (ref[0], ref[1]) in tps}
         for ref in gone:
             del self.inflight[ref]
+        # Their pending targets would only spend the budget on work that is done again anyway.
+        dropped = self.coalescer.discard(lambda owner: owner in gone)
+        for batch in self.queued:
+            for item in batch.items:
+                item.owners = {o: c for o, c in item.owners.items() if o not in gone}
+            before = len(batch.items)
+            batch.items = [item for item in batch.items if item.owners]
+            dropped += before - len(batch.items)
+        self.queued = deque(b for b in self.queued if b.items)
+        self.ready = [ref for ref in self.ready if ref not in gone]
         log.info(
-            "partitions revoked",
-            partitions=sorted(f"{t}[{p}]" for t, p in revoked),
+            why,
+            partitions=sorted(f"{t}[{p}]" for t, p in tps),
             dropped_records=len(gone),
+            dropped_targets=dropped,
         )
-        self._share = None  # recompute after the new assignment
 
     def _update_share_and_lag(self) -> None:
         """Spend only this replica's share of each account's budget: Cloudflare meters per
-        account, so N replicas with full budgets would overrun it N-fold."""
+        account, so N replicas with full budgets would overrun it N-fold. The share is this
+        replica's part of the partitions, recomputed whenever the assignment changes."""
         assigned = self.source.assignment()
-        if assigned and (self._share is None or len(assigned) != self.status.assigned):
-            total = self.source.total_partitions()
-            if total:
-                self._share = len(assigned) / total
-                self.accounts.set_share(self._share)
-                for name in self.accounts.limiters:
-                    metrics.BUDGET_SHARE.labels(name).set(self._share)
-                log.info(
-                    "rate budget share",
-                    share=round(self._share, 3),
-                    partitions=len(assigned),
-                    total=total,
-                )
+        changed = len(assigned) != self.status.assigned
         self.status.assigned = len(assigned)
+        if assigned and (self._share is None or changed) and self._fixed_share is None:
+            partitions = self.source.total_partitions()
+            self._set_share(len(assigned) / partitions if partitions else None)
         now = self.clock.monotonic()
         if now - self._last_lag >= LAG_INTERVAL:
             self._last_lag = now
             for (topic, partition), lag in self.source.lag(self.offsets.last_seen()).items():
                 metrics.CONSUMER_LAG.labels(topic, str(partition)).set(lag)
+
+    def _set_share(self, share: float | None) -> None:
+        if share is None or (self._share is not None and abs(share - self._share) < 0.01):
+            return
+        self._share = share
+        self.accounts.set_share(share)
+        for name in self.accounts.limiters:
+            metrics.BUDGET_SHARE.labels(name).set(share)
+        log.info("rate budget share", share=round(share, 3), partitions=self.status.assigned)
 
 
 def _where(record: Record) -> dict[str, object]:

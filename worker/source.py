@@ -33,7 +33,8 @@ class Source(Protocol):
     def resume(self) -> None: ...
 
     def take_revoked(self) -> set[TopicPartition]:
-        """Partitions revoked since the last call. Must not block."""
+        """Partitions lost to another member since the last call (revoked and not assigned
+        back). Must not block."""
 
     def assignment(self) -> set[TopicPartition]: ...
 
@@ -47,12 +48,18 @@ class Source(Protocol):
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Runs on kafka-python's IO thread: only records what happened, never blocks."""
+    """Runs on kafka-python's IO thread: only records what happened, never blocks.
+
+    A partition counts as lost only once the next assignment is known and leaves it out: one that
+    is revoked and handed straight back keeps its fetch position, so its records in flight stay
+    ours (and if the client re-reads it from the committed offset instead, the pipeline sees the
+    offset go backwards and starts the partition over).
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.revoked: set[TopicPartition] = set()
-        self.generation = 0
+        self.lost: set[TopicPartition] = set()
 
     def on_partitions_revoked(self, revoked: Sequence[KafkaTP]) -> None:
         with self.lock:
@@ -60,7 +67,10 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def on_partitions_assigned(self, assigned: Sequence[KafkaTP]) -> None:
         with self.lock:
-            self.generation += 1
+            kept = {(tp.topic, tp.partition) for tp in assigned}
+            self.lost |= self.revoked - kept
+            self.lost -= kept
+            self.revoked = set()
 
 
 class KafkaSource:
@@ -138,7 +148,7 @@ class KafkaSource:
 
     def take_revoked(self) -> set[TopicPartition]:
         with self._listener.lock:
-            revoked, self._listener.revoked = self._listener.revoked, set()
+            revoked, self._listener.lost = self._listener.lost, set()
         if revoked and self._paused:
             # Newly assigned partitions start unpaused; keep the backpressure decision.
             self.pause()

@@ -25,6 +25,8 @@ SAFETY = 0.95
 MIN_FACTOR = 0.25
 DECREASE = 0.5
 RECOVERY_PER_SUCCESS = 0.02
+MAX_WAIT_STEP = 0.05
+MIN_WAIT_STEP = 1e-4
 
 
 class _Bucket:
@@ -39,11 +41,15 @@ class _Bucket:
             self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
             self.updated = now
 
-    def reserve(self, cost: float, now: float) -> float:
-        """Take ``cost`` tokens (going into debt if needed); return seconds until they exist."""
+    def take(self, cost: float, now: float) -> float:
+        """Take ``cost`` tokens if they exist (0 returned); else the seconds until they would.
+
+        A request larger than the whole bucket may go once the bucket is full, into debt."""
         self.refill(now)
-        self.tokens -= cost
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+        if self.tokens >= cost or self.tokens >= self.capacity:
+            self.tokens -= cost
+            return 0.0
+        return (min(cost, self.capacity) - self.tokens) / self.rate
 
 
 @dataclass(frozen=True)
@@ -75,9 +81,12 @@ class AccountRateLimiter:
         self._flex = _Bucket(1.0, 1.0, now)
         self._urls = _Bucket(1.0, 1.0, now)
         self._resize(now)
-        # Start with full buckets, as the server's do.
+        # The flex bucket starts full: its refill can be minutes, and a lone worker should not wait
+        # that long for its first tag purge. The URL budget starts empty: a replica joining while
+        # others already spend the account's budget must not add a second's burst on top (it
+        # refills in a second, so this costs almost nothing).
         self._flex.tokens = self._flex.capacity
-        self._urls.tokens = self._urls.capacity
+        self._urls.tokens = 0.0
 
     def _resize(self, now: float) -> None:
         scale = self._share * self._factor
@@ -104,23 +113,29 @@ class AccountRateLimiter:
             self._resize(self._clock.monotonic())
 
     def reserve(self, kind: Kind, items: int) -> float:
-        """Reserve budget for one request; return how long the caller must wait before sending."""
+        """Take the budget for one request if it is there now (returns 0); otherwise take
+        nothing and return how long until it would be."""
         with self._lock:
             now = self._clock.monotonic()
-            blocked = max(0.0, self._blocked_until - now)
+            blocked = self._blocked_until - now
+            if blocked > 0:
+                return blocked
             if kind is Kind.FILES:
-                wait = self._urls.reserve(items, now + blocked)
-            else:
-                cost = items if self._flex_cost_per_item else 1
-                wait = self._flex.reserve(cost, now + blocked)
-            return blocked + wait
+                return self._urls.take(items, now)
+            return self._flex.take(items if self._flex_cost_per_item else 1, now)
 
     def acquire(self, kind: Kind, items: int) -> float:
-        """Block until a request of ``items`` of ``kind`` may be sent; return the seconds waited."""
-        wait = self.reserve(kind, items)
-        if wait > 0:
-            self._clock.sleep(wait)
-        return wait
+        """Block until a request of ``items`` of ``kind`` may be sent; return the seconds waited.
+
+        Waits in short steps and looks again, so a lower share (after a rebalance) or a 429
+        applies at once to requests already waiting, not only to later ones."""
+        waited = 0.0
+        while (wait := self.reserve(kind, items)) > 0:
+            # Never a step so small that adding it to the clock changes nothing (float rounding).
+            step = min(max(wait, MIN_WAIT_STEP), MAX_WAIT_STEP)
+            self._clock.sleep(step)
+            waited += step
+        return waited
 
     def on_success(self) -> None:
         with self._lock:

@@ -216,10 +216,11 @@ def _purge(
     kafka = replace(config.kafka, dead_letter_topic=reader.topic)
     sink = _CountingSink(KafkaDeadLetterSink(kafka), reader)
     accounts = Accounts(config, clock)
-    pipeline = Pipeline(replace(config, kafka=kafka), reader, sink, accounts, clock)
+    # The replay's share of the budget is fixed: the workers keep the rest.
+    pipeline = Pipeline(
+        replace(config, kafka=kafka), reader, sink, accounts, clock, fixed_share=share
+    )
     pipeline.status.running = True
-    accounts.set_share(share)
-    pipeline._share = share  # the replay's share is fixed, not derived from partitions
 
     counts = reader.counts
 

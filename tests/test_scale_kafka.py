@@ -1,0 +1,248 @@
+"""Scale-out and failure tests: several worker processes, one consumer group, a real broker."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+
+import pytest
+import requests
+
+from scripts.kafka_broker import Broker
+from tests.conftest import TOKEN, ZONE_A, ZONE_B
+from tests.helpers import cloudevent, purged_items, wait_for, write_config
+from tests.kafka_helpers import all_committed, produce, read_all
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+class Workers:
+    def __init__(self, cfg, tmp_path):
+        self.cfg = cfg
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self):
+        env = {**os.environ, "CLOUDFLARE_API_TOKEN": TOKEN}
+        env.pop("KAFKA_BOOTSTRAP", None)
+        log = (self.tmp_path / f"worker-{len(self.procs)}.log").open("w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run", "-c", self.cfg],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = []
+        for p in self.procs:
+            try:
+                codes.append(p.wait(timeout=60))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append("hung")
+        return codes
+
+    def log(self, i):
+        return (self.tmp_path / f"worker-{i}.log").read_text()[-20000:]
+
+
+def image_events(n, prefix="u"):
+    return [
+        cloudevent(
+            "image.updated", {"host": "img.example-cdn.net", "path": f"{prefix}{i}"}, f"e{i}"
+        )
+        for i in range(n)
+    ]
+
+
+def worker_config(tmp_path, emulator, bootstrap, topic, dlq, group, **over):
+    kafka = {
+        "bootstrap_servers": [bootstrap],
+        "topics": [topic],
+        "dead_letter_topic": dlq,
+        "group_id": group,
+        "max_poll_records": 200,
+    }
+    return write_config(
+        tmp_path / "c.yaml",
+        emulator.api_url,
+        kafka=kafka,
+        observability={"metrics_port": None, "health_port": None},
+        **over,
+    )
+
+
+def test_three_workers_joining_and_leaving_lose_nothing(
+    emulator_factory, make_topic, kafka_bootstrap, unique, tmp_path
+):
+    emulator = emulator_factory(plan="enterprise", rate_limits=False)
+    topic, dlq = make_topic("cms", 6), make_topic("dlq")
+    group = f"g-{unique}"
+    cfg = worker_config(
+        tmp_path, emulator, kafka_bootstrap, topic, dlq, group, coalesce={"window_seconds": 0.5}
+    )
+    n = 12_000
+    events = image_events(n)
+    workers = Workers(cfg, tmp_path)
+
+    def stream():  # about 1,000 events a second for 12 seconds
+        for start in range(0, n, 500):
+            produce(kafka_bootstrap, topic, events[start : start + 500], key=None)
+            time.sleep(0.5)
+
+    producer = threading.Thread(target=stream)
+    try:
+        first = workers.start()
+        producer.start()
+        time.sleep(2)
+        second = workers.start()
+        time.sleep(2)
+        workers.start()
+        time.sleep(3)
+        first.send_signal(signal.SIGTERM)  # leaves cleanly: drains and commits
+        assert first.wait(timeout=60) == 0, workers.log(0)
+        time.sleep(2)
+        second.send_signal(signal.SIGKILL)  # dies: its partitions move after the session timeout
+        second.wait(timeout=10)
+        producer.join()
+        wait_for(
+            lambda: all_committed(kafka_bootstrap, group, topic),
+            timeout=120,
+            what="the group to commit everything",
+        )
+    finally:
+        producer.join()
+        workers.stop_all()
+    items = purged_items(emulator)
+    expected = {f"https://img.example-cdn.net/u{i}" for i in range(n)}
+    assert set(items) == expected, f"missing {len(expected - set(items))}"
+    print(
+        f"\nscale-out: {n} targets, {len(items) - n} duplicate purges "
+        f"({(len(items) - n) / n:.1%}) across joins, a clean leave and a kill -9"
+    )
+    assert read_all(kafka_bootstrap, dlq, timeout_s=2) == []
+
+
+@pytest.mark.parametrize(("plan", "urls_per_s"), [("free", 800), ("pro", 1500)])
+def test_rate_budget_holds_across_three_replicas(
+    emulator_factory, make_topic, kafka_bootstrap, unique, tmp_path, plan, urls_per_s
+):
+    emulator = emulator_factory(plan=plan)
+    topic, dlq = make_topic("cms", 6), make_topic("dlq")
+    group = f"g-{unique}"
+    cfg = worker_config(
+        tmp_path,
+        emulator,
+        kafka_bootstrap,
+        topic,
+        dlq,
+        group,
+        cloudflare={
+            "base_url": emulator.api_url,
+            "accounts": {"main": {"plan": plan}},
+            "zones": [
+                {"name": "a", "id": ZONE_A, "hosts": ["example.com"]},
+                {"name": "cdn", "id": ZONE_B, "hosts": ["img.example-cdn.net"]},
+            ],
+        },
+        coalesce={"window_seconds": 0.5},
+    )
+    n = urls_per_s * 12
+    events = image_events(n)
+    workers = Workers(cfg, tmp_path)
+    try:
+        # Three replicas up and settled (two partitions each), then a burst arrives, spread
+        # evenly over the partitions: this measures how they split the account's budget.
+        for _ in range(3):
+            workers.start()
+        wait_for(
+            lambda: all('"share": 0.333' in workers.log(i) for i in range(3)),
+            timeout=60,
+            what="three replicas with a third of the budget each",
+        )
+        for p in range(6):
+            produce(kafka_bootstrap, topic, events[p::6], key=None, partition=p)
+        wait_for(
+            lambda: all_committed(kafka_bootstrap, group, topic),
+            timeout=120,
+            what="everything committed",
+        )
+    finally:
+        codes = workers.stop_all()
+    assert codes == [0, 0, 0]
+    statuses = [
+        r["status"] for r in requests.get(emulator.url + "/__emulator/requests", timeout=5).json()
+    ]
+    purges = requests.get(emulator.url + "/__emulator/purges", timeout=5).json()
+    times = [
+        datetime.fromisoformat(p["received_at"].replace("Z", "+00:00")).timestamp() for p in purges
+    ]
+    urls = sum(len(p["items"]) for p in purges)
+    rate = urls / (max(times) - min(times))
+    print(
+        f"\n{plan}: 3 replicas sent {urls} URLs in {len(purges)} requests at {rate:.0f} URL/s "
+        f"({rate / urls_per_s:.2f} of {urls_per_s}); 429s: {statuses.count(429)}"
+    )
+    assert statuses.count(429) == 0
+    assert rate >= 0.8 * urls_per_s
+    assert set(purged_items(emulator)) == {f"https://img.example-cdn.net/u{i}" for i in range(n)}
+
+
+def test_broker_restart_mid_stream_loses_nothing(emulator_factory, tmp_path, unique):
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    emulator = emulator_factory(plan="enterprise", rate_limits=False)
+    broker = Broker().start()
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        admin.create_topics([NewTopic("cms", 3, 1), NewTopic("dlq", 1, 1)])
+        admin.close()
+        group = f"g-{unique}"
+        cfg = worker_config(
+            tmp_path,
+            emulator,
+            broker.bootstrap,
+            "cms",
+            "dlq",
+            group,
+            coalesce={"window_seconds": 0.3},
+        )
+        n = 3000
+        produce(broker.bootstrap, "cms", image_events(n, "a"), key=None)
+        requests.post(emulator.url + "/__emulator/faults", json={"latency_ms": 100}, timeout=5)
+        workers = Workers(cfg, tmp_path)
+        worker = workers.start()
+        try:
+            wait_for(
+                lambda: len(purged_items(emulator)) >= 300, timeout=60, what="purging to start"
+            )
+            broker.stop()
+            time.sleep(5)
+            broker.restart()
+            requests.post(emulator.url + "/__emulator/faults", json={"clear": True}, timeout=5)
+            produce(broker.bootstrap, "cms", image_events(500, "b"), key=None)
+            wait_for(
+                lambda: all_committed(broker.bootstrap, group, "cms"),
+                timeout=120,
+                what="commits after the broker came back",
+            )
+            assert worker.poll() is None, "the worker should have reconnected, not exited"
+        finally:
+            codes = workers.stop_all()
+        assert codes == [0], workers.log(0)
+        expected = {f"https://img.example-cdn.net/a{i}" for i in range(n)}
+        expected |= {f"https://img.example-cdn.net/b{i}" for i in range(500)}
+        assert set(purged_items(emulator)) == expected
+    finally:
+        broker.cleanup()
