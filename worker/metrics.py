@@ -89,6 +89,17 @@ BUDGET_SHARE = Gauge(
 )
 
 
+def targets_counter(kind: str) -> Counter:
+    """TARGETS for one kind; the labelled child is looked up once, not once per target."""
+    child = _TARGET_CHILDREN.get(kind)
+    if child is None:
+        child = _TARGET_CHILDREN[kind] = TARGETS.labels(kind)
+    return child
+
+
+_TARGET_CHILDREN: dict[str, Counter] = {}
+
+
 def status_class(status: int | None) -> str:
     """Collapse an HTTP status into the small label set of REQUESTS."""
     if status is None:

@@ -224,7 +224,7 @@ class Pipeline:
                 state.failures.append(exc)
                 continue
             for target in self.router.expand(zone, rt.target):
-                metrics.TARGETS.labels(target.kind.value).inc()
+                metrics.targets_counter(target.kind.value).inc()
                 state.remaining += 1
                 self.coalescer.add(zone.id, rt.mode, target, ref)
 

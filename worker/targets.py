@@ -7,6 +7,7 @@ reaches the API, where it would burn the shared rate budget on a certain 400.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,11 @@ class Target:
         return f"{self.kind}:{self.value}"
 
 
+# Normalising is pure and the same URLs and tags recur event after event: cache the results.
+CACHE_SIZE = 65_536
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
 def normalize_url(raw: str) -> str:
     if not isinstance(raw, str) or not raw:
         raise InvalidTarget(f"URL must be a non-empty string, got {raw!r}")
@@ -145,6 +151,7 @@ def normalize_headers(headers: dict[str, str], url: str = "") -> tuple[tuple[str
     return tuple(sorted(out, key=lambda kv: kv[0].lower()))
 
 
+@functools.lru_cache(maxsize=CACHE_SIZE)
 def normalize_tag(raw: str) -> str:
     if not isinstance(raw, str):
         raise InvalidTarget(f"tag must be a string, got {raw!r}")
