@@ -22,6 +22,7 @@ from worker.deadletter import PREFIX, header
 from worker.errors import RetryableError, UsageError
 from worker.events import Record
 from worker.offsets import TopicPartition
+from worker.source import to_record
 
 
 def parse_time(text: str) -> float:
@@ -165,15 +166,7 @@ class DeadLetterReader:
                     self._done.add(tp)
                     continue
                 self.counts.scanned += 1
-                rec = Record(
-                    r.topic,
-                    r.partition,
-                    r.offset,
-                    r.key,
-                    r.value,
-                    tuple(r.headers or ()),
-                    r.timestamp,
-                )
+                rec = to_record(r)
                 if not self.filter.accepts(rec.headers):
                     self.counts.skipped += 1
                     continue

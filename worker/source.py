@@ -47,6 +47,12 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+def to_record(r: Any) -> Record:
+    """A kafka-python ConsumerRecord as the pipeline's ``Record``."""
+    headers = tuple(r.headers or ())
+    return Record(r.topic, r.partition, r.offset, r.key, r.value, headers, r.timestamp)
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     """Runs on kafka-python's IO thread: only records what happened, never blocks.
 
@@ -98,21 +104,7 @@ class KafkaSource:
 
     def poll(self, timeout: float, max_records: int) -> list[Record]:
         batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
-        out: list[Record] = []
-        for records in batches.values():
-            for r in records:
-                out.append(
-                    Record(
-                        r.topic,
-                        r.partition,
-                        r.offset,
-                        r.key,
-                        r.value,
-                        tuple(r.headers or ()),
-                        r.timestamp,
-                    )
-                )
-        return out
+        return [to_record(r) for records in batches.values() for r in records]
 
     def commit(self, offsets: dict[TopicPartition, int]) -> bool:
         owned = self.assignment()

@@ -122,14 +122,7 @@ def _resolve(ref: _Ref, event: Event, captures: dict[str, str]) -> list[str]:
         values: list[Any] = [captures.get(ref.segments[1][0])]
         rest: tuple[tuple[str, str | None], ...] = ()
     elif ref.root == "kafka":
-        meta: dict[str, Any] = {
-            "topic": event.topic,
-            "key": event.key,
-            "partition": event.partition,
-            "offset": event.offset,
-            "headers": event.headers,
-        }
-        values, rest = [meta], ref.segments[1:]
+        values, rest = [_kafka_meta(event)], ref.segments[1:]
     else:
         values, rest = [event.body], ref.segments
     for name, index in rest:
@@ -167,18 +160,22 @@ def _scalar(value: Any, ref: str) -> str:
     raise InvalidEvent(f"field {{{ref}}} is an object, not a value")
 
 
+def _kafka_meta(event: Event) -> dict[str, Any]:
+    """What ``kafka.*`` paths read: where the record came from."""
+    return {
+        "topic": event.topic,
+        "key": event.key,
+        "partition": event.partition,
+        "offset": event.offset,
+        "headers": event.headers,
+    }
+
+
 def lookup(event: Event, path: str) -> Any:
     """The raw value at a dotted path (``kafka.*`` included), or None; for rule matching."""
     parts = path.split(".")
     if parts[0] == "kafka":
-        meta: dict[str, Any] = {
-            "topic": event.topic,
-            "key": event.key,
-            "partition": event.partition,
-            "offset": event.offset,
-            "headers": event.headers,
-        }
-        value: Any = meta
+        value: Any = _kafka_meta(event)
         parts = parts[1:]
     else:
         value = event.body
