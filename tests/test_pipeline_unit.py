@@ -200,3 +200,51 @@ def test_dry_run_sends_nothing(emulator):
     run_until_idle(pipeline, source)
     assert purges(emulator) == [] and source.committed == {("cms", 0): 1}
     assert ZONE_A
+
+
+def test_tags_waiting_for_budget_do_not_hold_back_urls(emulator_factory):
+    import time
+
+    emulator = emulator_factory(plan="free")
+    # One tag per request and a bucket of one: every tag request after the first waits ~12 s.
+    rules = [
+        {
+            "name": "tagged",
+            "match": {"type": "tagged"},
+            "tags": ["t-{data.n}"],
+            "zone": "example.com",
+        },
+        {
+            "name": "image",
+            "match": {"type": "image.updated"},
+            "urls": ["https://{data.host}/{data.path}"],
+        },
+    ]
+    over = {
+        "rules": rules,
+        "cloudflare": {
+            "base_url": emulator.api_url,
+            "accounts": {"main": {"plan": "free", "items_per_request": 1, "flex_bucket": 1}},
+            "zones": [
+                {"name": "example.com", "id": ZONE_A, "hosts": ["example.com", "*.example.com"]}
+            ],
+        },
+    }
+    tags = [rec(i, cloudevent("tagged", {"n": i})) for i in range(10)]
+    pipeline, source, _ = build(emulator, tags, **over)
+    start = time.monotonic()
+    while time.monotonic() - start < 1:  # the tag batches are formed and start waiting
+        pipeline.step()
+    for i in range(10, 20):
+        source.add(
+            rec(i, cloudevent("image.updated", {"host": "www.example.com", "path": f"p{i}"}))
+        )
+    start = time.monotonic()
+    while time.monotonic() - start < 4 and len(purged_items(emulator, "files")) < 10:
+        pipeline.step()
+    assert len(purged_items(emulator, "files")) == 10  # URLs went out within seconds ...
+    assert len(purged_items(emulator, "tags")) <= 2  # ... while the tags wait for their budget
+    statuses = [
+        r["status"] for r in requests.get(emulator.url + "/__emulator/requests", timeout=5).json()
+    ]
+    assert 429 not in statuses

@@ -137,6 +137,7 @@ class Pipeline:
         for record in records:
             self._ingest(record)
         self._submit(self.coalescer.due())
+        self._dispatch()  # budget may have refilled for batches that were waiting
         self._collect(block=False)
         self._finish()
         self._backpressure()
@@ -155,6 +156,8 @@ class Pipeline:
         self.source.pause()
         self._submit(self.coalescer.flush_all())
         while (self.futures or self.queued) and self.clock.monotonic() < deadline:
+            if not self.futures:
+                self.clock.sleep(0.05)  # queued batches are waiting for rate budget
             self._collect(block=True, timeout=max(0.0, deadline - self.clock.monotonic()))
             self._finish()
         self._finish()
@@ -235,14 +238,26 @@ class Pipeline:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Hand the pool only a couple of batches per thread: the rest wait here, where a
-        rebalance can still take back the work of records that are no longer ours."""
+        """Hand the pool only a couple of batches per thread, and only batches whose rate budget
+        is there now: the rest wait here. A tag batch waiting minutes for the free plan's bucket
+        must not hold a thread that URL batches could use, and a rebalance can still take back
+        queued work of records that are no longer ours."""
         limit = 2 * self.config.delivery.concurrency
+        if not self.queued or len(self.futures) >= limit:
+            return
+        waiting: deque[Batch] = deque()
         while self.queued and len(self.futures) < limit:
             batch = self.queued.popleft()
             dest = self.accounts.destinations[batch.zone_id]
+            if not self.config.delivery.dry_run and dest.limiter.ready_in(
+                batch.kind, len(batch.items)
+            ):
+                waiting.append(batch)
+                continue
             future = self.pool.submit(self.purger.send, dest, batch.kind, batch.mode, batch.targets)
             self.futures[future] = batch
+        waiting.extend(self.queued)
+        self.queued = waiting
 
     def _collect(self, *, block: bool, timeout: float = 0.0) -> None:
         if block and self.futures:

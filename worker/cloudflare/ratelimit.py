@@ -124,6 +124,20 @@ class AccountRateLimiter:
                 return self._urls.take(items, now)
             return self._flex.take(items if self._flex_cost_per_item else 1, now)
 
+    def ready_in(self, kind: Kind, items: int) -> float:
+        """Seconds until a request of ``items`` of ``kind`` could go; takes nothing."""
+        with self._lock:
+            now = self._clock.monotonic()
+            blocked = self._blocked_until - now
+            if blocked > 0:
+                return blocked
+            bucket = self._urls if kind is Kind.FILES else self._flex
+            cost = items if kind is Kind.FILES or self._flex_cost_per_item else 1
+            bucket.refill(now)
+            if bucket.tokens >= cost or bucket.tokens >= bucket.capacity:
+                return 0.0
+            return (min(cost, bucket.capacity) - bucket.tokens) / bucket.rate
+
     def acquire(self, kind: Kind, items: int) -> float:
         """Block until a request of ``items`` of ``kind`` may be sent; return the seconds waited.
 
