@@ -240,7 +240,6 @@ class Coalescer:
         self._clock = clock
         self._buckets: dict[tuple[str, Mode], _ZoneBucket] = {}
         self._full: set[tuple[str, Mode, Kind]] = set()
-        self.targets_in = 0
 
     @property
     def pending(self) -> int:
@@ -251,7 +250,6 @@ class Coalescer:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _ZoneBucket(self._clock.monotonic())
-        self.targets_in += 1
         kind = bucket.add(target, owner)
         if kind is Kind.EVERYTHING or bucket.count(kind) >= self._cap(zone_id, kind):
             self._full.add((zone_id, mode, kind))

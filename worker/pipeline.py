@@ -64,7 +64,6 @@ class Status:
     last_record: float = 0.0
     assigned: int = 0
     running: bool = False
-    stopped_reason: str | None = None
 
 
 class Pipeline:
