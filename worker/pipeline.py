@@ -135,8 +135,8 @@ class Pipeline:
         metrics.LAST_POLL_TIME.set(now_wall)
         for record in records:
             self._ingest(record)
+        # Dispatches the new batches, and earlier ones whose rate budget has refilled since.
         self._submit(self.coalescer.due())
-        self._dispatch()  # budget may have refilled for batches that were waiting
         self._collect(block=False)
         self._finish()
         self._backpressure()

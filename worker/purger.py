@@ -138,9 +138,6 @@ class Purger:
             metrics.RATE_LIMITED.inc()
             dest.limiter.on_rate_limited(kind, exc.retry_after)
             raise
-        except ApiRejected as exc:
-            status = exc.status
-            raise
         except Exception as exc:
             status = getattr(exc, "status", None)
             raise

@@ -41,15 +41,21 @@ class _Bucket:
             self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
             self.updated = now
 
-    def take(self, cost: float, now: float) -> float:
-        """Take ``cost`` tokens if they exist (0 returned); else the seconds until they would.
+    def wait_for(self, cost: float, now: float) -> float:
+        """Seconds until ``cost`` tokens exist (0 if now); takes nothing.
 
         A request larger than the whole bucket may go once the bucket is full, into debt."""
         self.refill(now)
         if self.tokens >= cost or self.tokens >= self.capacity:
-            self.tokens -= cost
             return 0.0
         return (min(cost, self.capacity) - self.tokens) / self.rate
+
+    def take(self, cost: float, now: float) -> float:
+        """Take ``cost`` tokens if they exist (0 returned); else the seconds until they would."""
+        wait = self.wait_for(cost, now)
+        if wait == 0:
+            self.tokens -= cost
+        return wait
 
 
 @dataclass(frozen=True)
@@ -115,17 +121,13 @@ class AccountRateLimiter:
     def reserve(self, kind: Kind, items: int) -> float:
         """Take the budget for one request if it is there now (returns 0); otherwise take
         nothing and return how long until it would be."""
-        with self._lock:
-            now = self._clock.monotonic()
-            blocked = self._blocked_until - now
-            if blocked > 0:
-                return blocked
-            if kind is Kind.FILES:
-                return self._urls.take(items, now)
-            return self._flex.take(items if self._flex_cost_per_item else 1, now)
+        return self._check(kind, items, take=True)
 
     def ready_in(self, kind: Kind, items: int) -> float:
         """Seconds until a request of ``items`` of ``kind`` could go; takes nothing."""
+        return self._check(kind, items, take=False)
+
+    def _check(self, kind: Kind, items: int, *, take: bool) -> float:
         with self._lock:
             now = self._clock.monotonic()
             blocked = self._blocked_until - now
@@ -133,10 +135,7 @@ class AccountRateLimiter:
                 return blocked
             bucket = self._urls if kind is Kind.FILES else self._flex
             cost = items if kind is Kind.FILES or self._flex_cost_per_item else 1
-            bucket.refill(now)
-            if bucket.tokens >= cost or bucket.tokens >= bucket.capacity:
-                return 0.0
-            return (min(cost, bucket.capacity) - bucket.tokens) / bucket.rate
+            return bucket.take(cost, now) if take else bucket.wait_for(cost, now)
 
     def acquire(self, kind: Kind, items: int) -> float:
         """Block until a request of ``items`` of ``kind`` may be sent; return the seconds waited.
