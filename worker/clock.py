@@ -37,7 +37,6 @@ class MockClock:
         self._now = start
         self._wall_offset = wall - start
         self._lock = threading.Lock()
-        self.slept: list[float] = []
 
     def monotonic(self) -> float:
         with self._lock:
@@ -49,7 +48,6 @@ class MockClock:
 
     def sleep(self, seconds: float) -> None:
         with self._lock:
-            self.slept.append(seconds)
             if seconds > 0:
                 self._now += seconds
 

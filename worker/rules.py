@@ -22,8 +22,6 @@ from worker.schema import Section
 from worker.targets import Kind, Mode, Target
 from worker.templates import Template, TemplateError, lookup
 
-TargetKinds = ("urls", "tags", "hosts", "prefixes")
-
 
 @dataclass(frozen=True)
 class RuleTarget:

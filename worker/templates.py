@@ -68,22 +68,20 @@ class Template:
             )
         self._parts.append(rest)
 
-    @property
-    def refs(self) -> list[str]:
-        return [p.text for p in self._parts if isinstance(p, _Ref)]
-
     def render(self, event: Event, captures: dict[str, str]) -> list[str]:
         """Every string this template yields for the event. Raises ``InvalidEvent``."""
         choices: list[list[str]] = []
-        for part in self._parts:
-            choices.append([part] if isinstance(part, str) else _resolve(part, event, captures))
         total = 1
-        for c in choices:
-            total *= len(c)
+        for part in self._parts:
+            values = [part] if isinstance(part, str) else _resolve(part, event, captures)
+            total *= len(values)
+            choices.append(values)
         if total > MAX_FANOUT:
             raise InvalidEvent(
                 f"template {self.source!r} fans out to {total} values (max {MAX_FANOUT})"
             )
+        if total == 1:  # the common case: no fan-out
+            return ["".join(values[0] for values in choices)]
         return ["".join(combo) for combo in itertools.product(*choices)]
 
 

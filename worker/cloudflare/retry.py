@@ -26,10 +26,12 @@ class RetryPolicy:
     max_backoff: float = 30.0
     budget_seconds: float = 600.0
 
-    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Full-jitter backoff for the given attempt number (1 = after the first failure)."""
+    def backoff(self, attempt: int) -> float:
+        """Equal-jitter backoff for the given attempt number (1 = after the first failure): half
+        the capped exponential delay, plus a random part of the other half. Unlike full jitter it
+        never retries almost at once, which would spend the shared budget on a failing API."""
         ceiling = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
-        return (rng or random).uniform(ceiling / 2, ceiling)
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not cryptography)
 
 
 def call_with_retries(
