@@ -18,9 +18,8 @@ from worker.wiring import Accounts
 def run_until_idle(pipeline, source, max_steps=2000):
     for _ in range(max_steps):
         pipeline.step()
-        idle = not pipeline.inflight and not pipeline.futures and not pipeline.coalescer.pending
-        if idle and all(source.positions[tp] == len(q) for tp, q in source.queues.items()):
-            pipeline._commit()
+        if pipeline.idle and all(source.positions[tp] == len(q) for tp, q in source.queues.items()):
+            pipeline.commit()
             return
     raise AssertionError("pipeline did not go idle")
 
@@ -187,10 +186,9 @@ def test_dead_letter_write_failure_holds_the_offset(emulator):
     pipeline, source, sink = build(emulator, records)
     sink.fail_next = 1
     pipeline.step()
-    pipeline._commit()
+    pipeline.commit()
     assert source.committed.get(("cms", 0)) is None  # record 0 not confirmed: nothing commits
-    pipeline._dead_letter_retry_at = 0
-    run_until_idle(pipeline, source)
+    run_until_idle(pipeline, source)  # the write is tried again after a pause
     assert len(sink.records) == 1 and source.committed == {("cms", 0): 2}
 
 
@@ -248,3 +246,62 @@ def test_tags_waiting_for_budget_do_not_hold_back_urls(emulator_factory):
         r["status"] for r in requests.get(emulator.url + "/__emulator/requests", timeout=5).json()
     ]
     assert 429 not in statuses
+
+
+def test_a_backlog_with_repeats_purges_each_target_once_and_commits_all(emulator):
+    from worker.clock import MockClock
+
+    clock = MockClock()
+    old_ms = int((clock.time() - 600) * 1000)  # produced ten minutes before the worker runs
+    distinct = [f"p{i}" for i in range(40)]
+    records = [
+        Record(
+            "cms",
+            i % 2,
+            i // 2,
+            b"k",
+            cloudevent("image.updated", {"host": "www.example.com", "path": distinct[i % 40]}),
+            (),
+            old_ms + i,
+        )
+        for i in range(1200)
+    ]
+    config = make_config(
+        emulator.api_url,
+        kafka={"topics": ["cms"], "dead_letter_topic": "dlq", "max_poll_records": 50},
+    )
+    source, sink = InMemorySource(records), InMemorySink()
+    pipeline = Pipeline(config, source, sink, Accounts(config, clock), clock)
+    for _ in range(3000):
+        pipeline.step()
+        clock.advance(0.05)
+        if pipeline.idle and all(source.positions[tp] == len(q) for tp, q in source.queues.items()):
+            break
+    pipeline.commit()
+    sent = purged_items(emulator, "files")
+    assert sorted(sent) == sorted(f"https://www.example.com/{p}" for p in distinct)
+    assert source.committed == {("cms", 0): 600, ("cms", 1): 600}
+    assert sink.records == []
+
+    # A change after those purges is purged again, once.
+    newer_ms = int((clock.time() + 60) * 1000)
+    for i in range(10):
+        source.add(
+            Record(
+                "cms",
+                0,
+                600 + i,
+                b"k",
+                cloudevent("image.updated", {"host": "www.example.com", "path": "p1"}),
+                (),
+                newer_ms,
+            )
+        )
+    for _ in range(200):
+        pipeline.step()
+        clock.advance(0.05)
+        if pipeline.idle and source.positions[("cms", 0)] == 610:
+            break
+    pipeline.commit()
+    assert purged_items(emulator, "files").count("https://www.example.com/p1") == 2
+    assert source.committed[("cms", 0)] == 610

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import make_config
 from worker.clock import MockClock
-from worker.coalescer import Coalescer, _bare, _covers
+from worker.coalescer import Coalescer, bare, covers
 from worker.errors import PermanentError
 from worker.events import Record, decode
 from worker.targets import Kind, Mode, Target
@@ -40,15 +40,15 @@ def covered(sent: list[Target], target: Target) -> bool:
         if s == target or s.kind is Kind.EVERYTHING:
             return True
         if target.kind is Kind.FILES:
-            bare = _bare(target.value)
-            if s.kind is Kind.HOSTS and bare.split("/", 1)[0] == s.value:
+            path = bare(target.value)
+            if s.kind is Kind.HOSTS and path.split("/", 1)[0] == s.value:
                 return True
-            if s.kind is Kind.PREFIXES and _covers(s.value, bare):
+            if s.kind is Kind.PREFIXES and covers(s.value, path):
                 return True
         if target.kind is Kind.PREFIXES:
             if s.kind is Kind.HOSTS and target.value.split("/", 1)[0] == s.value:
                 return True
-            if s.kind is Kind.PREFIXES and _covers(s.value, target.value):
+            if s.kind is Kind.PREFIXES and covers(s.value, target.value):
                 return True
     return False
 

@@ -1,4 +1,5 @@
-"""Gathers targets per zone and mode for a short window, then hands out request-sized batches.
+"""The pending set: targets gathered per zone and mode, deduplicated and subsumed, until the
+dispatcher takes them out in request-sized batches.
 
 Duplicates collapse, and so do targets another pending target already covers:
 - a pending ``everything`` for a zone swallows everything else for it;
@@ -7,12 +8,16 @@ Duplicates collapse, and so do targets another pending target already covers:
   covers ``a.com/bar/x`` and ``a.com/bar?x``, never ``a.com/barn``).
 
 Every pending item remembers which records it stands for, and how many of each record's targets
-(``owners``), so the pipeline can tell when a record is fully purged. Not thread-safe: only the
-pipeline's loop touches it. Time comes from the injected clock.
+(``owners``), so the pipeline can tell when a record is fully purged. A kind is *due* once a
+request's worth of it is pending or the window since the first pending target has ended; what
+is due leaves only when the dispatcher takes it (when the budget can send it), so under a
+backlog targets keep collapsing here instead of going out again and again. Not thread-safe: only
+the pipeline's loop touches it. Time comes from the injected clock.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,27 +44,30 @@ class Batch:
     mode: Mode
     kind: Kind
     items: list[Pending]
+    # Wall-clock time just before the request went (set by the dispatcher), for the ledger.
+    sent_at: float = 0.0
 
     @property
     def targets(self) -> list[Target]:
         return [p.target for p in self.items]
 
 
-def _bare(url: str) -> str:
+def bare(url: str) -> str:
     """``https://a.com/x?y`` -> ``a.com/x?y``: the form prefixes are written in."""
     return url.split("://", 1)[1]
 
 
-def _covers(prefix: str, bare: str) -> bool:
-    if not bare.startswith(prefix):
+def covers(prefix: str, path: str) -> bool:
+    """Whether ``prefix`` covers ``path`` (a bare URL or prefix), on a path boundary."""
+    if not path.startswith(prefix):
         return False
-    if len(bare) == len(prefix) or prefix.endswith("/"):
+    if len(path) == len(prefix) or prefix.endswith("/"):
         return True
-    return bare[len(prefix)] in "/?"
+    return path[len(prefix)] in "/?"
 
 
-def _netloc(bare: str) -> str:
-    return bare.split("/", 1)[0]
+def netloc(path: str) -> str:
+    return path.split("/", 1)[0]
 
 
 class _ZoneBucket:
@@ -84,24 +92,23 @@ class _ZoneBucket:
             return len(self.tags)
         return 1 if self.everything else 0
 
-    def add(self, target: Target, owner: Owner) -> Kind:
-        """Add one target; return the kind whose pending set it ended up in."""
+    def add(self, target: Target, owner: Owner) -> None:
+        """Add one target for ``owner``, merged into whatever pending item covers it."""
         item = Pending(target, {owner: 1})
         if self.everything is not None:
             self.everything.absorb(item)
-            return Kind.EVERYTHING
+            return
         kind = target.kind
         if kind is Kind.EVERYTHING:
             self._add_everything(item)
         elif kind is Kind.HOSTS:
             self._add_host(item)
         elif kind is Kind.PREFIXES:
-            return self._add_prefix(item)
+            self._add_prefix(item)
         elif kind is Kind.FILES:
-            return self._add_file(item)
+            self._add_file(item)
         else:
             self._merge(self.tags, target.value, item)
-        return kind
 
     def _merge(
         self, table: dict[str, Pending] | dict[Target, Pending], key: object, item: Pending
@@ -134,42 +141,40 @@ class _ZoneBucket:
                     keeper.absorb(pending)
                 self.size -= len(swallowed)
 
-    def _add_prefix(self, item: Pending) -> Kind:
+    def _add_prefix(self, item: Pending) -> None:
         prefix = item.target.value
-        netloc = _netloc(prefix)
-        host = self.hosts.get(netloc)
+        host_key = netloc(prefix)
+        host = self.hosts.get(host_key)
         if host is not None:
             host.absorb(item)
-            return Kind.HOSTS
-        on_host = self.prefixes.setdefault(netloc, {})
-        cover = next((p for key, p in on_host.items() if _covers(key, prefix)), None)
+            return
+        on_host = self.prefixes.setdefault(host_key, {})
+        cover = next((p for key, p in on_host.items() if covers(key, prefix)), None)
         if cover is not None:
             cover.absorb(item)
-            return Kind.PREFIXES
-        for key in [k for k in on_host if _covers(prefix, k)]:
+            return
+        for key in [k for k in on_host if covers(prefix, k)]:
             item.absorb(on_host.pop(key))
             self.size -= 1
-        files = self.files.get(netloc, {})
-        for t in [t for t in files if _covers(prefix, _bare(t.value))]:
+        files = self.files.get(host_key, {})
+        for t in [t for t in files if covers(prefix, bare(t.value))]:
             item.absorb(files.pop(t))
             self.size -= 1
         on_host[prefix] = item
         self.size += 1
-        return Kind.PREFIXES
 
-    def _add_file(self, item: Pending) -> Kind:
-        bare = _bare(item.target.value)
-        netloc = _netloc(bare)
-        host = self.hosts.get(netloc)
+    def _add_file(self, item: Pending) -> None:
+        path = bare(item.target.value)
+        host_key = netloc(path)
+        host = self.hosts.get(host_key)
         if host is not None:
             host.absorb(item)
-            return Kind.HOSTS
-        for key, cover in self.prefixes.get(netloc, {}).items():
-            if _covers(key, bare):
+            return
+        for key, cover in self.prefixes.get(host_key, {}).items():
+            if covers(key, path):
                 cover.absorb(item)
-                return Kind.PREFIXES
-        self._merge(self.files.setdefault(netloc, {}), item.target, item)
-        return Kind.FILES
+                return
+        self._merge(self.files.setdefault(host_key, {}), item.target, item)
 
     def _all(self) -> Iterator[Pending]:
         if self.everything:
@@ -215,20 +220,31 @@ class _ZoneBucket:
                 out, self.everything = [self.everything], None
         elif kind in (Kind.HOSTS, Kind.TAGS):
             table = self.hosts if kind is Kind.HOSTS else self.tags
-            for key in list(table)[:limit]:
+            for key in list(itertools.islice(table, limit)):
                 out.append(table.pop(key))
         else:
             nested = self.files if kind is Kind.FILES else self.prefixes
             for netloc in list(nested):
                 inner: dict[object, Pending] = nested[netloc]  # type: ignore[assignment]
-                for item_key in list(inner):
-                    if limit is not None and len(out) >= limit:
-                        break
+                room = None if limit is None else limit - len(out)
+                for item_key in list(itertools.islice(inner, room)):
                     out.append(inner.pop(item_key))
                 if not inner:
                     del nested[netloc]
         self.size -= len(out)
         return out
+
+
+@dataclass(frozen=True)
+class Due:
+    """A kind of one zone and mode with targets ready to go."""
+
+    first_at: float  # when the window of these targets began (oldest first)
+    zone_id: str
+    mode: Mode
+    kind: Kind
+    count: int
+    whole: bool  # the window has ended (or a drain): everything goes, not only full requests
 
 
 class Coalescer:
@@ -239,7 +255,6 @@ class Coalescer:
         self._cap = cap
         self._clock = clock
         self._buckets: dict[tuple[str, Mode], _ZoneBucket] = {}
-        self._full: set[tuple[str, Mode, Kind]] = set()
 
     @property
     def pending(self) -> int:
@@ -250,35 +265,58 @@ class Coalescer:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _ZoneBucket(self._clock.monotonic())
-        kind = bucket.add(target, owner)
-        if kind is Kind.EVERYTHING or bucket.count(kind) >= self._cap(zone_id, kind):
-            self._full.add((zone_id, mode, kind))
+        bucket.add(target, owner)
 
     def next_due(self) -> float | None:
-        """Monotonic time at which the oldest bucket's window ends (None when empty)."""
-        if self._full:
-            return self._clock.monotonic()
-        starts = [b.first_at for b in self._buckets.values()]
-        return min(starts) + self._window if starts else None
-
-    def due(self) -> list[Batch]:
-        """Batches ready now: full requests, and everything whose window has ended."""
+        """Monotonic time at which the next window ends, if one is still open (None if not)."""
         now = self._clock.monotonic()
+        ends = [b.first_at + self._window for b in self._buckets.values()]
+        upcoming = [end for end in ends if end > now]
+        return min(upcoming) if upcoming else None
+
+    def ready(self, *, drain: bool = False) -> list[Due]:
+        """What is due now, oldest window first. ``drain`` makes everything due (shutdown)."""
+        now = self._clock.monotonic()
+        out: list[Due] = []
+        for (zone_id, mode), bucket in self._buckets.items():
+            whole = drain or now - bucket.first_at >= self._window
+            for kind in Kind:
+                count = bucket.count(kind)
+                if not count:
+                    continue
+                # "everything" is one item, always a whole request.
+                all_of_it = whole or kind is Kind.EVERYTHING
+                if all_of_it or count >= self._cap(zone_id, kind):
+                    out.append(Due(bucket.first_at, zone_id, mode, kind, count, all_of_it))
+        out.sort(key=lambda d: d.first_at)
+        return out
+
+    def count(self, zone_id: str, mode: Mode, kind: Kind) -> int:
+        bucket = self._buckets.get((zone_id, mode))
+        return bucket.count(kind) if bucket else 0
+
+    def take(self, zone_id: str, mode: Mode, kind: Kind, limit: int) -> Batch:
+        """Remove up to ``limit`` pending items of one kind, as a batch."""
+        key = (zone_id, mode)
+        bucket = self._buckets[key]
+        batch = Batch(zone_id, mode, kind, bucket.take(kind, limit))
+        if bucket.size == 0:
+            del self._buckets[key]
+        return batch
+
+    def due(self, *, drain: bool = False) -> list[Batch]:
+        """Every due batch now, whatever the budget: full requests, and everything whose window
+        has ended (all of it with ``drain``). For callers without a budget to respect."""
         batches: list[Batch] = []
-        for zone_id, mode, kind in sorted(self._full):
-            bucket = self._buckets.get((zone_id, mode))
-            if bucket is None:
-                continue
-            cap = self._cap(zone_id, kind)
-            while bucket.count(kind) >= cap or (kind is Kind.EVERYTHING and bucket.everything):
-                batches.append(Batch(zone_id, mode, kind, bucket.take(kind, cap)))
-            if bucket.size == 0:
-                del self._buckets[(zone_id, mode)]
-        self._full.clear()
-        for key, bucket in list(self._buckets.items()):
-            if now - bucket.first_at >= self._window:
-                batches.extend(self._drain(key, bucket))
+        for due in self.ready(drain=drain):
+            cap = self._cap(due.zone_id, due.kind)
+            while (n := self.count(due.zone_id, due.mode, due.kind)) and (due.whole or n >= cap):
+                batches.append(self.take(due.zone_id, due.mode, due.kind, cap))
         return batches
+
+    def flush_all(self) -> list[Batch]:
+        """Every pending target, now."""
+        return self.due(drain=True)
 
     def discard(self, drop: Callable[[Owner], bool]) -> int:
         """Forget pending work of owners for which ``drop`` is true (revoked partitions)."""
@@ -288,21 +326,3 @@ class Coalescer:
             if bucket.size == 0:
                 del self._buckets[key]
         return removed
-
-    def flush_all(self) -> list[Batch]:
-        """Every pending target, now (shutdown and rebalance)."""
-        batches: list[Batch] = []
-        for key, bucket in list(self._buckets.items()):
-            batches.extend(self._drain(key, bucket))
-        self._full.clear()
-        return batches
-
-    def _drain(self, key: tuple[str, Mode], bucket: _ZoneBucket) -> list[Batch]:
-        zone_id, mode = key
-        batches = []
-        for kind in Kind:
-            cap = self._cap(zone_id, kind)
-            while items := bucket.take(kind, cap):
-                batches.append(Batch(zone_id, mode, kind, items))
-        del self._buckets[key]
-        return batches

@@ -21,6 +21,7 @@ from worker.cloudflare.plans import Plan, PlanLimits, limits_for
 from worker.cloudflare.retry import RetryPolicy
 from worker.errors import ConfigError, InvalidTarget
 from worker.events import DEFAULT_MAX_BYTES
+from worker.ledger import LedgerSettings
 from worker.routing import Zone
 from worker.rules import RuleSet, compile_rules
 from worker.schema import Section
@@ -81,6 +82,7 @@ class CoalesceConfig:
     window_seconds: float = 2.0
     max_pending_targets: int = 50_000
     max_pending_records: int = 20_000
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
 
 
 @dataclass(frozen=True)
@@ -344,10 +346,20 @@ def _zones(cf: Section, accounts: Mapping[str, AccountConfig]) -> tuple[Zone, ..
 
 
 def _coalesce(s: Section) -> CoalesceConfig:
+    d = LedgerSettings()
+    led = s.section("ledger")
+    ledger = LedgerSettings(
+        enabled=led.get("enabled", bool, d.enabled),
+        margin_seconds=led.number("margin_seconds", d.margin_seconds, maximum=3600),
+        max_entries=led.integer("max_entries", d.max_entries, minimum=1),
+        event_time=led.choice("event_time", ("record", "event"), d.event_time),
+    )
+    led.done()
     cfg = CoalesceConfig(
         window_seconds=s.number("window_seconds", 2.0, maximum=300),
         max_pending_targets=s.integer("max_pending_targets", 50_000, minimum=1),
         max_pending_records=s.integer("max_pending_records", 20_000, minimum=1),
+        ledger=ledger,
     )
     s.done()
     return cfg

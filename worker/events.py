@@ -49,6 +49,7 @@ class Event:
     offset: int
     key: str | None
     headers: dict[str, str] = field(default_factory=dict)
+    record_time: float | None = None  # the Kafka record's timestamp, in seconds
 
 
 def decode(
@@ -106,6 +107,7 @@ def decode(
         offset=(record.origin or record).offset,
         key=key,
         headers=headers,
+        record_time=fallback_time,
     )
 
 

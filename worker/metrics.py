@@ -23,6 +23,18 @@ TARGETS = Counter(
 ITEMS_SENT = Counter(
     _P + "items_sent_total", "Items sent in purge requests", ["kind"], registry=REGISTRY
 )
+# Targets not sent because an accepted purge sent after their event already covers them (the
+# purge ledger), or that joined such a purge still in flight.
+TARGETS_ALREADY_PURGED = Counter(
+    _P + "targets_already_purged_total",
+    "Targets not sent again: a later purge already covers them",
+    ["kind", "how"],
+    registry=REGISTRY,
+)
+# Items the purge ledger remembers (bounded by coalesce.ledger.max_entries).
+LEDGER_ENTRIES = Gauge(
+    _P + "purge_ledger_entries", "Items the purge ledger remembers", registry=REGISTRY
+)
 # Purge API requests by zone, selector and HTTP status class (2xx, 4xx, 429, 5xx, error).
 REQUESTS = Counter(
     _P + "api_requests_total", "Purge API requests", ["zone", "kind", "status"], registry=REGISTRY
@@ -89,15 +101,16 @@ BUDGET_SHARE = Gauge(
 )
 
 
-def targets_counter(kind: str) -> Counter:
-    """TARGETS for one kind; the labelled child is looked up once, not once per target."""
-    child = _TARGET_CHILDREN.get(kind)
-    if child is None:
-        child = _TARGET_CHILDREN[kind] = TARGETS.labels(kind)
-    return child
+def child(metric: Counter, *labels: str) -> Counter:
+    """``metric.labels(*labels)``, looked up once: the hot loop counts per record and target."""
+    key = (id(metric), labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found
 
 
-_TARGET_CHILDREN: dict[str, Counter] = {}
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Counter] = {}
 
 
 def status_class(status: int | None) -> str:

@@ -23,6 +23,11 @@ class OffsetTracker:
     def __init__(self) -> None:
         self._parts: dict[TopicPartition, _Partition] = {}
 
+    def rewinds(self, tp: TopicPartition, offset: int) -> bool:
+        """True if ``offset`` is not past the last one taken from ``tp``."""
+        part = self._parts.get(tp)
+        return part is not None and part.last_seen is not None and offset <= part.last_seen
+
     def track(self, tp: TopicPartition, offset: int) -> bool:
         """A record was taken from the partition. Returns False, tracking nothing, if the offset
         is not past the last one seen (the partition is being re-read): forget it first."""
@@ -59,9 +64,6 @@ class OffsetTracker:
     def forget(self, tps: set[TopicPartition]) -> None:
         for tp in tps:
             self._parts.pop(tp, None)
-
-    def in_flight(self) -> int:
-        return sum(len(p.pending) for p in self._parts.values())
 
     def last_seen(self) -> dict[TopicPartition, int]:
         return {tp: p.last_seen for tp, p in self._parts.items() if p.last_seen is not None}

@@ -8,14 +8,14 @@ also survives a silently lowered per-request cap: halves fit where the whole did
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
 from worker import metrics
 from worker.clock import Clock
-from worker.cloudflare.client import CloudflareClient, PurgeAccepted
+from worker.cloudflare.client import CloudflareClient
 from worker.cloudflare.ratelimit import AccountRateLimiter
 from worker.cloudflare.retry import RetryPolicy, call_with_retries
 from worker.errors import ApiRejected, PermanentError, RateLimited, RetriesExhausted
@@ -50,25 +50,38 @@ class Purger:
         clock: Clock,
         *,
         dry_run: bool = False,
-        on_sent: Callable[[Destination, Kind, Mode, int, PurgeAccepted | None], None] | None = None,
     ) -> None:
         self._policy = policy
         self._clock = clock
         self._dry_run = dry_run
-        self._on_sent = on_sent
 
     def send(
-        self, dest: Destination, kind: Kind, mode: Mode, targets: Sequence[Target]
+        self,
+        dest: Destination,
+        kind: Kind,
+        mode: Mode,
+        targets: Sequence[Target],
+        *,
+        reserved: bool = False,
     ) -> BatchResult:
+        """Purge ``targets``; ``reserved`` means the caller already took the rate budget for the
+        first attempt (retries and halves take their own)."""
         result = BatchResult()
-        self._send(dest, kind, mode, list(targets), result)
+        self._send(dest, kind, mode, list(targets), result, reserved=reserved)
         return result
 
     def _send(
-        self, dest: Destination, kind: Kind, mode: Mode, targets: list[Target], out: BatchResult
+        self,
+        dest: Destination,
+        kind: Kind,
+        mode: Mode,
+        targets: list[Target],
+        out: BatchResult,
+        *,
+        reserved: bool = False,
     ) -> None:
         try:
-            self._send_with_retries(dest, kind, mode, targets, out)
+            self._send_with_retries(dest, kind, mode, targets, out, reserved=reserved)
             out.accepted.extend(targets)
         except ApiRejected as exc:
             # Only a 400 can be about the items; 401/403/404 are about the token or zone.
@@ -91,14 +104,25 @@ class Purger:
             out.failed.extend((t, exc) for t in targets)
 
     def _send_with_retries(
-        self, dest: Destination, kind: Kind, mode: Mode, targets: list[Target], out: BatchResult
+        self,
+        dest: Destination,
+        kind: Kind,
+        mode: Mode,
+        targets: list[Target],
+        out: BatchResult,
+        *,
+        reserved: bool,
     ) -> None:
         items = [t.item() for t in targets]
+        budget_taken = [reserved]
 
         def attempt() -> None:
-            waited = dest.limiter.acquire(kind, len(items))
-            if waited:
-                metrics.LIMITER_WAIT.inc(waited)
+            if budget_taken[0]:
+                budget_taken[0] = False
+            else:
+                waited = dest.limiter.acquire(kind, len(items))
+                if waited:
+                    metrics.LIMITER_WAIT.inc(waited)
             out.requests += 1
             self._attempt(dest, kind, mode, items)
 
@@ -125,8 +149,6 @@ class Purger:
                 mode=mode.value,
                 items=len(items),
             )
-            if self._on_sent:
-                self._on_sent(dest, kind, mode, len(items), None)
             return
         started = time.perf_counter()
         status: int | None = None
@@ -155,5 +177,3 @@ class Purger:
             request_id=accepted.request_id,
             purge_id=accepted.id,
         )
-        if self._on_sent:
-            self._on_sent(dest, kind, mode, len(items), accepted)

@@ -85,7 +85,7 @@ class Target:
     def hostname(self) -> str | None:
         """The host the target lives on, used to route it to a zone; None for tags."""
         if self.kind is Kind.FILES:
-            return urlsplit(self.value).hostname
+            return _url_host(self.value)
         if self.kind is Kind.HOSTS:
             return self.value
         if self.kind is Kind.PREFIXES:
@@ -107,6 +107,11 @@ class Target:
 
 # Normalising is pure and the same URLs and tags recur event after event: cache the results.
 CACHE_SIZE = 65_536
+
+
+def _url_host(url: str) -> str:
+    """The host of a normalised URL (``scheme://host[:port]/…``), without parsing it again."""
+    return url.split("://", 1)[1].split("/", 1)[0].split(":", 1)[0]
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)

@@ -11,6 +11,7 @@ from worker.config import Config
 from worker.errors import UnknownZone
 from worker.purger import Destination
 from worker.routing import Zone
+from worker.targets import Kind
 
 
 class Accounts:
@@ -18,6 +19,7 @@ class Accounts:
 
     def __init__(self, config: Config, clock: Clock) -> None:
         self.config = config
+        self._zones = {z.id: z for z in config.zones}
         self.clients: dict[str, CloudflareClient] = {}
         self.limiters: dict[str, AccountRateLimiter] = {}
         for name, account in config.accounts.items():
@@ -30,9 +32,9 @@ class Accounts:
             for z in config.zones
         }
 
-    def cap(self, zone: Zone, files: bool) -> int:
-        limits = self.config.accounts[zone.account].limits
-        return limits.urls_per_request if files else limits.flex_items_per_request
+    def cap(self, zone_id: str, kind: Kind) -> int:
+        """Items per request of ``kind`` for the zone's account."""
+        return self.config.accounts[self._zones[zone_id].account].limits.per_request(kind)
 
     def zone(self, name_or_id: str | None) -> Zone:
         """A zone by name, id or host; the only zone when None. Raises ``UnknownZone``."""

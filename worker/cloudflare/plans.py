@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
+from worker.targets import Kind
+
 
 class Plan(enum.StrEnum):
     FREE = "free"
@@ -26,6 +28,10 @@ class PlanLimits:
     # Single-file (URL) purges: metered per URL, as a per-second moving average.
     urls_per_second: float
     urls_per_request: int
+
+    def per_request(self, kind: Kind) -> int:
+        """The most items one request of ``kind`` may carry."""
+        return self.urls_per_request if kind is Kind.FILES else self.flex_items_per_request
 
     def with_overrides(self, **changes: float | int) -> PlanLimits:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -10,10 +10,9 @@ from typing import Any
 from worker.clock import SystemClock
 from worker.coalescer import Coalescer
 from worker.config import Config
-from worker.errors import PermanentError, UnknownZone, UsageError
-from worker.events import Record, decode
-from worker.routing import ZoneRouter
-from worker.targets import Kind
+from worker.errors import UsageError
+from worker.events import Record
+from worker.plan import Planner
 from worker.wiring import Accounts
 
 
@@ -59,44 +58,27 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 
 def explain(record: Record, config: Config) -> tuple[dict[str, Any], int]:
-    """The plan as a JSON-able dict, and the exit code (2 when the event would be dead-lettered)."""
-    out: dict[str, Any] = {"event": None, "rules_fired": [], "purges": [], "errors": []}
-    try:
-        event = decode(
-            record,
-            max_bytes=config.kafka.max_record_bytes,
-            type_field=config.kafka.event_type_field,
+    """The plan as a JSON-able dict, and the exit code (2 when the event would be dead-lettered).
+
+    The targets come from the same ``Planner`` that ``run`` uses, grouped into requests as the
+    coalescer would group them when they are all pending at once."""
+    plan = Planner(config).plan(record)
+    out: dict[str, Any] = {"event": None, "rules_fired": plan.fired, "purges": [], "errors": []}
+    if plan.event is not None:
+        event = plan.event
+        out["event"] = {"id": event.id, "type": event.type, "format": event.format}
+        out["event"]["topic"] = event.topic
+    for exc in plan.errors:
+        out["errors"].append(
+            {"class": exc.error_class, "message": str(exc), "action": "dead_letter"}
         )
-        out["event"] = {
-            "id": event.id,
-            "type": event.type,
-            "format": event.format,
-            "topic": event.topic,
-        }
-        plan = config.rules.evaluate(event)
-    except PermanentError as exc:
-        out["errors"].append({"class": exc.error_class, "message": str(exc)})
-        out["dead_letter"] = True
-        return out, 2
-    out["rules_fired"] = plan.fired
-    router = ZoneRouter(config.zones)
+    for exc in plan.dropped:
+        out["errors"].append({"class": exc.error_class, "message": str(exc), "action": "drop"})
     accounts = Accounts(config, SystemClock())
     zones = {z.id: z for z in config.zones}
-    coalescer = Coalescer(0, lambda z, k: accounts.cap(zones[z], k is Kind.FILES), SystemClock())
-    for rt in plan.targets:
-        try:
-            zone = router.route(rt.target)
-        except UnknownZone as exc:
-            out["errors"].append(
-                {
-                    "class": exc.error_class,
-                    "message": str(exc),
-                    "action": config.delivery.unknown_zone,
-                }
-            )
-            continue
-        for target in router.expand(zone, rt.target):
-            coalescer.add(zone.id, rt.mode, target, "explain")
+    coalescer = Coalescer(0, accounts.cap, SystemClock())
+    for routed in plan.targets:
+        coalescer.add(routed.zone.id, routed.mode, routed.target, "explain")
     for batch in coalescer.flush_all():
         out["purges"].append(
             {
@@ -107,12 +89,8 @@ def explain(record: Record, config: Config) -> tuple[dict[str, Any], int]:
                 "items": [t.item() for t in batch.targets],
             }
         )
-    if not plan.fired:
-        out["note"] = "no rule matched: the record would be " + (
-            "dead-lettered" if config.delivery.no_rule_matched == "dead_letter" else "skipped"
-        )
-    dead = any(e.get("action") == "dead_letter" for e in out["errors"])
-    dead = dead or (not plan.fired and config.delivery.no_rule_matched == "dead_letter")
-    out["dead_letter"] = dead
     accounts.close()
-    return out, 2 if dead else 0
+    if plan.skipped:
+        out["note"] = "no rule matched: the record would be skipped"
+    out["dead_letter"] = bool(plan.errors)
+    return out, 2 if plan.errors else 0

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 
 from worker.clock import SystemClock
+from worker.coalescer import Coalescer
 from worker.config import Config
-from worker.errors import InvalidTarget, UnknownZone, UsageError
+from worker.errors import InvalidTarget, UsageError
+from worker.plan import Plan, Planner
 from worker.purger import Purger
-from worker.routing import ZoneRouter
-from worker.targets import Kind, Mode, Target
+from worker.rules import RuleTarget
+from worker.targets import Mode, Target
 from worker.wiring import Accounts
 
 
@@ -63,41 +64,35 @@ def targets_from(args: argparse.Namespace) -> list[Target]:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     targets = targets_from(args)
+    mode = Mode.INVALIDATE if args.invalidate else Mode.PURGE
+    plan = Planner(config).route((RuleTarget(t, mode, "command line") for t in targets), Plan())
+    if plan.errors or plan.dropped:
+        raise UsageError(str((plan.errors or plan.dropped)[0]))
     clock = SystemClock()
     accounts = Accounts(config, clock)
-    router = ZoneRouter(config.zones)
-    mode = Mode.INVALIDATE if args.invalidate else Mode.PURGE
-    groups: dict[tuple[str, Kind], list[Target]] = defaultdict(list)
-    for target in targets:
-        try:
-            zone = router.route(target)
-        except UnknownZone as exc:
-            raise UsageError(str(exc)) from None
-        for t in ZoneRouter.expand(zone, target):
-            if t not in groups[(zone.id, t.kind)]:
-                groups[(zone.id, t.kind)].append(t)
+    # Every target pending at once, cut into requests as the worker's coalescer cuts them.
+    coalescer = Coalescer(0, accounts.cap, clock)
+    for routed in plan.targets:
+        coalescer.add(routed.zone.id, routed.mode, routed.target, "command line")
+    zones = {z.id: z for z in config.zones}
     purger = Purger(config.delivery.retry, clock, dry_run=args.dry_run)
     failed = 0
-    for (zone_id, kind), items in groups.items():
-        zone = next(z for z in config.zones if z.id == zone_id)
-        cap = accounts.cap(zone, kind is Kind.FILES)
-        for start in range(0, len(items), cap):
-            chunk = items[start : start + cap]
-            result = purger.send(accounts.destinations[zone_id], kind, mode, chunk)
-            print(
-                json.dumps(
-                    {
-                        "zone": zone.name,
-                        "kind": kind.value,
-                        "mode": mode.value,
-                        "items": [t.item() for t in chunk],
-                        "requests": result.requests,
-                        "accepted": len(result.accepted),
-                        "failed": [{"item": t.item(), "error": str(e)} for t, e in result.failed],
-                        "dry_run": args.dry_run,
-                    }
-                )
+    for batch in coalescer.flush_all():
+        result = purger.send(accounts.destinations[batch.zone_id], batch.kind, mode, batch.targets)
+        print(
+            json.dumps(
+                {
+                    "zone": zones[batch.zone_id].name,
+                    "kind": batch.kind.value,
+                    "mode": mode.value,
+                    "items": [t.item() for t in batch.targets],
+                    "requests": result.requests,
+                    "accepted": len(result.accepted),
+                    "failed": [{"item": t.item(), "error": str(e)} for t, e in result.failed],
+                    "dry_run": args.dry_run,
+                }
             )
-            failed += len(result.failed)
+        )
+        failed += len(result.failed)
     accounts.close()
     return 1 if failed else 0

@@ -226,7 +226,7 @@ def _purge(
 
     def account() -> None:
         # Finished records either purged (replayed) or went back to the dead-letter topic.
-        counts.replayed = counts.matched - len(pipeline.inflight) - counts.failed_again
+        counts.replayed = counts.matched - pipeline.pending_records - counts.failed_again
 
     try:
         while not stop.is_set() and not (reader.exhausted and pipeline.idle):

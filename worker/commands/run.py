@@ -96,7 +96,7 @@ def _health(config: Config, pipeline: Pipeline) -> HealthServer | None:
             "assigned_partitions": status.assigned,
             "last_poll": status.last_poll,
             "last_record": status.last_record,
-            "pending_records": len(pipeline.inflight),
+            "pending_records": pipeline.pending_records,
         }
         return healthy, healthy, details
 

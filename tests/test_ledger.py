@@ -1,0 +1,128 @@
+"""The purge ledger: what an accepted purge already covers, in flight or done, and forgetting."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker.coalescer import Pending, covers
+from worker.ledger import COVERED, LedgerSettings, PurgeLedger, _prefixes_covering
+from worker.targets import Mode, Target
+
+Z = "z" * 32
+P = Mode.PURGE
+SENT = 10_000.0
+
+
+def purged(ledger: PurgeLedger, *targets: Target, at: float = SENT, zone: str = Z) -> None:
+    items = [Pending(t, {"r": 1}) for t in targets]
+    ledger.sending(zone, P, items, at)
+    ledger.settled(zone, P, items, at, set(targets))
+
+
+def test_a_target_is_covered_only_for_events_older_than_the_send_minus_the_margin():
+    ledger = PurgeLedger(LedgerSettings(margin_seconds=5))
+    url = Target.url("https://a.com/x")
+    purged(ledger, url)
+    assert ledger.check(Z, P, url, SENT - 60) is COVERED
+    assert ledger.check(Z, P, url, SENT - 5.5) is COVERED
+    assert ledger.check(Z, P, url, SENT - 5) is None  # inside the margin: purge again
+    assert ledger.check(Z, P, url, SENT + 1) is None  # a newer change: purge again
+    assert ledger.check(Z, P, url, None) is None  # no event time: always purge
+
+
+def test_other_zone_mode_and_cache_key_are_not_covered():
+    ledger = PurgeLedger(LedgerSettings())
+    url = Target.url("https://a.com/x")
+    purged(ledger, url)
+    old = SENT - 60
+    assert ledger.check("y" * 32, P, url, old) is None
+    assert ledger.check(Z, Mode.INVALIDATE, url, old) is None
+    assert (
+        ledger.check(Z, P, Target.url("https://a.com/x", {"CF-Device-Type": "mobile"}), old) is None
+    )
+    assert ledger.check(Z, P, Target.url("https://a.com/x?y=1"), old) is None
+
+
+def test_covering_purges_count():
+    ledger = PurgeLedger(LedgerSettings())
+    old = SENT - 60
+    purged(ledger, Target.prefix("a.com/blog"), Target.host("b.com"))
+    assert ledger.check(Z, P, Target.url("https://a.com/blog/1?p=2"), old) is COVERED
+    assert ledger.check(Z, P, Target.url("https://a.com/blog?p=2"), old) is COVERED
+    assert ledger.check(Z, P, Target.prefix("a.com/blog/2024/"), old) is COVERED
+    assert ledger.check(Z, P, Target.url("https://a.com/blogroll"), old) is None
+    assert ledger.check(Z, P, Target.url("https://a.com/"), old) is None
+    with_headers = Target.url("https://b.com/x", {"CF-Device-Type": "mobile"})
+    assert ledger.check(Z, P, with_headers, old) is COVERED
+    assert ledger.check(Z, P, Target.prefix("b.com/y/"), old) is COVERED
+    assert ledger.check(Z, P, Target.tag("t1"), old) is None
+    purged(ledger, Target.everything("zone"))
+    assert ledger.check(Z, P, Target.tag("t1"), old) is COVERED
+    assert ledger.check(Z, P, Target.host("c.com"), old) is COVERED
+
+
+def test_an_in_flight_purge_is_joined_and_its_outcome_decides():
+    ledger = PurgeLedger(LedgerSettings())
+    url = Target.url("https://a.com/x")
+    item = Pending(url, {"r1": 1})
+    ledger.sending(Z, P, [item], SENT)
+    assert ledger.check(Z, P, url, SENT - 60) is item  # join it, do not send again
+    assert ledger.check(Z, P, url, SENT) is None  # newer than the send: needs its own purge
+    ledger.settled(Z, P, [item], SENT, accepted=set())  # it failed
+    assert ledger.check(Z, P, url, SENT - 60) is None
+    ledger.sending(Z, P, [item], SENT)
+    ledger.settled(Z, P, [item], SENT, accepted={url})
+    assert ledger.check(Z, P, url, SENT - 60) is COVERED
+
+
+def test_a_newer_send_of_the_same_item_is_not_cleared_by_the_older_one_ending():
+    ledger = PurgeLedger(LedgerSettings())
+    url = Target.url("https://a.com/x")
+    first, second = Pending(url, {"r1": 1}), Pending(url, {"r2": 1})
+    ledger.sending(Z, P, [first], SENT)
+    ledger.sending(Z, P, [second], SENT + 30)
+    ledger.settled(Z, P, [first], SENT, accepted=set())
+    assert ledger.check(Z, P, url, SENT + 10) is second
+
+
+def test_eviction_and_restart_fall_back_to_purging():
+    ledger = PurgeLedger(LedgerSettings(max_entries=2))
+    a, b, c = (Target.url(f"https://a.com/{n}") for n in "abc")
+    purged(ledger, a)
+    purged(ledger, b)
+    assert ledger.check(Z, P, a, SENT - 60) is COVERED  # touching a makes b the oldest
+    purged(ledger, c)
+    assert len(ledger) == 2
+    assert ledger.check(Z, P, b, SENT - 60) is None
+    assert ledger.check(Z, P, a, SENT - 60) is COVERED
+    assert PurgeLedger(LedgerSettings()).check(Z, P, a, SENT - 60) is None  # a restart
+
+
+def test_a_later_send_moves_the_time_forward_never_back():
+    ledger = PurgeLedger(LedgerSettings())
+    url = Target.url("https://a.com/x")
+    purged(ledger, url, at=SENT)
+    purged(ledger, url, at=SENT - 100)
+    assert ledger.check(Z, P, url, SENT - 20) is COVERED
+
+
+def test_switched_off_it_never_covers():
+    ledger = PurgeLedger(LedgerSettings(enabled=False))
+    url = Target.url("https://a.com/x")
+    purged(ledger, url)
+    assert ledger.check(Z, P, url, SENT - 60) is None
+    assert len(ledger) == 0
+
+
+SEG = st.sampled_from(["a", "b", "ab", ""])
+
+
+@given(
+    st.lists(SEG, min_size=1, max_size=4),
+    st.lists(SEG, min_size=1, max_size=4),
+    st.sampled_from(["", "?q=1"]),
+)
+def test_prefix_enumeration_agrees_with_the_coalescers_covers(path_segs, prefix_segs, query):
+    path = "h.com/" + "/".join(path_segs) + query
+    prefix = "h.com/" + "/".join(prefix_segs)
+    enumerated = set(_prefixes_covering(path)) | {path}
+    assert covers(prefix, path) == (prefix in enumerated)

@@ -1,0 +1,111 @@
+"""Cuts batches from the pending set when the account's budget can send them, and runs them.
+
+A request is cut when its budget is there, not merely because it is full: until then its targets
+stay pending, where later duplicates collapse into them. Due kinds are served oldest window
+first, and a kind without budget is passed over, so tags waiting minutes for the free plan's
+bucket never hold back URLs. The budget is reserved at the moment of cutting and the request
+goes at once on a free thread, so reservations never pile up into a burst.
+
+Not thread-safe: only the pipeline's loop calls it. Requests run on a small thread pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+import structlog
+
+from worker.clock import Clock
+from worker.coalescer import Batch, Coalescer
+from worker.errors import RetriesExhausted
+from worker.ledger import PurgeLedger
+from worker.purger import BatchResult, Destination, Purger
+from worker.targets import Kind
+
+log = structlog.get_logger("worker.dispatcher")
+
+# How long an idle ``collect`` waits between looks when nothing is in flight.
+IDLE_STEP = 0.05
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        coalescer: Coalescer,
+        destinations: Mapping[str, Destination],
+        purger: Purger,
+        ledger: PurgeLedger,
+        clock: Clock,
+        *,
+        cap: Callable[[str, Kind], int],
+        concurrency: int,
+        dry_run: bool = False,
+    ) -> None:
+        self._coalescer = coalescer
+        self._destinations = destinations
+        self._cap = cap
+        self._purger = purger
+        self._ledger = ledger
+        self._clock = clock
+        self._concurrency = concurrency
+        self._dry_run = dry_run
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="purge")
+        self._futures: dict[Future[BatchResult], Batch] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet collected."""
+        return len(self._futures)
+
+    def dispatch(self, *, drain: bool = False) -> int:
+        """Send every due batch whose budget is there, while threads are free. Never blocks.
+        ``drain`` makes every pending target due (shutdown). Returns how many batches went."""
+        sent = 0
+        for due in self._coalescer.ready(drain=drain):
+            dest = self._destinations[due.zone_id]
+            cap = self._cap(due.zone_id, due.kind)
+            while len(self._futures) < self._concurrency:
+                count = self._coalescer.count(due.zone_id, due.mode, due.kind)
+                size = min(count, cap)
+                if not size or (size < cap and not due.whole):
+                    break  # what is left waits for its window
+                if not self._dry_run and dest.limiter.reserve(due.kind, size) > 0:
+                    break  # no budget for this kind now; other kinds may still go
+                self._submit(dest, self._coalescer.take(due.zone_id, due.mode, due.kind, size))
+                sent += 1
+            if len(self._futures) >= self._concurrency:
+                break
+        return sent
+
+    def _submit(self, dest: Destination, batch: Batch) -> None:
+        batch.sent_at = self._clock.time()
+        self._ledger.sending(batch.zone_id, batch.mode, batch.items, batch.sent_at)
+        future = self._pool.submit(
+            self._purger.send, dest, batch.kind, batch.mode, batch.targets, reserved=True
+        )
+        self._futures[future] = batch
+
+    def collect(self, timeout: float = 0.0) -> list[tuple[Batch, BatchResult]]:
+        """Batches whose requests ended, waiting up to ``timeout`` for the first one."""
+        if timeout > 0:
+            if self._futures:
+                wait(list(self._futures), timeout=timeout, return_when=FIRST_COMPLETED)
+            else:
+                self._clock.sleep(min(timeout, IDLE_STEP))
+        out = []
+        for future in [f for f in self._futures if f.done()]:
+            batch = self._futures.pop(future)
+            try:
+                result = future.result()
+            except Exception as exc:
+                log.exception("purge batch crashed", zone=batch.zone_id, kind=batch.kind.value)
+                result = BatchResult(failed=[(t, RetriesExhausted(exc, 1)) for t in batch.targets])
+            accepted = set(result.accepted)
+            self._ledger.settled(batch.zone_id, batch.mode, batch.items, batch.sent_at, accepted)
+            out.append((batch, result))
+        return out
+
+    def close(self) -> None:
+        """Stop taking work; requests under way are abandoned (their records are redelivered)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,173 @@
+"""The purge ledger: when each item was last purged, so a backlog purges each change once.
+
+A change is visible at the origin before its event is produced. So a purge *sent* at time S
+covers every event produced before S: the cache cannot hold content older than the purge. A
+target whose record's event time E satisfies ``E < S - margin`` is already purged, and its record's
+share of it finishes without a request. The margin absorbs clock skew between producers and this
+worker. Covering purges count: everything ⊃ host ⊃ prefix ⊃ URL (the coalescer's rule).
+
+While a covering purge is still in flight, the target joins it and shares its outcome instead of
+being sent again. Memory is bounded (least recently used entries go first). Forgetting an entry,
+or a restart, only ever means purging again, never skipping.
+
+Not thread-safe: only the pipeline's loop touches it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from worker.coalescer import Pending, bare, netloc
+from worker.targets import Kind, Mode, Target
+
+# (zone id, mode, kind, value, cache-key headers): one purgeable item of one zone.
+Key = tuple[str, Mode, Kind, str, tuple[tuple[str, str], ...]]
+
+
+class _Covered:
+    """``check``'s answer for a target an accepted purge already covers."""
+
+    def __repr__(self) -> str:
+        return "COVERED"
+
+
+COVERED = _Covered()
+
+
+@dataclass(frozen=True)
+class LedgerSettings:
+    enabled: bool = True
+    margin_seconds: float = 5.0
+    max_entries: int = 100_000
+    # Which time says when a change happened: the Kafka record's timestamp ("record"), or the
+    # event's own time field when it has one ("event").
+    event_time: str = "record"
+
+
+def _prefixes_covering(path: str) -> Iterator[str]:
+    """Every prefix (``host/…``) that covers ``path`` (a bare URL or a prefix) on a path boundary,
+    as the coalescer's ``covers`` decides: ``a.com/x`` and ``a.com/x/`` cover ``a.com/x/y?q``."""
+    end = path.find("?")
+    end = len(path) if end < 0 else end
+    start = path.find("/")
+    if start < 0:
+        return
+    yield path[:end]
+    slash = start
+    while 0 <= slash < end:
+        if slash > start:
+            yield path[:slash]  # followed by "/"
+        if slash + 1 < end:
+            yield path[: slash + 1]  # ends with "/"
+        slash = path.find("/", slash + 1)
+
+
+def covering_keys(zone_id: str, mode: Mode, target: Target) -> Iterator[Key]:
+    """The keys of every purge that covers ``target``, its own first."""
+    yield key_of(zone_id, mode, target)
+    if target.kind is Kind.EVERYTHING:
+        return
+    if target.kind in (Kind.FILES, Kind.PREFIXES):
+        path = bare(target.value) if target.kind is Kind.FILES else target.value
+        for prefix in _prefixes_covering(path):
+            if prefix != target.value:
+                yield (zone_id, mode, Kind.PREFIXES, prefix, ())
+        yield (zone_id, mode, Kind.HOSTS, netloc(path), ())
+    yield (zone_id, mode, Kind.EVERYTHING, "", ())
+
+
+def key_of(zone_id: str, mode: Mode, target: Target) -> Key:
+    value = "" if target.kind is Kind.EVERYTHING else target.value
+    return (zone_id, mode, target.kind, value, target.headers)
+
+
+class PurgeLedger:
+    def __init__(self, settings: LedgerSettings) -> None:
+        self._settings = settings
+        self._sent: OrderedDict[Key, float] = OrderedDict()
+        self._in_flight: dict[Key, tuple[float, Pending]] = {}
+        # Kinds with entries per zone and mode: a URL is looked up under prefixes, hosts and
+        # everything only where some exist, which keeps the common case to one look-up.
+        self._kinds: dict[tuple[str, Mode, Kind], int] = {}
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+    def check(
+        self, zone_id: str, mode: Mode, target: Target, event_time: float | None
+    ) -> _Covered | Pending | None:
+        """``COVERED`` if an accepted purge sent after ``event_time`` + margin covers ``target``;
+        the in-flight item to join if such a purge is under way; else None (send it)."""
+        if not self._settings.enabled or event_time is None:
+            return None
+        horizon = event_time + self._settings.margin_seconds
+        own = key_of(zone_id, mode, target)
+        sent = self._sent.get(own)
+        if sent is not None and sent > horizon:
+            self._sent.move_to_end(own)
+            return COVERED
+        if not self._kinds:
+            return None  # nothing in flight or remembered: the common case when idle
+        for key in covering_keys(zone_id, mode, target):
+            if key[2] is not target.kind and (zone_id, mode, key[2]) not in self._kinds:
+                continue
+            sent = self._sent.get(key)
+            if sent is not None and sent > horizon:
+                self._sent.move_to_end(key)
+                return COVERED
+            flight = self._in_flight.get(key)
+            if flight is not None and flight[0] > horizon:
+                return flight[1]
+        return None
+
+    def sending(self, zone_id: str, mode: Mode, items: Iterable[Pending], sent_at: float) -> None:
+        """A request for ``items`` is about to go; ``sent_at`` is wall-clock time before it does
+        (earlier than the real send, so never a skip too many)."""
+        if not self._settings.enabled:
+            return
+        for item in items:
+            key = key_of(zone_id, mode, item.target)
+            self._in_flight[key] = (sent_at, item)
+            self._count(key, +1)
+
+    def settled(
+        self,
+        zone_id: str,
+        mode: Mode,
+        items: Iterable[Pending],
+        sent_at: float,
+        accepted: set[Target],
+    ) -> None:
+        """The request for ``items`` ended; the ``accepted`` ones are purged as of ``sent_at``."""
+        if not self._settings.enabled:
+            return
+        for item in items:
+            key = key_of(zone_id, mode, item.target)
+            flight = self._in_flight.get(key)
+            if flight is not None and flight[1] is item:
+                del self._in_flight[key]
+                self._count(key, -1)
+            if item.target in accepted:
+                self._remember(key, sent_at)
+
+    def _remember(self, key: Key, sent_at: float) -> None:
+        previous = self._sent.get(key)
+        if previous is None:
+            self._count(key, +1)
+            self._sent[key] = sent_at
+        else:
+            self._sent[key] = max(previous, sent_at)
+            self._sent.move_to_end(key)
+        while len(self._sent) > self._settings.max_entries:
+            evicted, _ = self._sent.popitem(last=False)
+            self._count(evicted, -1)
+
+    def _count(self, key: Key, delta: int) -> None:
+        kind = (key[0], key[1], key[2])
+        left = self._kinds.get(kind, 0) + delta
+        if left > 0:
+            self._kinds[kind] = left
+        else:
+            self._kinds.pop(kind, None)

@@ -1,0 +1,98 @@
+"""What one record purges: decode, rules, validation, zone routing and cache-key variants.
+
+``Planner.plan`` is the single answer to "what does this record purge"; ``run``, ``replay``,
+``explain`` and ``purge`` all ask it, so ``explain`` can never drift from what ``run`` sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from worker.config import Config
+from worker.errors import InvalidEvent, NoRuleMatched, PermanentError, UnknownZone
+from worker.events import Event, Record, decode
+from worker.routing import Zone, ZoneRouter
+from worker.rules import RuleTarget
+from worker.targets import Mode, Target
+
+log = structlog.get_logger("worker.plan")
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A validated target, routed to its zone, in the form it is sent."""
+
+    zone: Zone
+    mode: Mode
+    target: Target
+
+
+@dataclass
+class Plan:
+    event: Event | None = None
+    fired: list[str] = field(default_factory=list)
+    targets: list[Routed] = field(default_factory=list)
+    # Failures that put the record on the dead-letter topic (its other targets still go).
+    errors: list[PermanentError] = field(default_factory=list)
+    # Targets for no configured zone, left out because ``delivery.unknown_zone`` is ``drop``.
+    dropped: list[UnknownZone] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> bool:
+        """No rule fired and the config says to move on."""
+        return not self.fired and not self.errors
+
+
+class Planner:
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._router = ZoneRouter(config.zones)
+
+    def plan(self, record: Record) -> Plan:
+        """The plan for one record. Never raises: failures are in ``Plan.errors``."""
+        plan = Plan()
+        kafka = self._config.kafka
+        try:
+            plan.event = decode(
+                record, max_bytes=kafka.max_record_bytes, type_field=kafka.event_type_field
+            )
+            rules = self._config.rules.evaluate(plan.event)
+        except PermanentError as exc:
+            plan.errors.append(exc)
+            return plan
+        except Exception as exc:
+            # A bug here must dead-letter the record, not stop the worker on it forever.
+            log.exception("unexpected error planning a record", offset=record.offset)
+            plan.errors.append(InvalidEvent(f"internal error: {type(exc).__name__}: {exc}"))
+            return plan
+        plan.fired = rules.fired
+        if not rules.fired and self._config.delivery.no_rule_matched == "dead_letter":
+            event = plan.event
+            plan.errors.append(
+                NoRuleMatched(f"no rule matched event type {event.type!r} on {event.topic}")
+            )
+        self.route(rules.targets, plan)
+        return plan
+
+    def route(self, targets: Iterable[RuleTarget], plan: Plan) -> Plan:
+        """Route ``targets`` into ``plan``: each to its zone, URLs repeated per the zone's
+        cache-key variants, duplicates once."""
+        seen: set[tuple[str, Mode, Target]] = set()
+        for rt in targets:
+            try:
+                zone = self._router.route(rt.target)
+            except UnknownZone as exc:
+                if self._config.delivery.unknown_zone == "drop":
+                    plan.dropped.append(exc)
+                else:
+                    plan.errors.append(exc)
+                continue
+            for target in ZoneRouter.expand(zone, rt.target):
+                key = (zone.id, rt.mode, target)
+                if key not in seen:
+                    seen.add(key)
+                    plan.targets.append(Routed(zone, rt.mode, target))
+        return plan

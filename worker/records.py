@@ -1,0 +1,144 @@
+"""Records in flight: how many targets each still waits for, what failed, and which offsets may
+be committed because every record at or below them is finished (purged or dead-lettered).
+
+Not thread-safe: only the pipeline's loop touches it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import structlog
+
+from worker.errors import PermanentError
+from worker.events import Event, Record
+from worker.offsets import OffsetTracker, TopicPartition
+
+_log = structlog.get_logger("worker.pipeline")
+
+
+class Ref(NamedTuple):
+    """A record's identity while in flight. ``seq`` (an ingest sequence number) tells a record
+    re-delivered after a rebalance from its earlier copy, so stale work never completes it."""
+
+    topic: str
+    partition: int
+    offset: int
+    seq: int
+
+    @property
+    def tp(self) -> TopicPartition:
+        return (self.topic, self.partition)
+
+
+@dataclass
+class InFlight:
+    record: Record
+    event: Event | None = None
+    remaining: int = 0
+    failures: list[PermanentError] = field(default_factory=list)
+    skipped: bool = False
+
+    @functools.cached_property
+    def log(self) -> Any:
+        """A logger bound to where the record came from (and its event id), made on first use:
+        most records never log a line of their own."""
+        r = self.record
+        return _log.bind(
+            topic=r.topic,
+            partition=r.partition,
+            offset=r.offset,
+            event_id=self.event.id if self.event else None,
+        )
+
+
+class InFlightRecords:
+    def __init__(self) -> None:
+        self._records: dict[Ref, InFlight] = {}
+        self._offsets = OffsetTracker()
+        self._ready: list[Ref] = []
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, ref: object) -> bool:
+        return ref in self._records
+
+    def get(self, ref: Ref) -> InFlight | None:
+        return self._records.get(ref)
+
+    def rewinds(self, record: Record) -> bool:
+        """True if ``record`` is at or before an offset already taken from its partition: the
+        partition is being read again (a rebalance, a reset) and must be forgotten first."""
+        return self._offsets.rewinds((record.topic, record.partition), record.offset)
+
+    def open(self, record: Record) -> tuple[Ref, InFlight]:
+        """Start tracking ``record``; its offset is not committable until it is finished."""
+        tp = (record.topic, record.partition)
+        if not self._offsets.track(tp, record.offset):
+            raise ValueError(f"offset {record.offset} of {tp} rewinds: forget the partition first")
+        self._seq += 1
+        ref = Ref(record.topic, record.partition, record.offset, self._seq)
+        state = self._records[ref] = InFlight(record)
+        return ref, state
+
+    def expect(self, ref: Ref, count: int = 1) -> None:
+        """``ref`` waits for ``count`` more target outcomes."""
+        self._records[ref].remaining += count
+
+    def planned(self, ref: Ref) -> None:
+        """Planning is over: a record waiting for nothing is ready to finish."""
+        state = self._records.get(ref)
+        if state is not None and state.remaining == 0:
+            self._ready.append(ref)
+
+    def settle(self, ref: Ref, count: int, error: PermanentError | None = None) -> None:
+        """``count`` of the record's targets ended (failed with ``error``, or done). Work for a
+        record that is no longer tracked (revoked meanwhile) is ignored."""
+        state = self._records.get(ref)
+        if state is None:
+            return
+        if error is not None:
+            state.failures.append(error)
+        state.remaining -= count
+        if state.remaining == 0:
+            self._ready.append(ref)
+
+    def take_ready(self) -> list[tuple[Ref, InFlight]]:
+        """Records whose every target has ended, oldest first; call ``finish`` or ``hold``."""
+        ready, self._ready = self._ready, []
+        return [(ref, self._records[ref]) for ref in ready if ref in self._records]
+
+    def hold(self, ref: Ref) -> None:
+        """Not finished after all (its dead-letter write must wait): offer it again later."""
+        self._ready.append(ref)
+
+    def finish(self, ref: Ref) -> None:
+        """The record is purged or confirmed on the dead-letter topic: its offset may commit."""
+        del self._records[ref]
+        self._offsets.complete(ref.tp, ref.offset)
+
+    def forget(self, tps: set[TopicPartition]) -> set[Ref]:
+        """Drop every record of ``tps`` (their new owner, or a re-read, redoes them)."""
+        self._offsets.forget(tps)
+        gone = {ref for ref in self._records if ref.tp in tps}
+        for ref in gone:
+            del self._records[ref]
+        self._ready = [ref for ref in self._ready if ref not in gone]
+        return gone
+
+    def to_commit(self) -> dict[TopicPartition, int]:
+        return self._offsets.to_commit()
+
+    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        self._offsets.mark_committed(offsets)
+
+    def last_seen(self) -> dict[TopicPartition, int]:
+        return self._offsets.last_seen()
+
+    def __iter__(self) -> Iterator[Ref]:
+        return iter(self._records)
