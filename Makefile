@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 HELM_VERSION := v3.22.0
 HELM   := $(HOME)/.cache/purge-worker/helm-$(HELM_VERSION)/helm
 
-.PHONY: test run lint fmt bench clean broker helm
+.PHONY: test run lint fmt bench clean broker helm chart-schema
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: lint broker helm
 
 run: broker
 	$(BIN)/python scripts/dev_run.py
+
+# The chart's schema for the worker's settings comes from the config model.
+chart-schema: $(STAMP)
+	$(BIN)/python scripts/chart_schema.py
 
 bench: broker
 	$(BIN)/python scripts/bench.py

@@ -106,7 +106,10 @@ def test_token_never_in_repr():
 def _purger(emu, plan, clock, budget=30.0):
     limiter = AccountRateLimiter(limits_for(plan), clock)
     dest = Destination(ZONE_A, "a.com", client_for(emu), limiter)
-    return Purger(RetryPolicy(0.05, 1.0, budget), clock), dest
+    return Purger(
+        RetryPolicy(initial_backoff_seconds=0.05, max_backoff_seconds=1.0, budget_seconds=budget),
+        clock,
+    ), dest
 
 
 @pytest.mark.parametrize("plan", ["free", "pro", "business", "enterprise"])

@@ -2,6 +2,7 @@
 schemas, and check the essentials a user relies on."""
 
 import base64
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -126,7 +127,7 @@ def test_rendered_config_and_rules_are_accepted_by_the_worker(tmp_path):
     config["rules_files"] = [str(tmp_path / "rules.yaml")]
     parsed = parse(config, "rendered.yaml", {"KAFKA_PASSWORD": "p", "CLOUDFLARE_API_TOKEN": "t"})
     assert [r.name for r in parsed.rules.rules] == ["article-pages"]
-    assert parsed.kafka.sasl_mechanism == "SCRAM-SHA-512"
+    assert parsed.kafka.security.sasl_mechanism == "SCRAM-SHA-512"
 
 
 def test_keda_hpa_and_network_policy():
@@ -165,6 +166,11 @@ def test_keda_hpa_and_network_policy():
         (("metrics.port=70000",), "port"),
         (("cloudflare.accounts.main.plan=gold",), "plan"),
         (("replicas=3",), "replicas"),  # a typo of replicaCount
+        # The worker's own settings, checked by the schema generated from its config model.
+        (("worker.coalesce.window_seconds=-1",), "window_seconds"),
+        (("worker.delivery.retry.budget_seconds=-5",), "budget_seconds"),
+        (("worker.coalesce.windowseconds=1",), "windowseconds"),
+        (("worker.delivery.unknown_zone=ignore",), "unknown_zone"),
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(sets, message):
@@ -202,3 +208,11 @@ def test_dockerfile_is_multi_stage_non_root_and_runs_the_worker():
     assert 'ENTRYPOINT ["purge-worker"]' in text and '"run"' in text
     final = text.split(froms[-1], 1)[1]
     assert "gcc" not in final and "build-essential" not in final
+
+
+def test_the_charts_worker_schema_is_the_config_models():
+    from scripts.chart_schema import CHART_SCHEMA, synced
+
+    current = json.loads(CHART_SCHEMA.read_text())
+    expected = synced(json.loads(CHART_SCHEMA.read_text()))
+    assert current == expected, "the chart's schema is out of date: run `make chart-schema`"

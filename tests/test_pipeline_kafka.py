@@ -340,3 +340,79 @@ def test_kill_9_mid_stream_then_restart_purges_everything(
         f"{duplicates} duplicate purges on restart"
     )
     assert read_all(kafka_bootstrap, dlq, timeout_s=2) == []
+
+
+def test_a_backlog_with_repeats_is_purged_once_per_target_and_fully_committed(
+    emulator_factory, make_topic, kafka_bootstrap, unique
+):
+    """A backlog (events from ten minutes ago) touching 40 URLs and 10 tags 2,400 times, drained
+    against the pro plan's limits: each target purged exactly once, every offset committed. The
+    second half arrives after the first purges went out, so the pending set alone cannot
+    collapse it: the purge ledger has to know those targets are already purged."""
+    import time
+
+    from kafka import KafkaProducer
+
+    emulator = emulator_factory(plan="pro")
+    rules = [
+        {
+            "name": "article",
+            "match": {"type": "article.updated"},
+            "urls": ["https://www.example.com/{data.locales[]}/{data.slug}"],
+            "tags": ["article-{data.id}"],
+            "zone": "example.com",
+        }
+    ]
+    config, topic, dlq = setup(
+        emulator,
+        make_topic,
+        kafka_bootstrap,
+        unique,
+        rules=rules,
+        cloudflare={
+            "base_url": emulator.api_url,
+            "accounts": {"main": {"plan": "pro", "files_per_request": 100}},
+            "zones": [
+                {
+                    "name": "example.com",
+                    "id": "023e105f4ecef8ad9ca31a8372d0c353",
+                    "hosts": ["example.com", "*.example.com"],
+                },
+            ],
+        },
+    )
+    ten_minutes_ago = int((time.time() - 600) * 1000)
+
+    def backlog(start: int) -> None:
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
+        for i in range(start, start + 1200):
+            n = i % 20
+            event = cloudevent(
+                "article.updated", {"slug": f"s{n}", "locales": ["en", "de"], "id": n // 2}
+            )
+            producer.send(topic, value=event, key=f"{n}".encode(), timestamp_ms=ten_minutes_ago + i)
+        producer.flush()
+        producer.close()
+
+    backlog(0)
+    worker = RunningWorker(config)
+    try:
+        wait_for(lambda: len(purged_items(emulator)) >= 50, what="the first wave purged")
+        backlog(1200)
+        wait_for(
+            lambda: all_committed(kafka_bootstrap, config.kafka.group_id, topic),
+            timeout=60,
+            what="every offset committed",
+        )
+    finally:
+        worker.stop()
+    files, tags = purged_items(emulator, "files"), purged_items(emulator, "tags")
+    assert sorted(files) == sorted(
+        f"https://www.example.com/{loc}/s{n}" for n in range(20) for loc in ("en", "de")
+    )
+    assert sorted(tags) == sorted(f"article-{n}" for n in range(10))
+    assert read_all(kafka_bootstrap, dlq, timeout_s=2) == []
+    statuses = [
+        r["status"] for r in requests.get(emulator.url + "/__emulator/requests", timeout=5).json()
+    ]
+    assert 429 not in statuses

@@ -17,7 +17,7 @@ def test_retries_until_success_with_capped_backoff():
             raise ApiUnavailable(503)
         return "ok"
 
-    policy = RetryPolicy(initial_backoff=1, max_backoff=4, budget_seconds=100)
+    policy = RetryPolicy(initial_backoff_seconds=1, max_backoff_seconds=4, budget_seconds=100)
     assert call_with_retries(fn, policy, clock) == "ok"
     gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert all(0.5 <= g <= 4 for g in gaps)
@@ -45,7 +45,9 @@ def test_budget_runs_out_into_retries_exhausted():
 
     with pytest.raises(RetriesExhausted) as err:
         call_with_retries(
-            fn, RetryPolicy(initial_backoff=1, max_backoff=5, budget_seconds=60), clock
+            fn,
+            RetryPolicy(initial_backoff_seconds=1, max_backoff_seconds=5, budget_seconds=60),
+            clock,
         )
     assert err.value.attempts > 10
     assert 60 <= clock.monotonic() - 1000 <= 61
@@ -62,5 +64,5 @@ def test_retry_after_is_honoured():
             raise RateLimited(retry_after=9)
         return 1
 
-    call_with_retries(fn, RetryPolicy(initial_backoff=0.1), clock)
+    call_with_retries(fn, RetryPolicy(initial_backoff_seconds=0.1), clock)
     assert calls[1] - calls[0] >= 9

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from worker import __version__, logs
-from worker.commands import cache, check, emulator, explain, purge, replay, run
+from worker.commands import cache, check, config_schema, emulator, explain, purge, replay, run
 from worker.config import Config, load
 from worker.errors import ConfigError, PermanentError, PurgeWorkerError, RetryableError, UsageError
 
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_arguments(
         command("emulator", "a local Cloudflare API emulator", needs_config=False)
     )
+    config_schema.add_arguments(
+        command("config-schema", "print the config file's JSON Schema", needs_config=False)
+    )
     return parser
 
 
@@ -70,6 +73,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "purge": _with_config(purge.run),
     "cache": _with_config(cache.run),
     "emulator": emulator.run,
+    "config-schema": config_schema.run,
 }
 
 

@@ -28,7 +28,7 @@ from worker.targets import Kind, Mode, Target
 Owner = Hashable
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     target: Target
     owners: dict[Owner, int] = field(default_factory=dict)

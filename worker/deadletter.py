@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from worker.clock import Clock
-from worker.config import GuardConfig
+from worker.config.model import GuardSettings
 from worker.errors import DeadLetterGuardTripped, PermanentError
 from worker.events import Record
 
@@ -81,7 +81,7 @@ class DeadLetterGuard:
     """Counts finished records in a sliding window; ``check`` raises before a write that would
     push the dead-lettered share over the limit."""
 
-    def __init__(self, config: GuardConfig, clock: Clock) -> None:
+    def __init__(self, config: GuardSettings, clock: Clock) -> None:
         self._config = config
         self._clock = clock
         self._all: deque[float] = deque()

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from worker.coalescer import Pending, bare, netloc
+from worker.config.model import LedgerSettings
 from worker.targets import Kind, Mode, Target
 
 # (zone id, mode, kind, value, cache-key headers): one purgeable item of one zone.
 Key = tuple[str, Mode, Kind, str, tuple[tuple[str, str], ...]]
+__all__ = ["COVERED", "LedgerSettings", "PurgeLedger"]
 
 
 class _Covered:
@@ -34,16 +35,6 @@ class _Covered:
 
 
 COVERED = _Covered()
-
-
-@dataclass(frozen=True)
-class LedgerSettings:
-    enabled: bool = True
-    margin_seconds: float = 5.0
-    max_entries: int = 100_000
-    # Which time says when a change happened: the Kafka record's timestamp ("record"), or the
-    # event's own time field when it has one ("event").
-    event_time: str = "record"
 
 
 def _prefixes_covering(path: str) -> Iterator[str]:
@@ -62,20 +53,6 @@ def _prefixes_covering(path: str) -> Iterator[str]:
         if slash + 1 < end:
             yield path[: slash + 1]  # ends with "/"
         slash = path.find("/", slash + 1)
-
-
-def covering_keys(zone_id: str, mode: Mode, target: Target) -> Iterator[Key]:
-    """The keys of every purge that covers ``target``, its own first."""
-    yield key_of(zone_id, mode, target)
-    if target.kind is Kind.EVERYTHING:
-        return
-    if target.kind in (Kind.FILES, Kind.PREFIXES):
-        path = bare(target.value) if target.kind is Kind.FILES else target.value
-        for prefix in _prefixes_covering(path):
-            if prefix != target.value:
-                yield (zone_id, mode, Kind.PREFIXES, prefix, ())
-        yield (zone_id, mode, Kind.HOSTS, netloc(path), ())
-    yield (zone_id, mode, Kind.EVERYTHING, "", ())
 
 
 def key_of(zone_id: str, mode: Mode, target: Target) -> Key:
@@ -103,23 +80,34 @@ class PurgeLedger:
         if not self._settings.enabled or event_time is None:
             return None
         horizon = event_time + self._settings.margin_seconds
-        own = key_of(zone_id, mode, target)
-        sent = self._sent.get(own)
+        kind = target.kind
+        found = self._find(key_of(zone_id, mode, target), horizon)
+        if found is not None or kind is Kind.EVERYTHING or not self._kinds:
+            return found
+        # Only kinds this zone and mode have entries of can cover the target.
+        kinds = self._kinds
+        if (zone_id, mode, Kind.EVERYTHING) in kinds:
+            found = self._find((zone_id, mode, Kind.EVERYTHING, "", ()), horizon)
+        if found is None and kind in (Kind.FILES, Kind.PREFIXES):
+            path = bare(target.value) if kind is Kind.FILES else target.value
+            if (zone_id, mode, Kind.HOSTS) in kinds:
+                found = self._find((zone_id, mode, Kind.HOSTS, netloc(path), ()), horizon)
+            if found is None and (zone_id, mode, Kind.PREFIXES) in kinds:
+                for prefix in _prefixes_covering(path):
+                    if prefix != target.value:
+                        found = self._find((zone_id, mode, Kind.PREFIXES, prefix, ()), horizon)
+                        if found is not None:
+                            break
+        return found
+
+    def _find(self, key: Key, horizon: float) -> _Covered | Pending | None:
+        sent = self._sent.get(key)
         if sent is not None and sent > horizon:
-            self._sent.move_to_end(own)
+            self._sent.move_to_end(key)
             return COVERED
-        if not self._kinds:
-            return None  # nothing in flight or remembered: the common case when idle
-        for key in covering_keys(zone_id, mode, target):
-            if key[2] is not target.kind and (zone_id, mode, key[2]) not in self._kinds:
-                continue
-            sent = self._sent.get(key)
-            if sent is not None and sent > horizon:
-                self._sent.move_to_end(key)
-                return COVERED
-            flight = self._in_flight.get(key)
-            if flight is not None and flight[0] > horizon:
-                return flight[1]
+        flight = self._in_flight.get(key)
+        if flight is not None and flight[0] > horizon:
+            return flight[1]
         return None
 
     def sending(self, zone_id: str, mode: Mode, items: Iterable[Pending], sent_at: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import structlog
 
@@ -20,9 +21,11 @@ from worker.targets import Mode, Target
 
 log = structlog.get_logger("worker.plan")
 
+# Targets whose zone is remembered; past it, routing starts over.
+ROUTE_CACHE_SIZE = 100_000
 
-@dataclass(frozen=True, slots=True)
-class Routed:
+
+class Routed(NamedTuple):
     """A validated target, routed to its zone, in the form it is sent."""
 
     zone: Zone
@@ -50,6 +53,7 @@ class Planner:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._router = ZoneRouter(config.zones)
+        self._routes: dict[Target, tuple[Zone, tuple[Target, ...]] | UnknownZone] = {}
 
     def plan(self, record: Record) -> Plan:
         """The plan for one record. Never raises: failures are in ``Plan.errors``."""
@@ -82,17 +86,35 @@ class Planner:
         cache-key variants, duplicates once."""
         seen: set[tuple[str, Mode, Target]] = set()
         for rt in targets:
-            try:
-                zone = self._router.route(rt.target)
-            except UnknownZone as exc:
+            routed = self._routes.get(rt.target)
+            if routed is None:
+                routed = self._route(rt.target)
+            if isinstance(routed, UnknownZone):
                 if self._config.delivery.unknown_zone == "drop":
-                    plan.dropped.append(exc)
+                    plan.dropped.append(routed)
                 else:
-                    plan.errors.append(exc)
+                    plan.errors.append(routed)
                 continue
-            for target in ZoneRouter.expand(zone, rt.target):
+            zone, expanded = routed
+            for target in expanded:
                 key = (zone.id, rt.mode, target)
                 if key not in seen:
                     seen.add(key)
                     plan.targets.append(Routed(zone, rt.mode, target))
         return plan
+
+    def _route(self, target: Target) -> tuple[Zone, tuple[Target, ...]] | UnknownZone:
+        """The zone of ``target`` and the targets it becomes there; remembered, since the zones
+        never change while the worker runs."""
+        try:
+            zone = self._router.route(target)
+            routed: tuple[Zone, tuple[Target, ...]] | UnknownZone = (
+                zone,
+                tuple(ZoneRouter.expand(zone, target)),
+            )
+        except UnknownZone as exc:
+            routed = exc
+        if len(self._routes) >= ROUTE_CACHE_SIZE:
+            self._routes.clear()
+        self._routes[target] = routed
+        return routed

@@ -39,7 +39,7 @@ class ZoneRouter:
 
     def route(self, target: Target) -> Zone:
         """The zone for ``target``. Raises ``UnknownZone``."""
-        if target.kind in (Kind.TAGS, Kind.EVERYTHING):
+        if target.kind.names_its_zone:
             return self._by_name(target)
         host = target.hostname or ""
         zone = self._exact.get(host)

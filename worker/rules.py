@@ -12,19 +12,21 @@ import importlib
 import inspect
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from worker.errors import ConfigError, InvalidEvent, InvalidTarget, PermanentError
 from worker.events import Event
 from worker.schema import Section
 from worker.targets import Kind, Mode, Target
-from worker.templates import Template, TemplateError, lookup
+from worker.templates import Template, TemplateError, freeze, lookup, value_at
+
+# Distinct inputs one rule remembers the targets of; past it, it starts over.
+RENDER_CACHE_SIZE = 20_000
 
 
-@dataclass(frozen=True)
-class RuleTarget:
+class RuleTarget(NamedTuple):
     target: Target
     mode: Mode
     rule: str
@@ -47,6 +49,10 @@ class PurgePlan:
 
 class Rule(Protocol):
     name: str
+    # The zone its tags (and everything) go to; needed when several zones are configured and
+    # the rule emits targets without a host of their own (``needs_zone``).
+    zone: str | None
+    needs_zone: bool
 
     def evaluate(self, event: Event) -> list[RuleTarget] | None:
         """Targets if the rule matches (maybe none), None if not. Raises PermanentError."""
@@ -81,6 +87,9 @@ class _Matcher:
             self.values = tuple(spec)
         else:
             self.values = (spec,)
+        # A string compares equal to an expected value when their texts are equal (see _equal):
+        # one set look-up instead of a loop, for the common case of string fields.
+        self._texts = frozenset(str(v) for v in self.values or ())
 
     @property
     def captures(self) -> frozenset[str]:
@@ -89,8 +98,12 @@ class _Matcher:
     def test(self, value: Any, captures: dict[str, str]) -> bool:
         if self.exists is not None and (value is not None) != self.exists:
             return False
-        if self.values is not None and not any(_equal(value, v) for v in self.values):
-            return False
+        if self.values is not None:
+            if type(value) is str:
+                if value not in self._texts:
+                    return False
+            elif not any(_equal(value, v) for v in self.values):
+                return False
         if self.regex is not None:
             if value is None or isinstance(value, dict | list):
                 return False
@@ -172,6 +185,10 @@ class DeclarativeRule:
         section.raw("description", None)
         section.done()
         self.needs_zone = bool(self._templates["tags"]) or self.everything
+        templates = [t for spec in self._urls for t in (spec.url, *_header_templates(spec))]
+        templates += [t for ts in self._templates.values() for t in ts]
+        self._inputs = tuple(dict.fromkeys(p for t in templates for p in t.inputs))
+        self._rendered: dict[Hashable, tuple[RuleTarget, ...]] = {}
         if not (self._urls or any(self._templates.values()) or self.everything):
             raise section.error(
                 "urls", "the rule produces no targets (urls, tags, hosts, prefixes or everything)"
@@ -209,6 +226,23 @@ class DeclarativeRule:
         captures = self._match.test(event)
         if captures is None:
             return None
+        # What a rule renders depends only on its captures and the values its templates read,
+        # and in a backlog the same article comes by again and again: render each once.
+        key = (
+            tuple(sorted(captures.items())),
+            tuple([freeze(value_at(event, path)) for path in self._inputs]),
+        )
+        cached = self._rendered.get(key)
+        if cached is None:
+            cached = tuple(self._render(event, captures))
+            if len(self._rendered) >= RENDER_CACHE_SIZE:
+                self._rendered.clear()
+            self._rendered[key] = cached
+        return list(cached)
+
+    def _render(self, event: Event, captures: dict[str, str]) -> list[RuleTarget]:
+        """Raises ``PermanentError`` (a missing field, a bad target): such results are not
+        cached, so every record that has them is dead-lettered."""
         out: list[RuleTarget] = []
         for spec in self._urls:
             for url in spec.url.render(event, captures):
@@ -228,6 +262,10 @@ class DeclarativeRule:
 
     def _target(self, make: Callable[..., Target], *args: Any) -> RuleTarget:
         return RuleTarget(make(*args), self.mode, self.name)
+
+
+def _header_templates(spec: _UrlTemplate) -> list[Template]:
+    return [t for _, templates in spec.headers for t in templates]
 
 
 def _render_all(templates: list[Template], event: Event, captures: dict[str, str]) -> list[str]:
@@ -262,6 +300,9 @@ class PluginRule:
         section.raw("description", None)
         section.done()
         self._fn = _import(ref, section, search_path)
+        # What a plug-in returns is only known per event: a tag without a zone is then an
+        # unknown-zone failure for that event, not a config error.
+        self.needs_zone = False
         try:
             inspect.signature(self._fn).bind(None, **self._options)
         except TypeError as exc:
@@ -351,12 +392,19 @@ class RuleSet:
 
 
 def compile_rules(
-    raw: Any, source: str, *, allow_everything: bool, plugin_path: str | None = None
-) -> RuleSet:
+    raw: Any,
+    source: str,
+    *,
+    allow_everything: bool,
+    plugin_path: str | None = None,
+    taken: set[str] | None = None,
+) -> list[Rule]:
+    """Compile a list of rule mappings from ``source``. ``taken``: rule names already used
+    (by other rule files); every name must be unique across them. Raises ``ConfigError``."""
     if not isinstance(raw, list):
         raise ConfigError(source, "rules", "must be a list of rules")
+    names = set() if taken is None else taken
     rules: list[Rule] = []
-    names: set[str] = set()
     for i, item in enumerate(raw):
         label = (
             item.get("name") if isinstance(item, dict) and isinstance(item.get("name"), str) else i
@@ -371,4 +419,4 @@ def compile_rules(
             raise ConfigError(source, f"rules[{label}]", f"duplicate rule name {rule.name!r}")
         names.add(rule.name)
         rules.append(rule)
-    return RuleSet(rules)
+    return rules

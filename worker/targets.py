@@ -9,8 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from worker.errors import InvalidTarget
@@ -29,13 +28,25 @@ _URL_SAFE = "/:@!$&'()*+,;=-._~%?"
 
 
 class Kind(enum.StrEnum):
-    """The purge selector, named as in the API body."""
+    """The purge selector, named as in the API body. What differs between kinds is answered
+    here, once, rather than by ``if kind is …`` wherever it matters."""
 
     FILES = "files"
     TAGS = "tags"
     HOSTS = "hosts"
     PREFIXES = "prefixes"
     EVERYTHING = "everything"
+
+    @property
+    def metered_per_item(self) -> bool:
+        """URLs are metered per URL (a URLs-per-second budget, their own per-request cap); the
+        other kinds per request, from the account's bucket."""
+        return self is Kind.FILES
+
+    @property
+    def names_its_zone(self) -> bool:
+        """Tags and "everything" have no host: they name their zone instead of being routed."""
+        return self in (Kind.TAGS, Kind.EVERYTHING)
 
 
 class Mode(enum.StrEnum):
@@ -49,19 +60,23 @@ class Mode(enum.StrEnum):
         return "purge_cache" if self is Mode.PURGE else "invalidate_cache"
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """One normalised purge target. Build with the ``url``/``tag``/... constructors."""
+class Target(NamedTuple):
+    """One normalised purge target. Build with the ``url``/``tag``/... constructors.
+
+    A named tuple: targets are made, hashed and compared many times per event, and a tuple does
+    that in C."""
 
     kind: Kind
     value: str
     headers: tuple[tuple[str, str], ...] = ()
     # Tags and "everything" have no host of their own: they name the zone they apply to.
-    zone: str | None = field(default=None, compare=True)
+    zone: str | None = None
 
     @staticmethod
     def url(url: str, headers: dict[str, str] | None = None) -> Target:
-        return Target(Kind.FILES, normalize_url(url), normalize_headers(headers or {}, url))
+        if not headers:
+            return Target(Kind.FILES, normalize_url(url))
+        return Target(Kind.FILES, normalize_url(url), normalize_headers(headers, url))
 
     @staticmethod
     def tag(tag: str, zone: str | None = None) -> Target:

@@ -8,9 +8,10 @@ several fan-outs in one template give every combination. ``{{`` and ``}}`` are l
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -46,6 +47,21 @@ class _Ref:
     def root(self) -> str:
         return self.segments[0][0]
 
+    @property
+    def source_path(self) -> tuple[str, ...] | None:
+        """The names of the value this reads, before fan-out, index or filter (None for a
+        regex capture, which is an input of its own)."""
+        if self.root == "match":
+            return None
+        return tuple(name for name, _ in self.segments)
+
+    @functools.cached_property
+    def plain(self) -> tuple[str, ...] | None:
+        """The names of a path into the event body without fan-out, index or filter."""
+        if self.filters or self.root in ("match", "kafka") or any(i for _, i in self.segments):
+            return None
+        return tuple(name for name, _ in self.segments)
+
 
 class Template:
     def __init__(self, source: str, captures: frozenset[str]) -> None:
@@ -67,6 +83,12 @@ class Template:
                 f"unbalanced brace in {source!r} (write {{{{ or }}}} for a literal)"
             )
         self._parts.append(rest)
+
+    @property
+    def inputs(self) -> list[tuple[str, ...]]:
+        """The paths of every value this template reads from an event (besides captures)."""
+        paths = [p.source_path for p in self._parts if isinstance(p, _Ref)]
+        return [p for p in paths if p is not None]
 
     def render(self, event: Event, captures: dict[str, str]) -> list[str]:
         """Every string this template yields for the event. Raises ``InvalidEvent``."""
@@ -116,6 +138,14 @@ def _compile_ref(text: str, captures: frozenset[str]) -> _Ref:
 
 
 def _resolve(ref: _Ref, event: Event, captures: dict[str, str]) -> list[str]:
+    if ref.plain is not None:
+        # The common case, a plain path into the body: one walk, no lists.
+        value: Any = event.body
+        for name in ref.plain:
+            value = value.get(name) if isinstance(value, dict) else None
+        if type(value) is str:
+            return [value]
+        return [_scalar(value, ref.text)]
     if ref.root == "match":
         values: list[Any] = [captures.get(ref.segments[1][0])]
         rest: tuple[tuple[str, str | None], ...] = ()
@@ -171,7 +201,11 @@ def _kafka_meta(event: Event) -> dict[str, Any]:
 
 def lookup(event: Event, path: str) -> Any:
     """The raw value at a dotted path (``kafka.*`` included), or None; for rule matching."""
-    parts = path.split(".")
+    return value_at(event, tuple(path.split(".")))
+
+
+def value_at(event: Event, parts: tuple[str, ...]) -> Any:
+    """The raw value at a path already split into its names, or None."""
     if parts[0] == "kafka":
         value: Any = _kafka_meta(event)
         parts = parts[1:]
@@ -180,3 +214,15 @@ def lookup(event: Event, path: str) -> Any:
     for p in parts:
         value = value.get(p) if isinstance(value, dict) else None
     return value
+
+
+def freeze(value: Any) -> Hashable:
+    """A hashable stand-in for a JSON value that tells ``1``, ``1.0``, ``True`` and ``"1"``
+    apart (they render differently)."""
+    if type(value) is str:
+        return value
+    if isinstance(value, list):
+        return ("list", tuple(freeze(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((str(k), freeze(v)) for k, v in value.items())))
+    return (type(value).__name__, value)

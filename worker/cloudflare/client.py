@@ -17,6 +17,7 @@ import requests
 
 from worker import __version__
 from worker.cloudflare.auth import Credentials
+from worker.config.model import DEFAULT_BASE_URL
 from worker.errors import (
     ApiErrorDetail,
     ApiRejected,
@@ -26,7 +27,6 @@ from worker.errors import (
 )
 from worker.targets import Kind, Mode
 
-DEFAULT_BASE_URL = "https://api.cloudflare.com/client/v4"
 RETRYABLE_STATUSES = frozenset({408, 409}) | frozenset(range(500, 600))
 
 

@@ -31,7 +31,7 @@ class PlanLimits:
 
     def per_request(self, kind: Kind) -> int:
         """The most items one request of ``kind`` may carry."""
-        return self.urls_per_request if kind is Kind.FILES else self.flex_items_per_request
+        return self.urls_per_request if kind.metered_per_item else self.flex_items_per_request
 
     def with_overrides(self, **changes: float | int) -> PlanLimits:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -133,8 +133,8 @@ class AccountRateLimiter:
             blocked = self._blocked_until - now
             if blocked > 0:
                 return blocked
-            bucket = self._urls if kind is Kind.FILES else self._flex
-            cost = items if kind is Kind.FILES or self._flex_cost_per_item else 1
+            bucket = self._urls if kind.metered_per_item else self._flex
+            cost = items if kind.metered_per_item or self._flex_cost_per_item else 1
             return bucket.take(cost, now) if take else bucket.wait_for(cost, now)
 
     def acquire(self, kind: Kind, items: int) -> float:
@@ -164,7 +164,7 @@ class AccountRateLimiter:
             self._blocked_until = max(self._blocked_until, now + pause)
             self._factor = max(MIN_FACTOR, self._factor * DECREASE)
             self._resize(now)
-            bucket = self._urls if kind is Kind.FILES else self._flex
+            bucket = self._urls if kind.metered_per_item else self._flex
             bucket.tokens = min(bucket.tokens, 0.0)
 
     def state(self) -> LimiterState:

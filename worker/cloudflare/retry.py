@@ -7,31 +7,17 @@ topic, and only a budget that runs out turns into ``RetriesExhausted``.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import tenacity
 
 from worker.clock import Clock
+from worker.config.model import RetryPolicy
 from worker.errors import RateLimited, RetriesExhausted, RetryableError
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    initial_backoff: float = 0.5
-    max_backoff: float = 30.0
-    budget_seconds: float = 600.0
-
-    def backoff(self, attempt: int) -> float:
-        """Equal-jitter backoff for the given attempt number (1 = after the first failure): half
-        the capped exponential delay, plus a random part of the other half. Unlike full jitter it
-        never retries almost at once, which would spend the shared budget on a failing API."""
-        ceiling = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not cryptography)
+__all__ = ["RetryPolicy", "call_with_retries"]
 
 
 def call_with_retries(

@@ -26,7 +26,7 @@ from worker.config import Config
 from worker.deadletter import DeadLetterSink
 from worker.errors import DeadLetterGuardTripped, RetryableError, UsageError
 from worker.events import Record
-from worker.pipeline import Pipeline
+from worker.pipeline import Pipeline, tune_gc
 from worker.replay import DeadLetterReader, ReplayFilter, describe, parse_time
 from worker.source import KafkaDeadLetterSink
 from worker.wiring import Accounts
@@ -229,6 +229,7 @@ def _purge(
         counts.replayed = counts.matched - pipeline.pending_records - counts.failed_again
 
     try:
+        tune_gc()
         while not stop.is_set() and not (reader.exhausted and pipeline.idle):
             pipeline.step()
             account()

@@ -1,0 +1,197 @@
+"""The configuration file's shape: every key, its type, bounds and default, written once.
+
+These models are what YAML is validated against, what ``purge-worker config-schema`` exports as
+JSON Schema (and the Helm chart's schema embeds), and, for the sections that need nothing from
+the environment, the settings objects the worker runs with. Unknown keys are errors; numbers
+must be finite; strings are never silently turned into numbers.
+
+Rules are validated by ``worker.rules`` (their language is richer than a schema), so here they
+are only "a list of mappings".
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ZONE_ID_PATTERN = r"^[0-9a-f]{32}$"
+DEFAULT_TOKEN_ENV = "CLOUDFLARE_API_TOKEN"  # noqa: S105 (a variable name, not a token)
+DEFAULT_BASE_URL = "https://api.cloudflare.com/client/v4"
+Port = Annotated[int, Field(ge=1, le=65535)]
+Strings = list[str] | str
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False, validate_default=False
+    )
+
+
+# -- kafka ----------------------------------------------------------------------------------------
+
+
+class KafkaSecurity(Section):
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    # The password is never in the file: this names the environment variable holding it.
+    sasl_password_env: str | None = None
+    ssl_cafile: str | None = None
+
+
+class KafkaSection(Section):
+    bootstrap_servers: Strings = ["127.0.0.1:9092"]
+    topics: Strings = Field(description="required: the topics to consume")
+    group_id: str = "purge-worker"
+    dead_letter_topic: str = "purge-worker.dead-letter"
+    client_id: str = "purge-worker"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    max_poll_records: int = Field(default=500, ge=1)
+    max_record_bytes: int = Field(default=1024 * 1024, ge=1)
+    event_type_field: str = "type"
+    security: KafkaSecurity = KafkaSecurity()
+
+
+# -- cloudflare -----------------------------------------------------------------------------------
+
+
+class AccountSection(Section):
+    plan: Literal["free", "pro", "business", "enterprise"] = "free"
+    token_env: str = DEFAULT_TOKEN_ENV
+    email_env: str | None = None
+    key_env: str | None = None
+    # The plan's figures unless set (see cloudflare.plans).
+    files_per_request: int | None = Field(default=None, ge=1)
+    items_per_request: int | None = Field(default=None, ge=1)
+    urls_per_second: float | None = Field(default=None, gt=0)
+    flex_refill_per_second: float | None = Field(default=None, gt=0)
+    flex_bucket: int | None = Field(default=None, ge=1)
+    flex_cost: Literal["request", "item"] = "request"
+
+
+class ZoneSection(Section):
+    name: str | None = None
+    id: str = Field(pattern=ZONE_ID_PATTERN)
+    account: str | None = None
+    hosts: list[str] = Field(min_length=1)
+    url_variants: dict[str, Strings] = {}
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _zone_id(cls, value: Any) -> Any:
+        import re  # noqa: PLC0415 (only for this message)
+
+        if isinstance(value, str) and not re.match(ZONE_ID_PATTERN, value):
+            raise ValueError(f"{value!r} is not a zone id (32 lowercase hex characters)")
+        return value
+
+
+class CloudflareSection(Section):
+    base_url: str = DEFAULT_BASE_URL
+    accounts: dict[str, AccountSection] = Field(min_length=1)
+    zones: list[ZoneSection] = Field(min_length=1)
+
+
+# -- coalescing and delivery ---------------------------------------------------------------------
+
+
+class LedgerSettings(Section):
+    """The purge ledger (see ``worker.ledger``)."""
+
+    enabled: bool = True
+    margin_seconds: float = Field(default=5.0, ge=0, le=3600)
+    max_entries: int = Field(default=100_000, ge=1)
+    # When a change happened: the Kafka record's timestamp, or the event's own time field.
+    event_time: Literal["record", "event"] = "record"
+
+
+class CoalesceSettings(Section):
+    window_seconds: float = Field(default=2.0, ge=0, le=300)
+    max_pending_targets: int = Field(default=50_000, ge=1)
+    max_pending_records: int = Field(default=20_000, ge=1)
+    ledger: LedgerSettings = LedgerSettings()
+
+
+class RetryPolicy(Section):
+    """Capped, jittered exponential backoff within a time budget (``worker.cloudflare.retry``)."""
+
+    initial_backoff_seconds: float = Field(default=0.5, ge=0.001)
+    max_backoff_seconds: float = Field(default=30.0, ge=0.001)
+    budget_seconds: float = Field(default=600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RetryPolicy:
+        if self.initial_backoff_seconds > self.max_backoff_seconds:
+            raise ValueError(
+                f"initial_backoff_seconds ({self.initial_backoff_seconds}) is above "
+                f"max_backoff_seconds ({self.max_backoff_seconds})"
+            )
+        return self
+
+    def backoff(self, attempt: int) -> float:
+        """Equal-jitter backoff for the given attempt number (1 = after the first failure): half
+        the capped exponential delay, plus a random part of the other half. Unlike full jitter it
+        never retries almost at once, which would spend the shared budget on a failing API."""
+        ceiling = min(self.max_backoff_seconds, self.initial_backoff_seconds * 2 ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not cryptography)
+
+
+class GuardSettings(Section):
+    """Stop when more than ``max_ratio`` of the last ``window_seconds``' records were dead-lettered
+    (once at least ``min_records`` were seen in that window); 1.0 disables the guard."""
+
+    max_ratio: float = Field(default=0.5, ge=0, le=1)
+    min_records: int = Field(default=100, ge=1)
+    window_seconds: float = Field(default=60.0, ge=1)
+
+
+class DeliverySettings(Section):
+    concurrency: int = Field(default=4, ge=1, le=64)
+    retry: RetryPolicy = RetryPolicy()
+    unknown_zone: Literal["dead_letter", "drop"] = "dead_letter"
+    no_rule_matched: Literal["skip", "dead_letter"] = "skip"
+    allow_everything: bool = False
+    dry_run: bool = False
+    drain_deadline_seconds: float = Field(default=20.0, ge=0)
+    commit_interval_seconds: float = Field(default=1.0, gt=0)
+    dead_letter_guard: GuardSettings = GuardSettings()
+
+
+class ObservabilitySettings(Section):
+    metrics_port: Port | None = 9464
+    health_port: Port | None = 8080
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+# -- the file -------------------------------------------------------------------------------------
+
+
+class ConfigFile(Section):
+    kafka: KafkaSection
+    cloudflare: CloudflareSection
+    coalesce: CoalesceSettings = CoalesceSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
+    # Validated by worker.rules when compiled: a list of rule mappings.
+    rules: list[dict[str, Any]] | None = None
+    rules_files: Strings = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ports_zero_is_off(cls, data: Any) -> Any:
+        # ``metrics_port: 0`` has always meant "off", like null.
+        obs = data.get("observability") if isinstance(data, dict) else None
+        if isinstance(obs, dict):
+            for key in ("metrics_port", "health_port"):
+                if obs.get(key) == 0 and not isinstance(obs.get(key), bool):
+                    obs = {**obs, key: None}
+            data = {**data, "observability": obs}
+        return data
+
+
+def strings(value: Strings) -> tuple[str, ...]:
+    """A string or a list of strings, as a tuple."""
+    return (value,) if isinstance(value, str) else tuple(value)
