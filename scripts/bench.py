@@ -102,7 +102,11 @@ def make_topics(bootstrap: str, *names: str, partitions: int = 3) -> None:
     admin.close()
 
 
-def produce(bootstrap: str, topic: str, values: list[bytes]) -> float:
+def produce(
+    bootstrap: str, topic: str, values: list[bytes], *, spread_over: float | None = None
+) -> float:
+    """Produce ``values``; with ``spread_over`` (seconds), stamp them evenly over that long
+    before now, as the records of a backlog built up during an outage are."""
     producer = KafkaProducer(
         bootstrap_servers=bootstrap,
         linger_ms=20,
@@ -112,8 +116,11 @@ def produce(bootstrap: str, topic: str, values: list[bytes]) -> float:
         enable_idempotence=False,
     )
     start = time.perf_counter()
-    for v in values:
-        producer.send(topic, v)
+    now_ms = int(time.time() * 1000)
+    step_ms = (spread_over or 0) * 1000 / max(1, len(values))
+    for i, v in enumerate(values):
+        stamp = int(now_ms - (spread_over or 0) * 1000 + i * step_ms) if spread_over else None
+        producer.send(topic, v, timestamp_ms=stamp)
     producer.flush(timeout=600)
     producer.close()
     return time.perf_counter() - start
@@ -306,6 +313,7 @@ PLANS = {
     "pro": {"url_per_s": 1500, "files_cap": 100, "bucket": 25, "refill": 5},
 }
 BACKLOG_TOPIC = "bench-backlog"
+BACKLOG_AGE = 600.0  # seconds over which the backlog's records are stamped, ending now
 
 
 class Backlog:
@@ -316,8 +324,13 @@ class Backlog:
         articles = max(100, n(6_000))
         make_topics(bootstrap, BACKLOG_TOPIC, f"{BACKLOG_TOPIC}.dlq")
         values, self.distinct_urls, self.distinct_tags = backlog_events(self.events, articles)
-        self.produce_s = produce(bootstrap, BACKLOG_TOPIC, values)
-        self.bare_read_s = bare_consumer(bootstrap, BACKLOG_TOPIC, self.events)
+        # A backlog is what built up while the worker could not keep up or was down: its
+        # records were written over the minutes before the drain, not the seconds.
+        self.produce_s = produce(bootstrap, BACKLOG_TOPIC, values, spread_over=BACKLOG_AGE)
+        # The bound is the best the bare consumer does: its first read was up to 2x slower
+        # (a broker just started), so it reads three times.
+        self.bare_reads_s = [bare_consumer(bootstrap, BACKLOG_TOPIC, self.events) for _ in range(3)]
+        self.bare_read_s = min(self.bare_reads_s)
 
 
 def _metric(url: str, name: str) -> float:
@@ -663,10 +676,12 @@ def report(results: dict[str, Any], took: float) -> str:
         "## 1. Catch-up against enforced limits",
         "",
         f"A topic (3 partitions) holding a backlog of {backlog['events']:,} CMS CloudEvents, each "
-        f"touching 1–3 pages of an article and the article's tag: {backlog['distinct_urls']:,} "
+        "touching 1–3 pages of an article and the article's tag, stamped over the ten minutes "
+        f"before the drain (as after an outage): {backlog['distinct_urls']:,} "
         f"distinct URLs and {backlog['distinct_tags']:,} distinct tags in all, so every target "
         f"repeats about {backlog['repeats']:.0f} times. A bare kafka-python consumer reads the "
-        f"topic in {backlog['bare_read_s']:.1f} s. One worker drains it, the emulator enforcing "
+        f"topic in {backlog['bare_read_s']:.1f} s (the best of three reads: "
+        f"{', '.join(f'{s:.1f}' for s in backlog['bare_reads_s'])} s). One worker drains it, the emulator enforcing "
         "the plan's limits; a 1 s window, the plan's per-request caps.",
         "",
         "The bound is the longest of: the bare consumer's read time, distinct URLs ÷ the plan's "
@@ -789,6 +804,7 @@ def main() -> int:
             "distinct_tags": backlog.distinct_tags,
             "repeats": backlog.events * 3 / (backlog.distinct_urls + backlog.distinct_tags),
             "bare_read_s": backlog.bare_read_s,
+            "bare_reads_s": backlog.bare_reads_s,
         }
         results["catch_up"] = [
             step(f"catch-up, {plan}", catch_up, bootstrap, backlog, plan)
