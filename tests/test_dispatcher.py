@@ -3,6 +3,8 @@ they fill, oldest window first, and a kind without budget never holds back anoth
 
 import threading
 
+import pytest
+
 from worker.clock import MockClock
 from worker.cloudflare.client import PurgeAccepted
 from worker.cloudflare.plans import PlanLimits
@@ -163,3 +165,14 @@ def test_drain_sends_partial_batches_before_their_window_ends():
     assert dispatcher.dispatch(drain=True) == 1
     settle(dispatcher)
     assert len(client.sent[0][2]) == 3
+
+
+def test_it_says_when_refused_budget_comes_back():
+    clock, coalescer, dispatcher, _, _ = build(urls_per_second=10.0, cap=10)
+    for i, t in enumerate(urls(10)):
+        coalescer.add(ZA, P, t, i)
+    assert dispatcher.dispatch() == 0  # the URL window starts full
+    assert dispatcher.budget_at == pytest.approx(clock.monotonic() + 1.0)
+    clock.advance(1.0)
+    assert dispatcher.dispatch() == 1 and dispatcher.budget_at is None
+    settle(dispatcher)

@@ -198,3 +198,24 @@ def test_faults_by_count_duration_latency_and_clear(emulator):
     requests.post(emulator.url + "/__emulator/reset", timeout=5)
     assert requests.get(emulator.url + "/__emulator/purges", timeout=5).json() == []
     assert requests.post(ctl, json={"status": 503}, timeout=5).status_code == 400
+
+
+def test_urls_are_metered_over_a_sliding_second_not_a_bucket(emulator_factory):
+    clock = MockClock()
+    emu = emulator_factory(plan="pro", clock=clock)
+
+    def urls(tag, n=100):
+        return {"files": [f"https://a.com/{tag}/{j}" for j in range(n)]}
+
+    for i in range(15):  # 1,500 URLs at one instant: the plan's second is full
+        assert purge(emu, urls(i)).status_code == 200
+    clock.advance(0.6)
+    resp = purge(emu, urls("early", 1))
+    assert resp.status_code == 429 and int(resp.headers["Retry-After"]) == 1
+    clock.advance(0.41)  # the first second has passed: room for a whole second again
+    for i in range(15):
+        assert purge(emu, urls(f"b{i}")).status_code == 200, i
+    # A token bucket refilling at 1,500/s would now allow 100 more after 0.1 s; a sliding
+    # second does not, until those 1,500 are a second old.
+    clock.advance(0.1)
+    assert purge(emu, urls("c")).status_code == 429

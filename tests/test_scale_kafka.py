@@ -195,6 +195,8 @@ def test_rate_budget_holds_across_three_replicas(
     )
     assert statuses.count(429) == 0
     assert rate >= 0.8 * urls_per_s
+    # Cloudflare meters URLs per moving second: no second may hold more than the plan allows.
+    assert url_figures(emulator)[1] <= urls_per_s
     assert set(purged_items(emulator)) == {f"https://img.example-cdn.net/u{i}" for i in range(n)}
 
 
@@ -246,3 +248,70 @@ def test_broker_restart_mid_stream_loses_nothing(emulator_factory, tmp_path, uni
         assert set(purged_items(emulator)) == expected
     finally:
         broker.cleanup()
+
+
+PRO = 1500
+
+
+def url_figures(emulator):
+    """URLs purged, the busiest calendar second, and the 429s: what the emulator recorded."""
+    purges = requests.get(emulator.url + "/__emulator/purges", timeout=10).json()
+    statuses = [
+        r["status"] for r in requests.get(emulator.url + "/__emulator/requests", timeout=10).json()
+    ]
+    per_second: dict[int, int] = {}
+    for p in purges:
+        if p["kind"] == "files":
+            t = datetime.fromisoformat(p["received_at"].replace("Z", "+00:00")).timestamp()
+            per_second[int(t)] = per_second.get(int(t), 0) + len(p["items"])
+    return sum(per_second.values()), max(per_second.values()), statuses.count(429)
+
+
+def test_replicas_joining_mid_drain_repeat_almost_nothing_and_lose_nothing(
+    emulator_factory, make_topic, kafka_bootstrap, unique, tmp_path
+):
+    """Finished records of partitions that move are committed before they move, so the new
+    owners do not purge them again; the URL budget holds in every second throughout."""
+    emulator = emulator_factory(plan="pro")
+    topic, dlq = make_topic("cms", 6), make_topic("dlq")
+    group = f"g-{unique}"
+    cfg = worker_config(
+        tmp_path,
+        emulator,
+        kafka_bootstrap,
+        topic,
+        dlq,
+        group,
+        cloudflare={
+            "base_url": emulator.api_url,
+            "accounts": {"main": {"plan": "pro", "files_per_request": 100}},
+            "zones": [
+                {"name": "a", "id": ZONE_A, "hosts": ["example.com"]},
+                {"name": "cdn", "id": ZONE_B, "hosts": ["img.example-cdn.net"]},
+            ],
+        },
+        coalesce={"window_seconds": 0.5},
+    )
+    n = PRO * 20
+    produce(kafka_bootstrap, topic, image_events(n), key=None)
+    workers = Workers(cfg, tmp_path)
+    try:
+        workers.start()
+        wait_for(lambda: len(purged_items(emulator)) >= PRO * 4, timeout=60, what="draining")
+        workers.start()
+        workers.start()
+        wait_for(lambda: all_committed(kafka_bootstrap, group, topic), timeout=150, what="drained")
+    finally:
+        codes = workers.stop_all()
+    assert codes == [0, 0, 0]
+    items = purged_items(emulator)
+    assert set(items) == {f"https://img.example-cdn.net/u{i}" for i in range(n)}
+    repeated = len(items) - n
+    _, busiest, r429 = url_figures(emulator)
+    print(
+        f"\njoining mid-drain: {repeated} of {n} purged twice ({repeated / n:.2%}), "
+        f"busiest second {busiest} URLs, 429s {r429}"
+    )
+    assert "committed finished records before handing partitions over" in workers.log(0)
+    assert repeated <= 0.005 * n
+    assert r429 == 0 and busiest <= PRO

@@ -17,6 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import structlog
 
 from worker.clock import Clock
+from worker.cloudflare.ratelimit import Ticket
 from worker.coalescer import Batch, Coalescer
 from worker.errors import RetriesExhausted
 from worker.ledger import PurgeLedger
@@ -52,16 +53,24 @@ class Dispatcher:
         self._dry_run = dry_run
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="purge")
         self._futures: dict[Future[BatchResult], Batch] = {}
+        self._budget_at: float | None = None
 
     @property
     def in_flight(self) -> int:
         """Requests sent and not yet collected."""
         return len(self._futures)
 
+    @property
+    def budget_at(self) -> float | None:
+        """Monotonic time at which budget refused by the last ``dispatch`` is back (None if no
+        due batch was refused): when the loop should look again."""
+        return self._budget_at
+
     def dispatch(self, *, drain: bool = False) -> int:
         """Send every due batch whose budget is there, while threads are free. Never blocks.
         ``drain`` makes every pending target due (shutdown). Returns how many batches went."""
         sent = 0
+        self._budget_at = None
         for due in self._coalescer.ready(drain=drain):
             dest = self._destinations[due.zone_id]
             cap = self._cap(due.zone_id, due.kind)
@@ -70,19 +79,31 @@ class Dispatcher:
                 size = min(count, cap)
                 if not size or (size < cap and not due.whole):
                     break  # what is left waits for its window
-                if not self._dry_run and dest.limiter.reserve(due.kind, size) > 0:
-                    break  # no budget for this kind now; other kinds may still go
-                self._submit(dest, self._coalescer.take(due.zone_id, due.mode, due.kind, size))
+                wait, ticket = (
+                    (0.0, None) if self._dry_run else dest.limiter.reserve_ticket(due.kind, size)
+                )
+                if wait > 0:  # no budget for this kind now; other kinds may still go
+                    at = self._clock.monotonic() + wait
+                    self._budget_at = at if self._budget_at is None else min(self._budget_at, at)
+                    break
+                batch = self._coalescer.take(due.zone_id, due.mode, due.kind, size)
+                self._submit(dest, batch, ticket)
                 sent += 1
             if len(self._futures) >= self._concurrency:
                 break
         return sent
 
-    def _submit(self, dest: Destination, batch: Batch) -> None:
+    def _submit(self, dest: Destination, batch: Batch, ticket: Ticket | None) -> None:
         batch.sent_at = self._clock.time()
         self._ledger.sending(batch.zone_id, batch.mode, batch.items, batch.sent_at)
         future = self._pool.submit(
-            self._purger.send, dest, batch.kind, batch.mode, batch.targets, reserved=True
+            self._purger.send,
+            dest,
+            batch.kind,
+            batch.mode,
+            batch.targets,
+            reserved=True,
+            ticket=ticket,
         )
         self._futures[future] = batch
 

@@ -48,6 +48,10 @@ class OffsetTracker:
             part.done.discard(done)
             part.committable = done + 1
 
+    def committable(self) -> dict[TopicPartition, int]:
+        """Every partition's committable offset, committed or not."""
+        return {tp: p.committable for tp, p in self._parts.items() if p.committable is not None}
+
     def to_commit(self) -> dict[TopicPartition, int]:
         """Offsets that moved since the last ``mark_committed``."""
         return {

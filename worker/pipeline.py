@@ -177,9 +177,10 @@ class Pipeline:
     def _poll_timeout(self) -> float:
         busy = self.records or self.dispatcher.in_flight or self.coalescer.pending
         timeout = BUSY_POLL if busy else IDLE_POLL
-        due = self.coalescer.next_due()
-        if due is not None:
-            timeout = max(0.0, min(timeout, due - self.clock.monotonic()))
+        now = self.clock.monotonic()
+        for at in (self.coalescer.next_due(), self.dispatcher.budget_at):
+            if at is not None:
+                timeout = max(0.0, min(timeout, at - now))
         return timeout
 
     # -- records in -------------------------------------------------------------------------------
@@ -288,6 +289,8 @@ class Pipeline:
             self.status.last_record = now_wall
         for (topic, outcome), n in finished.items():
             metrics.child(metrics.RECORDS, topic, outcome).inc(n)
+        # What a rebalance may commit before the partitions change hands.
+        self.source.finished(self.records.committable())
         metrics.LAST_RECORD_TIME.set(self.status.last_record)
         metrics.PENDING_RECORDS.set(len(self.records))
 

@@ -16,7 +16,7 @@ import structlog
 from worker import metrics
 from worker.clock import Clock
 from worker.cloudflare.client import CloudflareClient
-from worker.cloudflare.ratelimit import AccountRateLimiter
+from worker.cloudflare.ratelimit import AccountRateLimiter, Ticket
 from worker.cloudflare.retry import RetryPolicy, call_with_retries
 from worker.errors import ApiRejected, PermanentError, RateLimited, RetriesExhausted
 from worker.targets import Kind, Mode, Target
@@ -63,11 +63,12 @@ class Purger:
         targets: Sequence[Target],
         *,
         reserved: bool = False,
+        ticket: Ticket | None = None,
     ) -> BatchResult:
         """Purge ``targets``; ``reserved`` means the caller already took the rate budget for the
-        first attempt (retries and halves take their own)."""
+        first attempt, with ``ticket`` (retries and halves take their own)."""
         result = BatchResult()
-        self._send(dest, kind, mode, list(targets), result, reserved=reserved)
+        self._send(dest, kind, mode, list(targets), result, reserved=reserved, ticket=ticket)
         return result
 
     def _send(
@@ -79,9 +80,12 @@ class Purger:
         out: BatchResult,
         *,
         reserved: bool = False,
+        ticket: Ticket | None = None,
     ) -> None:
         try:
-            self._send_with_retries(dest, kind, mode, targets, out, reserved=reserved)
+            self._send_with_retries(
+                dest, kind, mode, targets, out, reserved=reserved, ticket=ticket
+            )
             out.accepted.extend(targets)
         except ApiRejected as exc:
             # Only a 400 can be about the items; 401/403/404 are about the token or zone.
@@ -112,19 +116,23 @@ class Purger:
         out: BatchResult,
         *,
         reserved: bool,
+        ticket: Ticket | None,
     ) -> None:
         items = [t.item() for t in targets]
-        budget_taken = [reserved]
+        first = [reserved]
 
         def attempt() -> None:
-            if budget_taken[0]:
-                budget_taken[0] = False
+            if first[0]:
+                first[0], held = False, ticket
             else:
-                waited = dest.limiter.acquire(kind, len(items))
+                waited, held = dest.limiter.acquire_ticket(kind, len(items))
                 if waited:
                     metrics.LIMITER_WAIT.inc(waited)
             out.requests += 1
-            self._attempt(dest, kind, mode, items)
+            try:
+                self._attempt(dest, kind, mode, items)
+            finally:
+                dest.limiter.completed(held)
 
         def on_retry(exc: BaseException, attempt_no: int, sleep: float) -> None:
             metrics.RETRIES.labels(kind.value).inc()

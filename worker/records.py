@@ -134,6 +134,9 @@ class InFlightRecords:
     def to_commit(self) -> dict[TopicPartition, int]:
         return self._offsets.to_commit()
 
+    def committable(self) -> dict[TopicPartition, int]:
+        return self._offsets.committable()
+
     def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
         self._offsets.mark_committed(offsets)
 

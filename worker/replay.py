@@ -198,6 +198,9 @@ class DeadLetterReader:
     def resume(self) -> None:
         self._paused = False
 
+    def finished(self, offsets: dict[TopicPartition, int]) -> None:
+        """Nothing to do: the replay owns its partitions alone and commits as it scans."""
+
     def take_revoked(self) -> set[TopicPartition]:
         return set()
 

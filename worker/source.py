@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import structlog
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as KafkaTP
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
@@ -32,6 +32,10 @@ class Source(Protocol):
 
     def resume(self) -> None: ...
 
+    def finished(self, offsets: dict[TopicPartition, int]) -> None:
+        """Offsets that may be committed now (every record below them is finished): a
+        rebalance commits these before the partitions change hands. Must not block."""
+
     def take_revoked(self) -> set[TopicPartition]:
         """Partitions lost to another member since the last call (revoked and not assigned
         back). Must not block."""
@@ -53,8 +57,10 @@ def to_record(r: Any) -> Record:
     return Record(r.topic, r.partition, r.offset, r.key, r.value, headers, r.timestamp)
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Runs on kafka-python's IO thread: only records what happened, never blocks.
+class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
+    """Runs on kafka-python's event loop, which awaits it: it must never block, and awaits the
+    one thing worth waiting for, the commit of finished records of revoked partitions, so the
+    next owner does not purge them again.
 
     A partition counts as lost only once the next assignment is known and leaves it out: one that
     is revoked and handed straight back keeps its fetch position, so its records in flight stay
@@ -66,17 +72,35 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.lock = threading.Lock()
         self.revoked: set[TopicPartition] = set()
         self.lost: set[TopicPartition] = set()
+        self.finished: dict[TopicPartition, int] = {}
+        self.consumer: KafkaConsumer | None = None
 
-    def on_partitions_revoked(self, revoked: Sequence[KafkaTP]) -> None:
+    async def on_partitions_revoked(self, revoked: Sequence[KafkaTP]) -> None:
+        tps = {(tp.topic, tp.partition) for tp in revoked}
         with self.lock:
-            self.revoked |= {(tp.topic, tp.partition) for tp in revoked}
+            self.revoked |= tps
+            offsets = {tp: o for tp, o in self.finished.items() if tp in tps}
+        if not offsets or self.consumer is None:
+            return
+        payload = {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        try:
+            await self.consumer.commit_async(payload)
+            log.info(
+                "committed finished records before handing partitions over",
+                partitions=sorted(f"{t}[{p}]" for t, p in offsets),
+            )
+        except Exception as exc:  # noqa: BLE001 (redelivery, never loss: say so and go on)
+            log.warning(
+                "commit before handover failed; their new owner repeats them", error=str(exc)
+            )
 
-    def on_partitions_assigned(self, assigned: Sequence[KafkaTP]) -> None:
+    async def on_partitions_assigned(self, assigned: Sequence[KafkaTP]) -> None:
         with self.lock:
             kept = {(tp.topic, tp.partition) for tp in assigned}
             self.lost |= self.revoked - kept
             self.lost -= kept
             self.revoked = set()
+            self.finished = {tp: o for tp, o in self.finished.items() if tp in kept}
 
 
 class KafkaSource:
@@ -100,6 +124,7 @@ class KafkaSource:
             raise RetryableError(
                 f"cannot reach Kafka at {','.join(config.bootstrap_servers)}: {exc}"
             ) from None
+        self._listener.consumer = self._consumer
         self._consumer.subscribe(list(config.topics), listener=self._listener)
 
     def poll(self, timeout: float, max_records: int) -> list[Record]:
@@ -137,6 +162,10 @@ class KafkaSource:
         if tps:
             self._consumer.resume(*tps)
         self._paused = False
+
+    def finished(self, offsets: dict[TopicPartition, int]) -> None:
+        with self._listener.lock:
+            self._listener.finished.update(offsets)
 
     def take_revoked(self) -> set[TopicPartition]:
         with self._listener.lock:

@@ -21,6 +21,7 @@ class InMemorySource:
         self.pause_count = 0
         self.revoked: set[TopicPartition] = set()
         self.closed = False
+        self.finished_offsets: dict[TopicPartition, int] = {}
         for r in records or []:
             self.add(r)
 
@@ -49,6 +50,9 @@ class InMemorySource:
 
     def resume(self) -> None:
         self.paused = False
+
+    def finished(self, offsets: dict[TopicPartition, int]) -> None:
+        self.finished_offsets.update(offsets)
 
     def take_revoked(self) -> set[TopicPartition]:
         revoked, self.revoked = self.revoked, set()

@@ -1,32 +1,40 @@
 """A client-side model of one account's purge budget, so the worker never causes a 429.
 
-Two budgets, both token buckets on an injected clock:
+Two budgets, on an injected clock:
 
-- flex requests (tags, hosts, prefixes, everything): the documented bucket and refill rate;
-- URLs: ``urls_per_second`` refill with one second of burst, matching a per-second moving average.
+- flex requests (tags, hosts, prefixes, everything): the documented token bucket and refill rate;
+- URLs: at most ``urls_per_second`` in any one-second window. Cloudflare meters URLs as a
+  per-second moving average, and a token bucket lets a window exceed that by its capacity (a
+  bucket holding one 100-URL request on a 1,500 URL/s plan still allows 1,525 in some second).
 
-When several replicas share an account, each spends only ``share`` of it (set from the partitions
-it owns). A 429 anyway blocks every caller until Retry-After and lowers the rate for a while
-(multiplicative decrease, additive recovery), because it means someone else spends the budget too.
+When several workers share an account, each spends only its share of each budget (``set_share``:
+from the demand exchange, or the partitions it owns). A 429 anyway blocks every caller until
+Retry-After and lowers the rate for a while (multiplicative decrease, additive recovery), because
+it means someone else spends the budget too.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 from worker.clock import Clock
 from worker.cloudflare.plans import PlanLimits
 from worker.targets import Kind
 
-# Spend a little under the documented budget: the server's moving average and our bucket do not
-# tick in lockstep, and a 429 costs far more than the few percent left unused.
+# Spend a little under the documented budget: the server's window and ours do not tick in
+# lockstep (requests arrive a little after they leave), and a 429 costs far more than the few
+# percent left unused.
 SAFETY = 0.95
 MIN_FACTOR = 0.25
 DECREASE = 0.5
 RECOVERY_PER_SUCCESS = 0.02
 MAX_WAIT_STEP = 0.05
 MIN_WAIT_STEP = 1e-4
+WINDOW = 1.0
+# A URL request's entry in the window, restamped when the request completes.
+Ticket = list[float]
 
 
 class _Bucket:
@@ -58,9 +66,78 @@ class _Bucket:
         return wait
 
 
+class _Window:
+    """What was sent in the last second; a send fits while that total stays within ``limit``.
+
+    It starts full, as if the whole limit had just been spent: a worker that starts, restarts
+    or joins others cannot know what the account spent in the second before (a predecessor may
+    have spent all of it just now), and one second of waiting is the price of never adding a
+    burst on top."""
+
+    def __init__(self, limit: float, now: float) -> None:
+        self.limit = limit
+        # [when, URLs]: lists, so a request's entry can be restamped when it has completed.
+        self.sent: deque[list[float]] = deque([[now, limit]])
+        self.total = limit
+
+    def _expire(self, now: float) -> None:
+        while self.sent and self.sent[0][0] <= now - WINDOW:
+            self.total -= self.sent.popleft()[1]
+        if not self.sent:
+            self.total = 0.0  # no float residue
+
+    def wait_for(self, cost: float, now: float) -> float:
+        """Seconds until ``cost`` fits in the window (0 if now). A request larger than the whole
+        limit goes alone, once the window is empty."""
+        self._expire(now)
+        if self.total + cost <= self.limit + 1e-9 or not self.sent:
+            return 0.0
+        must_expire = self.total + min(cost, self.limit) - self.limit - 1e-9
+        freed = 0.0
+        for at, amount in self.sent:
+            freed += amount
+            if freed >= must_expire:
+                return max(at + WINDOW - now, MIN_WAIT_STEP)
+        return max(self.sent[-1][0] + WINDOW - now, MIN_WAIT_STEP)
+
+    def take(self, cost: float, now: float) -> tuple[float, list[float] | None]:
+        """Take ``cost`` if it fits (0 and the entry, to restamp later), else the wait."""
+        wait = self.wait_for(cost, now)
+        if wait > 0:
+            return wait, None
+        entry = [now, cost]
+        self.sent.append(entry)
+        self.total += cost
+        return 0.0, entry
+
+    def restamp(self, entry: list[float], now: float) -> None:
+        """Count ``entry`` from ``now``: the request it stands for has completed, so the server
+        had it by then. Counting from the reservation instead would let requests that left
+        late (a busy machine) reach the server bunched into one second."""
+        try:
+            self.sent.remove(entry)
+        except ValueError:  # it had already left the window: count it again, from now
+            self.total += entry[1]
+        entry[0] = now
+        self.sent.append(entry)
+
+    def hold(self, amount: float, now: float) -> None:
+        """Count ``amount`` as spent now."""
+        self.sent.append([now, amount])
+        self.total += amount
+
+    def spend_all(self, now: float) -> None:
+        """Count the whole limit as spent now (after a 429: the server's window is full)."""
+        self._expire(now)
+        extra = max(0.0, self.limit - self.total)
+        self.sent.append([now, extra])
+        self.total += extra
+
+
 @dataclass(frozen=True)
 class LimiterState:
     share: float
+    flex_share: float
     factor: float
     blocked_for: float
 
@@ -79,76 +156,104 @@ class AccountRateLimiter:
         self._limits = limits
         self._clock = clock
         self._lock = threading.Lock()
-        self._share = share
+        self._url_share = share
+        self._flex_share = share
         self._factor = 1.0
         self._blocked_until = 0.0
         self._flex_cost_per_item = flex_cost_per_item
+        self._shared = False  # set_share not called yet
         now = clock.monotonic()
         self._flex = _Bucket(1.0, 1.0, now)
-        self._urls = _Bucket(1.0, 1.0, now)
+        self._urls = _Window(self._url_limit(), now)
         self._resize(now)
-        # The flex bucket starts full: its refill can be minutes, and a lone worker should not wait
-        # that long for its first tag purge. The URL budget starts empty: a replica joining while
-        # others already spend the account's budget must not add a second's burst on top (it
-        # refills in a second, so this costs almost nothing).
+        # The flex bucket starts full: its refill can be minutes, and a lone worker should not
+        # wait that long for its first tag purge.
         self._flex.tokens = self._flex.capacity
-        self._urls.tokens = 0.0
+
+    def _url_limit(self) -> float:
+        return self._limits.urls_per_second * SAFETY * self._url_share * self._factor
 
     def _resize(self, now: float) -> None:
-        scale = self._share * self._factor
-        flex_rate = self._limits.flex_refill_per_second * SAFETY * scale
-        url_rate = self._limits.urls_per_second * SAFETY * scale
-        # A replica's burst is its share of the bucket, never less than one request's worth, so a
+        flex_rate = self._limits.flex_refill_per_second * SAFETY * self._flex_share * self._factor
+        # A worker's burst is its share of the bucket, never less than one request, so a
         # full-size request can always eventually pass.
-        flex_cap = max(1.0, self._limits.flex_bucket * self._share * SAFETY)
-        url_cap = max(float(self._limits.urls_per_request), url_rate)
-        for bucket, rate, cap in (
-            (self._flex, flex_rate, flex_cap),
-            (self._urls, url_rate, url_cap),
-        ):
-            bucket.refill(now)
-            bucket.rate = max(rate, 1e-6)
-            bucket.capacity = cap
-            bucket.tokens = min(bucket.tokens, cap)
+        flex_cap = max(1.0, self._limits.flex_bucket * self._flex_share * SAFETY)
+        self._flex.refill(now)
+        self._flex.rate = max(flex_rate, 1e-6)
+        self._flex.capacity = flex_cap
+        self._flex.tokens = min(self._flex.tokens, flex_cap)
+        self._urls.limit = max(self._url_limit(), 1e-6)
 
-    def set_share(self, share: float) -> None:
-        """Spend only this fraction (0 < share <= 1) of the account's budget from now on."""
-        share = min(1.0, max(share, 0.01))
+    def set_share(self, share: float, flex_share: float | None = None) -> None:
+        """Spend only this fraction (0 < share <= 1) of the account's URL budget, and of its flex
+        bucket (``flex_share``, the same when not given), from now on.
+
+        URL budget gained (the first share, or a larger one) is spendable only a window from
+        now: whoever spent it before still has its last second of requests in the server's
+        window."""
         with self._lock:
-            self._share = share
-            self._resize(self._clock.monotonic())
+            now = self._clock.monotonic()
+            before = 0.0 if not self._shared else self._urls.limit
+            self._shared = True
+            self._url_share = min(1.0, max(share, 0.001))
+            self._flex_share = min(1.0, max(share if flex_share is None else flex_share, 0.001))
+            self._resize(now)
+            if self._urls.limit > before:
+                self._urls.hold(self._urls.limit - before, now)
 
     def reserve(self, kind: Kind, items: int) -> float:
         """Take the budget for one request if it is there now (returns 0); otherwise take
         nothing and return how long until it would be."""
-        return self._check(kind, items, take=True)
+        return self.reserve_ticket(kind, items)[0]
+
+    def reserve_ticket(self, kind: Kind, items: int) -> tuple[float, Ticket | None]:
+        """``reserve``, also returning a ticket to hand to ``completed`` when the request ends
+        (None for requests whose budget needs no restamping)."""
+        with self._lock:
+            now = self._clock.monotonic()
+            blocked = self._blocked_until - now
+            if blocked > 0:
+                return blocked, None
+            if kind.metered_per_item:
+                return self._urls.take(items, now)
+            cost = items if self._flex_cost_per_item else 1
+            return self._flex.take(cost, now), None
+
+    def completed(self, ticket: Ticket | None) -> None:
+        """The request a ticket was taken for has ended (answered or failed)."""
+        if ticket is not None:
+            with self._lock:
+                self._urls.restamp(ticket, self._clock.monotonic())
 
     def ready_in(self, kind: Kind, items: int) -> float:
         """Seconds until a request of ``items`` of ``kind`` could go; takes nothing."""
-        return self._check(kind, items, take=False)
-
-    def _check(self, kind: Kind, items: int, *, take: bool) -> float:
         with self._lock:
             now = self._clock.monotonic()
             blocked = self._blocked_until - now
             if blocked > 0:
                 return blocked
-            bucket = self._urls if kind.metered_per_item else self._flex
-            cost = items if kind.metered_per_item or self._flex_cost_per_item else 1
-            return bucket.take(cost, now) if take else bucket.wait_for(cost, now)
+            if kind.metered_per_item:
+                return self._urls.wait_for(items, now)
+            return self._flex.wait_for(items if self._flex_cost_per_item else 1, now)
 
     def acquire(self, kind: Kind, items: int) -> float:
         """Block until a request of ``items`` of ``kind`` may be sent; return the seconds waited.
 
         Waits in short steps and looks again, so a lower share (after a rebalance) or a 429
         applies at once to requests already waiting, not only to later ones."""
+        return self.acquire_ticket(kind, items)[0]
+
+    def acquire_ticket(self, kind: Kind, items: int) -> tuple[float, Ticket | None]:
+        """``acquire``, also returning the ticket (see ``reserve_ticket``)."""
         waited = 0.0
-        while (wait := self.reserve(kind, items)) > 0:
+        while True:
+            wait, ticket = self.reserve_ticket(kind, items)
+            if wait <= 0:
+                return waited, ticket
             # Never a step so small that adding it to the clock changes nothing (float rounding).
             step = min(max(wait, MIN_WAIT_STEP), MAX_WAIT_STEP)
             self._clock.sleep(step)
             waited += step
-        return waited
 
     def on_success(self) -> None:
         with self._lock:
@@ -164,10 +269,13 @@ class AccountRateLimiter:
             self._blocked_until = max(self._blocked_until, now + pause)
             self._factor = max(MIN_FACTOR, self._factor * DECREASE)
             self._resize(now)
-            bucket = self._urls if kind.metered_per_item else self._flex
-            bucket.tokens = min(bucket.tokens, 0.0)
+            if kind.metered_per_item:
+                self._urls.spend_all(now)
+            else:
+                self._flex.tokens = min(self._flex.tokens, 0.0)
 
     def state(self) -> LimiterState:
         with self._lock:
             now = self._clock.monotonic()
-            return LimiterState(self._share, self._factor, max(0.0, self._blocked_until - now))
+            blocked = max(0.0, self._blocked_until - now)
+            return LimiterState(self._url_share, self._flex_share, self._factor, blocked)

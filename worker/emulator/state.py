@@ -10,6 +10,7 @@ import math
 import re
 import secrets
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -62,21 +63,48 @@ class _Bucket:
         return (cost - self.tokens) / self.rate
 
 
+class _UrlMeter:
+    """URLs accepted in the last second; a request is refused when it would take that total
+    past the plan's URLs per second (the server's per-second moving average)."""
+
+    def __init__(self, per_second: float, clock: Clock) -> None:
+        self.capacity = per_second
+        self.rate = per_second
+        self.clock = clock
+        self.accepted: deque[tuple[float, int]] = deque()
+
+    def take(self, cost: float) -> float:
+        """Accept ``cost`` URLs if the last second leaves room; else the seconds until it would."""
+        now = self.clock.monotonic()
+        while self.accepted and self.accepted[0][0] <= now - 1.0:
+            self.accepted.popleft()
+        in_window = sum(n for _, n in self.accepted)
+        if in_window + cost <= self.capacity:
+            self.accepted.append((now, int(cost)))
+            return 0.0
+        over, wait = in_window + cost - self.capacity, 1.0
+        for at, n in self.accepted:
+            over -= n
+            if over <= 0:
+                wait = at + 1.0 - now
+                break
+        return max(wait, 0.001)
+
+
 @dataclass
 class Account:
     plan: Plan
     limits: PlanLimits
     clock: Clock
     flex: _Bucket = field(init=False)
-    urls: _Bucket = field(init=False)
+    urls: _UrlMeter = field(init=False)
 
     def __post_init__(self) -> None:
         self.refill()
 
     def refill(self) -> None:
         self.flex = _Bucket(self.limits.flex_refill_per_second, self.limits.flex_bucket, self.clock)
-        # URLs are metered as a per-second moving average: one second's worth of burst.
-        self.urls = _Bucket(self.limits.urls_per_second, self.limits.urls_per_second, self.clock)
+        self.urls = _UrlMeter(self.limits.urls_per_second, self.clock)
 
 
 @dataclass
@@ -327,6 +355,7 @@ class EmulatorState:
         return 200, envelope({"id": purge_id}), {}
 
     def _take_budget(self, account: Account, kind: str, n: int) -> Reply | None:
+        bucket: _Bucket | _UrlMeter
         if kind == "files":
             wait = account.urls.take(n)
             bucket = account.urls
