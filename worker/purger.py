@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import structlog
 
@@ -32,6 +33,20 @@ class Destination:
     zone_name: str
     client: CloudflareClient
     limiter: AccountRateLimiter
+
+
+class _Request(NamedTuple):
+    """One batch's destination, selector and mode, as its requests are sent."""
+
+    dest: Destination
+    kind: Kind
+    mode: Mode
+
+
+class _Reserved(NamedTuple):
+    """The rate budget for a first attempt, already taken by the caller."""
+
+    ticket: Ticket | None
 
 
 @dataclass
@@ -68,40 +83,35 @@ class Purger:
         """Purge ``targets``; ``reserved`` means the caller already took the rate budget for the
         first attempt, with ``ticket`` (retries and halves take their own)."""
         result = BatchResult()
-        self._send(dest, kind, mode, list(targets), result, reserved=reserved, ticket=ticket)
+        first = _Reserved(ticket) if reserved else None
+        self._send(_Request(dest, kind, mode), list(targets), result, first)
         return result
 
     def _send(
         self,
-        dest: Destination,
-        kind: Kind,
-        mode: Mode,
+        req: _Request,
         targets: list[Target],
         out: BatchResult,
-        *,
-        reserved: bool = False,
-        ticket: Ticket | None = None,
+        reserved: _Reserved | None = None,
     ) -> None:
         try:
-            self._send_with_retries(
-                dest, kind, mode, targets, out, reserved=reserved, ticket=ticket
-            )
+            self._send_with_retries(req, targets, out, reserved)
             out.accepted.extend(targets)
         except ApiRejected as exc:
             # Only a 400 can be about the items; 401/403/404 are about the token or zone.
             if exc.status == 400 and len(targets) > 1:
                 if "more than" in str(exc):
-                    metrics.CAP_REJECTED.labels(kind.value).inc()
+                    metrics.CAP_REJECTED.labels(req.kind.value).inc()
                     log.error(
                         "per-request cap rejected",
-                        zone=dest.zone_name,
-                        kind=kind.value,
+                        zone=req.dest.zone_name,
+                        kind=req.kind.value,
                         items=len(targets),
                         error=str(exc),
                     )
                 mid = len(targets) // 2
-                self._send(dest, kind, mode, targets[:mid], out)
-                self._send(dest, kind, mode, targets[mid:], out)
+                self._send(req, targets[:mid], out)
+                self._send(req, targets[mid:], out)
             else:
                 out.failed.extend((t, exc) for t in targets)
         except (RetriesExhausted, PermanentError) as exc:
@@ -109,21 +119,18 @@ class Purger:
 
     def _send_with_retries(
         self,
-        dest: Destination,
-        kind: Kind,
-        mode: Mode,
+        req: _Request,
         targets: list[Target],
         out: BatchResult,
-        *,
-        reserved: bool,
-        ticket: Ticket | None,
+        reserved: _Reserved | None,
     ) -> None:
+        dest, kind, mode = req
         items = [t.item() for t in targets]
         first = [reserved]
 
         def attempt() -> None:
-            if first[0]:
-                first[0], held = False, ticket
+            if first[0] is not None:
+                first[0], held = None, first[0].ticket
             else:
                 waited, held = dest.limiter.acquire_ticket(kind, len(items))
                 if waited:
