@@ -176,3 +176,17 @@ def test_it_says_when_refused_budget_comes_back():
     clock.advance(1.0)
     assert dispatcher.dispatch() == 1 and dispatcher.budget_at is None
     settle(dispatcher)
+
+
+def test_under_a_backlog_the_rest_of_a_seconds_budget_goes_in_a_smaller_request():
+    # 76 URLs a second with 10 a request: seven full requests fit, and then one of six.
+    clock, coalescer, dispatcher, client, _ = build(urls_per_second=76.0, cap=10, concurrency=8)
+    for i, t in enumerate(urls(200)):
+        coalescer.add(ZA, P, t, i)
+    clock.advance(1.0)  # the window starts full
+    dispatcher.dispatch()
+    settle(dispatcher)
+    dispatcher.dispatch()
+    settle(dispatcher)
+    sizes = [len(items) for _, _, items in client.sent]
+    assert sum(sizes) == 76 and sizes.count(10) == 7 and 6 in sizes

@@ -28,6 +28,9 @@ log = structlog.get_logger("worker.dispatcher")
 
 # How long an idle ``collect`` waits between looks when nothing is in flight.
 IDLE_STEP = 0.05
+# A request smaller than a full one is cut to fill the budget's room only if it carries at
+# least 1/MIN_FILL of a full one: slivers would cost requests for almost nothing.
+MIN_FILL = 10
 
 
 class Dispatcher:
@@ -82,6 +85,14 @@ class Dispatcher:
                 wait, ticket = (
                     (0.0, None) if self._dry_run else dest.limiter.reserve_ticket(due.kind, size)
                 )
+                if wait > 0 and size == cap:
+                    # A full request does not fit, but a smaller one may: a second's budget is
+                    # rarely a whole number of requests (760 URLs on free, 100 a request), and
+                    # under a backlog the rest of it would otherwise go unused.
+                    room = dest.limiter.room(due.kind)
+                    if room >= max(1, cap // MIN_FILL):
+                        size = room
+                        wait, ticket = dest.limiter.reserve_ticket(due.kind, size)
                 if wait > 0:  # no budget for this kind now; other kinds may still go
                     at = self._clock.monotonic() + wait
                     self._budget_at = at if self._budget_at is None else min(self._budget_at, at)

@@ -219,6 +219,18 @@ class AccountRateLimiter:
             cost = items if self._flex_cost_per_item else 1
             return self._flex.take(cost, now), None
 
+    def room(self, kind: Kind) -> int:
+        """How many items of ``kind`` could go in one request right now (URLs only: a flex
+        request costs the same whatever its size)."""
+        if not kind.metered_per_item:
+            return 0
+        with self._lock:
+            now = self._clock.monotonic()
+            if self._blocked_until > now:
+                return 0
+            self._urls.wait_for(0, now)  # expires what has left the window
+            return max(0, int(self._urls.limit - self._urls.total + 1e-9))
+
     def completed(self, ticket: Ticket | None) -> None:
         """The request a ticket was taken for has ended (answered or failed)."""
         if ticket is not None:
