@@ -160,3 +160,17 @@ def test_budget_gained_from_a_new_share_is_spendable_a_window_later():
     lim.set_share(1.0)  # ... a higher one a window later
     assert lim.reserve(Kind.FILES, 280) == 0  # the 0.2 (285 URLs) it had is there now
     assert lim.ready_in(Kind.FILES, 300) == pytest.approx(1.0)
+
+
+def test_room_is_offered_only_while_the_share_is_steady():
+    clock = MockClock()
+    lim = AccountRateLimiter(limits_for(Plan.PRO), clock)
+    clock.advance(1)
+    assert lim.reserve(Kind.FILES, 1400) == 0
+    assert lim.room(Kind.FILES) == 25
+    lim.set_share(0.5)
+    clock.advance(1.5)
+    assert lim.room(Kind.FILES) == 0  # shares just moved: keep the slack
+    clock.advance(1)
+    assert lim.room(Kind.FILES) == int(1500 * SAFETY * 0.5)
+    assert lim.room(Kind.TAGS) == 0

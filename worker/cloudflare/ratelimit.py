@@ -15,6 +15,7 @@ it means someone else spends the budget too.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -162,6 +163,7 @@ class AccountRateLimiter:
         self._blocked_until = 0.0
         self._flex_cost_per_item = flex_cost_per_item
         self._shared = False  # set_share not called yet
+        self._share_set_at = -math.inf
         now = clock.monotonic()
         self._flex = _Bucket(1.0, 1.0, now)
         self._urls = _Window(self._url_limit(), now)
@@ -194,6 +196,8 @@ class AccountRateLimiter:
         with self._lock:
             now = self._clock.monotonic()
             before = 0.0 if not self._shared else self._urls.limit
+            if abs(share - self._url_share) > 1e-9 or not self._shared:
+                self._share_set_at = now
             self._shared = True
             self._url_share = min(1.0, max(share, 0.001))
             self._flex_share = min(1.0, max(share if flex_share is None else flex_share, 0.001))
@@ -221,12 +225,13 @@ class AccountRateLimiter:
 
     def room(self, kind: Kind) -> int:
         """How many items of ``kind`` could go in one request right now (URLs only: a flex
-        request costs the same whatever its size)."""
+        request costs the same whatever its size). None while shares move: filling a window to
+        the last URL leaves no slack for the requests another worker still has in flight."""
         if not kind.metered_per_item:
             return 0
         with self._lock:
             now = self._clock.monotonic()
-            if self._blocked_until > now:
+            if self._blocked_until > now or now - self._share_set_at < 2 * WINDOW:
                 return 0
             self._urls.wait_for(0, now)  # expires what has left the window
             return max(0, int(self._urls.limit - self._urls.total + 1e-9))
