@@ -292,7 +292,6 @@ class Pipeline:
         # What a rebalance may commit before the partitions change hands.
         self.source.finished(self.records.committable())
         metrics.LAST_RECORD_TIME.set(self.status.last_record)
-        metrics.PENDING_RECORDS.set(len(self.records))
 
     def _dead_letter(self, ref: Ref, state: InFlight) -> None:
         try:

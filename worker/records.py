@@ -7,7 +7,6 @@ Not thread-safe: only the pipeline's loop touches it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -64,12 +63,6 @@ class InFlightRecords:
 
     def __len__(self) -> int:
         return len(self._records)
-
-    def __contains__(self, ref: object) -> bool:
-        return ref in self._records
-
-    def get(self, ref: Ref) -> InFlight | None:
-        return self._records.get(ref)
 
     def rewinds(self, record: Record) -> bool:
         """True if ``record`` is at or before an offset already taken from its partition: the
@@ -142,6 +135,3 @@ class InFlightRecords:
 
     def last_seen(self) -> dict[TopicPartition, int]:
         return self._offsets.last_seen()
-
-    def __iter__(self) -> Iterator[Ref]:
-        return iter(self._records)
