@@ -137,7 +137,11 @@ def test_the_token_appears_nowhere(emulator, make_topic, kafka_bootstrap, unique
             "retry": {"budget_seconds": 1, "initial_backoff_seconds": 0.05},
         },
     )
-    # The emulator does not know this token: every purge fails with 403 and is dead-lettered.
+    # The emulator does not know this token: every purge fails with 403 and is dead-lettered;
+    # and like a misconfigured proxy, every error it answers quotes the request's headers.
+    requests.post(
+        emulator.url + "/__emulator/faults", json={"echo_headers": True}, timeout=5
+    ).raise_for_status()
     proc = start_worker(cfg, secret, log_level="debug")
     try:
         produce(
@@ -160,9 +164,11 @@ def test_the_token_appears_nowhere(emulator, make_topic, kafka_bootstrap, unique
         out, err = proc.communicate(timeout=60)
     dead = read_all(kafka_bootstrap, dlq)
     assert dead and {header(r.headers, "purge.error.class") for r in dead} == {"api_rejected"}
+    assert all("request headers" in (header(r.headers, "purge.error.message") or "") for r in dead)
     assert purged_items(emulator) == []
     assert '"level": "debug"' in err  # debug lines were really emitted
     everything = out + err + metrics_text + health_text
     everything += "".join(v.decode("utf-8", "replace") for r in dead for _, v in r.headers)
     assert secret not in everything
-    assert not re.search(r"Bearer\s+\S", everything)
+    assert "Bearer ***" in everything  # the echo was there, and redacted
+    assert not re.search(r"Bearer\s+(?!\*\*\*)\S", everything)

@@ -15,6 +15,7 @@ from worker.clock import Clock
 from worker.config.model import GuardSettings
 from worker.errors import DeadLetterGuardTripped, PermanentError
 from worker.events import Record
+from worker.logs import redact_text
 
 PREFIX = "purge."
 MAX_MESSAGE = 2000
@@ -67,7 +68,8 @@ def headers_for(
     }
     if first.code is not None:
         added["purge.error.code"] = str(first.code)
-    return kept + [(k, v.encode("utf-8")) for k, v in added.items()]
+    # Error texts may quote what an API or proxy echoed back: never let a secret onto the topic.
+    return kept + [(k, redact_text(v).encode("utf-8")) for k, v in added.items()]
 
 
 def header(headers: Sequence[tuple[str, bytes]], name: str) -> str | None:

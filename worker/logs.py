@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import structlog
 
 REDACTED = "***"
+_HANDLER_NAME = "purge-worker"
 _secrets: list[str] = []
 
 
@@ -30,6 +31,11 @@ def redact_text(text: str) -> str:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text
+
+
+def redact(value: Any) -> Any:
+    """``value`` (text, or JSON-like data) with every known secret replaced."""
+    return _redact(value) if _secrets else value
 
 
 def _redact(value: Any) -> Any:
@@ -90,3 +96,32 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib(out, renderer, level)
+
+
+def _route_stdlib(out: Any, renderer: Any, level: str) -> None:
+    """Send the standard library's log records (kafka-python's among them) through the same
+    redaction and rendering: one format on stderr, and no secret escapes by another path."""
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact_processor,
+                renderer,
+            ],
+        )
+    )
+    handler.set_name(_HANDLER_NAME)
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]
+    root.setLevel(level.upper())
+    # kafka-python narrates every connection at INFO and every protocol frame at DEBUG (a flood
+    # that slows the worker); its warnings and errors are what an operator needs.
+    logging.getLogger("kafka").setLevel(logging.WARNING)

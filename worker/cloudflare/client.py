@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,14 +137,33 @@ class CloudflareClient:
             resp = self._session.request(
                 method, url, json=body, headers=self._credentials.headers(), timeout=self._timeout
             )
+        except (
+            requests.exceptions.InvalidSchema,
+            requests.exceptions.InvalidURL,
+            requests.exceptions.MissingSchema,
+            requests.exceptions.InvalidHeader,
+        ) as exc:
+            # The request cannot be built: trying again in a minute cannot help.
+            raise ApiRejected(
+                0, message=f"{method} {path}: cannot send: {type(exc).__name__}"
+            ) from None
         except requests.RequestException as exc:
             # requests' exceptions hold the prepared request, auth headers included, so they are
             # never chained and only their type is named.
             raise TransportError(f"{method} {path}: {type(exc).__name__}") from None
-        return _interpret(method, path, resp)
+        return _interpret(method, path, resp, self._scrub)
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without this client's secrets: a proxy or a wrong ``base_url`` may quote the
+        request's headers in its error, and error texts travel to logs, output and dead letters."""
+        for secret in self._credentials.secrets():
+            text = text.replace(secret, "***")
+        return text
 
 
-def _interpret(method: str, path: str, resp: requests.Response) -> ApiResponse:
+def _interpret(
+    method: str, path: str, resp: requests.Response, scrub: Callable[[str], str]
+) -> ApiResponse:
     request_id = resp.headers.get("cf-ray") or resp.headers.get("x-request-id")
     try:
         envelope = resp.json()
@@ -152,7 +172,7 @@ def _interpret(method: str, path: str, resp: requests.Response) -> ApiResponse:
     errors: tuple[ApiErrorDetail, ...] = ()
     if isinstance(envelope, dict):
         errors = tuple(
-            ApiErrorDetail(int(e.get("code", 0) or 0), str(e.get("message", "")))
+            ApiErrorDetail(_code(e.get("code")), scrub(str(e.get("message", ""))))
             for e in envelope.get("errors") or []
             if isinstance(e, dict)
         )
@@ -166,6 +186,13 @@ def _interpret(method: str, path: str, resp: requests.Response) -> ApiResponse:
     if not isinstance(envelope, dict) or not envelope.get("success", False):
         raise ApiRejected(status, errors, f"{method} {path}: response is not a success envelope")
     return ApiResponse(status, envelope.get("result"), request_id)
+
+
+def _code(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _retry_after(value: str | None) -> float | None:

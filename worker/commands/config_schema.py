@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from worker import output
 from worker.config.schema import config_schema, section_schema
 from worker.errors import UsageError
 
@@ -20,5 +20,5 @@ def run(args: argparse.Namespace) -> int:
         schema = section_schema(args.section) if args.section else config_schema()
     except KeyError:
         raise UsageError(f"--section {args.section}: no such section") from None
-    print(json.dumps(schema, indent=2, sort_keys=True))
+    output.json_line(schema, indent=2, sort_keys=True)
     return 0

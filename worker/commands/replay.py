@@ -9,7 +9,6 @@ terminal, periodic lines otherwise; a summary at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -21,6 +20,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from tqdm import tqdm
 
+from worker import output
 from worker.clock import SystemClock
 from worker.config import Config
 from worker.deadletter import DeadLetterSink
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         "dry_run": args.dry_run,
         "mode": args.mode,
     }
-    print(json.dumps(summary))
+    output.json_line(summary)
     return 1 if c.failed_again else 0
 
 
@@ -169,7 +169,7 @@ def _dry_run(reader: DeadLetterReader, progress: _Progress, args: argparse.Names
         for record in reader.poll(0.5, 500):
             target = args.to or (record.origin or record).topic
             action = f"republish to {target}" if args.mode == "republish" else "purge again"
-            print(json.dumps({**describe(record), "would": action}))
+            output.json_line({**describe(record), "would": action})
         progress.update()
     reader.close()
 

@@ -51,7 +51,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._inspect(method, path, raw)
             return
         headers = {k.lower(): v for k, v in self.headers.items()}
-        self._send(*self._api(state, method, path, raw, headers), record=(method, path))
+        status, body, extra = self._api(state, method, path, raw, headers)
+        if status >= 400 and state.faults.echo_headers:
+            echoed = "; ".join(f"{k}: {v}" for k, v in headers.items())
+            for err in body.get("errors") or []:
+                err["message"] = f"{err.get('message', '')} (request headers: {echoed})"
+        self._send(status, body, extra, record=(method, path))
 
     def _api(
         self, state: EmulatorState, method: str, path: str, raw: bytes, headers: dict[str, str]

@@ -127,6 +127,9 @@ class Faults:
     reject_status: int = 400
     reject_code: int = 1012
     reject_message: str = "Invalid purge item"
+    # Like a misconfigured proxy or base_url: error messages quote the request's headers, so
+    # tests can prove that nothing the worker prints or writes carries the token.
+    echo_headers: bool = False
 
 
 class EmulatorState:
@@ -210,6 +213,8 @@ class EmulatorState:
                 self.faults.until = self.clock.monotonic() + seconds if seconds else 0.0
                 if not self.faults.count and not seconds:
                     return error(400, 1001, "a status fault needs count or seconds")
+            if "echo_headers" in spec:
+                self.faults.echo_headers = bool(spec["echo_headers"])
             if "latency_ms" in spec:
                 self.faults.latency_ms = int(spec["latency_ms"])
             if "reject_items" in spec:
