@@ -9,21 +9,26 @@ that does not import) is a ``ConfigError`` naming the file, the rule and the rea
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import itertools
 import re
 import sys
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from worker.errors import ConfigError, InvalidEvent, InvalidTarget, PermanentError
 from worker.events import Event
 from worker.schema import Section
-from worker.targets import Kind, Mode, Target
+from worker.targets import Kind, Mode, Target, normalize_host
 from worker.templates import Template, TemplateError, freeze, lookup, value_at
 
 # Distinct inputs one rule remembers the targets of; past it, it starts over.
 RENDER_CACHE_SIZE = 20_000
+# Targets one record may produce (``delivery.max_targets_per_record``).
+DEFAULT_MAX_TARGETS = 10_000
 
 
 class RuleTarget(NamedTuple):
@@ -163,10 +168,48 @@ class _Match:
 class _UrlTemplate:
     url: Template
     headers: tuple[tuple[str, tuple[Template, ...]], ...]
+    # The host the template spells out, if it does: what the event renders must keep it.
+    host: str | None = None
+
+
+def _check_scheme(template: Template, section: Section, key: str) -> None:
+    """A URL template that spells its scheme must spell http or https: anything else could only
+    ever dead-letter every event the rule matches."""
+    text = template.literal_prefix.lower()
+    if any(s.startswith(text) or text.startswith(s) for s in ("http://", "https://")):
+        return
+    raise section.error(
+        key, f"URL template {template.source!r} must start with http:// or https:// (or {{…}})"
+    )
+
+
+def literal_host(template: Template) -> str | None:
+    """The host a URL template names literally (``https://www.example.com{…}`` names
+    www.example.com), or None when the event's data supplies the host."""
+    _, sep, rest = template.literal_prefix.partition("://")
+    if not sep:
+        return None
+    authority = rest
+    for stop in "/?#":
+        authority = authority.split(stop, 1)[0]
+    host = authority.split(":", 1)[0]
+    if "." not in host or "@" in host:
+        return None
+    try:
+        return normalize_host(host)
+    except InvalidTarget:
+        return None
 
 
 class DeclarativeRule:
-    def __init__(self, section: Section, *, allow_everything: bool) -> None:
+    def __init__(
+        self,
+        section: Section,
+        *,
+        allow_everything: bool,
+        max_targets: int = DEFAULT_MAX_TARGETS,
+    ) -> None:
+        self.max_targets = max_targets
         self.name = section.get("name", str)
         self.zone: str | None = section.get("zone", str, None)
         self.mode = Mode(section.choice("mode", ("purge", "invalidate"), "purge"))
@@ -210,9 +253,12 @@ class DeclarativeRule:
 
     def _url(self, item: Any, section: Section, caps: frozenset[str]) -> _UrlTemplate:
         if isinstance(item, str):
-            return _UrlTemplate(self._template(item, section, "urls", caps), ())
+            url = self._template(item, section, "urls", caps)
+            _check_scheme(url, section, "urls")
+            return _UrlTemplate(url, (), literal_host(url))
         sub = Section(item, section.key("urls"), section.source)
         url = self._template(sub.get("url", str), sub, "url", caps)
+        _check_scheme(url, sub, "url")
         hdrs = sub.section("headers")
         headers = []
         for name in list(hdrs.data):
@@ -220,7 +266,7 @@ class DeclarativeRule:
             headers.append((name, tuple(self._template(v, hdrs, name, caps) for v in values)))
         hdrs.done()
         sub.done()
-        return _UrlTemplate(url, tuple(headers))
+        return _UrlTemplate(url, tuple(headers), literal_host(url))
 
     def evaluate(self, event: Event) -> list[RuleTarget] | None:
         captures = self._match.test(event)
@@ -245,9 +291,19 @@ class DeclarativeRule:
         cached, so every record that has them is dead-lettered."""
         out: list[RuleTarget] = []
         for spec in self._urls:
-            for url in spec.url.render(event, captures):
-                for headers in _header_combos(spec.headers, event, captures):
-                    out.append(self._target(Target.url, url, headers))
+            urls = spec.url.render(event, captures)
+            combos = _header_combos(spec.headers, event, captures, self.max_targets)
+            if len(out) + len(urls) * len(combos) > self.max_targets:
+                raise too_many(f"rule {self.name}", self.max_targets)
+            for url in urls:
+                for headers in combos:
+                    made = self._target(Target.url, url, headers)
+                    if spec.host is not None and made.target.hostname != spec.host:
+                        raise InvalidTarget(
+                            f"URL {url!r} from template {spec.url.source!r}: the event's data "
+                            f"changed the host from {spec.host} to {made.target.hostname}"
+                        )
+                    out.append(made)
         for value in _render_all(self._templates["tags"], event, captures):
             out.append(RuleTarget(Target.tag(value, self.zone), self.mode, self.name))
         for value in _render_all(self._templates["hosts"], event, captures):
@@ -273,11 +329,16 @@ def _render_all(templates: list[Template], event: Event, captures: dict[str, str
 
 
 def _header_combos(
-    headers: tuple[tuple[str, tuple[Template, ...]], ...], event: Event, captures: dict[str, str]
+    headers: tuple[tuple[str, tuple[Template, ...]], ...],
+    event: Event,
+    captures: dict[str, str],
+    cap: int,
 ) -> list[dict[str, str] | None]:
     combos: list[dict[str, str]] = [{}]
     for name, templates in headers:
         values = [v for t in templates for v in t.render(event, captures)]
+        if len(combos) * len(values) > cap:
+            raise too_many(f"cache-key header {name}", cap)
         combos = [{**c, name: v} for c in combos for v in values]
     return [c or None for c in combos]
 
@@ -290,7 +351,13 @@ PluginResult = Iterable[Target] | dict[str, Sequence[str]]
 class PluginRule:
     """``plugin: "package.module:function"``; the function takes the event (and ``options``)."""
 
-    def __init__(self, section: Section, search_path: str | None = None) -> None:
+    def __init__(
+        self,
+        section: Section,
+        search_path: str | None = None,
+        max_targets: int = DEFAULT_MAX_TARGETS,
+    ) -> None:
+        self.max_targets = max_targets
         self.name = section.get("name", str)
         ref = section.get("plugin", str)
         self.zone: str | None = section.get("zone", str, None)
@@ -336,8 +403,14 @@ class PluginRule:
                 raise InvalidEvent(
                     f"plugin rule {self.name} returned unknown keys {sorted(unknown)}"
                 )
-            return [makers[k](v) for k, values in result.items() for v in values]
-        targets = list(result)
+            made = (makers[k](v) for k, values in result.items() for v in values)
+            return self._capped(made)
+        if not isinstance(result, Iterable) or isinstance(result, str | bytes):
+            raise InvalidEvent(
+                f"plugin rule {self.name} returned {type(result).__name__}, "
+                "not an iterable of Targets or a dict"
+            )
+        targets = self._capped(result)
         for t in targets:
             if not isinstance(t, Target):
                 raise InvalidEvent(
@@ -350,14 +423,21 @@ class PluginRule:
             for t in targets
         ]
 
+    def _capped(self, items: Iterable[Any]) -> list[Any]:
+        """At most ``max_targets`` items, taken one by one: a generator that would go on for
+        ever is stopped at the cap, without building the rest."""
+        out = list(itertools.islice(items, self.max_targets + 1))
+        if len(out) > self.max_targets:
+            raise too_many(f"plugin rule {self.name}", self.max_targets)
+        return out
+
 
 def _import(ref: str, section: Section, search_path: str | None) -> Callable[..., Any]:
-    # Plug-ins next to the config file import without packaging them.
-    if search_path and search_path not in sys.path:
-        sys.path.insert(0, search_path)
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise section.error("plugin", f"{ref!r} must look like 'package.module:function'")
+    if search_path:
+        _plugins_next_to(search_path, module_name.split(".")[0], section)
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 (any import-time failure is the same config error)
@@ -370,12 +450,33 @@ def _import(ref: str, section: Section, search_path: str | None) -> Callable[...
     return fn  # type: ignore[no-any-return]
 
 
+def _plugins_next_to(search_path: str, top: str, section: Section) -> None:
+    """Make modules next to the config importable without packaging them, *after* the standard
+    library and installed packages: a file there named like one of those (a ``netrc.py``) must
+    never replace it for the whole process. Such a clash is a config error naming the file."""
+    if search_path not in sys.path:
+        sys.path.append(search_path)
+    here = Path(search_path)
+    local = next((p for p in (here / f"{top}.py", here / top / "__init__.py") if p.is_file()), None)
+    if local is None:
+        return
+    spec = importlib.util.find_spec(top)
+    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    if origin is not None and origin != local.resolve():
+        raise section.error(
+            "plugin",
+            f"{local} has the name of the module {top!r} from {origin.parent}; "
+            "rename the plug-in module",
+        )
+
+
 # -- the rule set --------------------------------------------------------------------------------
 
 
 class RuleSet:
-    def __init__(self, rules: Sequence[Rule]) -> None:
+    def __init__(self, rules: Sequence[Rule], max_targets: int = DEFAULT_MAX_TARGETS) -> None:
         self.rules = list(rules)
+        self.max_targets = max_targets
 
     def evaluate(self, event: Event) -> PurgePlan:
         """Every matching rule's targets, united. Raises PermanentError (InvalidEvent/Target)."""
@@ -388,7 +489,15 @@ class RuleSet:
             if targets is not None:
                 plan.fired.append(rule.name)
                 plan.add(targets)
+                if len(plan.targets) > self.max_targets:
+                    raise too_many(f"rules {', '.join(plan.fired)}", self.max_targets)
         return plan
+
+
+def too_many(what: str, cap: int) -> InvalidTarget:
+    return InvalidTarget(
+        f"{what} produced more than {cap} targets for one record (delivery.max_targets_per_record)"
+    )
 
 
 def compile_rules(
@@ -398,6 +507,7 @@ def compile_rules(
     allow_everything: bool,
     plugin_path: str | None = None,
     taken: set[str] | None = None,
+    max_targets: int = DEFAULT_MAX_TARGETS,
 ) -> list[Rule]:
     """Compile a list of rule mappings from ``source``. ``taken``: rule names already used
     (by other rule files); every name must be unique across them. Raises ``ConfigError``."""
@@ -411,9 +521,11 @@ def compile_rules(
         )
         section = Section(item, f"rules[{label}]", source)
         rule: Rule = (
-            PluginRule(section, plugin_path)
+            PluginRule(section, plugin_path, max_targets)
             if section.has("plugin")
-            else DeclarativeRule(section, allow_everything=allow_everything)
+            else DeclarativeRule(
+                section, allow_everything=allow_everything, max_targets=max_targets
+            )
         )
         if rule.name in names:
             raise ConfigError(source, f"rules[{label}]", f"duplicate rule name {rule.name!r}")

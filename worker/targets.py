@@ -12,9 +12,15 @@ import re
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import idna
+
 from worker.errors import InvalidTarget
 
 MAX_TAG_LENGTH = 1024
+# Far above any real page's URL or cache-key header; past them a target is a bug or an attack,
+# and one such record would otherwise fill a request body on its own.
+MAX_URL_LENGTH = 8192
+MAX_HEADER_VALUE_LENGTH = 1024
 MAX_PREFIX_SLASHES = 31
 DEVICE_TYPES = frozenset({"mobile", "desktop", "tablet"})
 
@@ -133,11 +139,19 @@ def _url_host(url: str) -> str:
 def normalize_url(raw: str) -> str:
     if not isinstance(raw, str) or not raw:
         raise InvalidTarget(f"URL must be a non-empty string, got {raw!r}")
+    if len(raw) > MAX_URL_LENGTH:
+        raise InvalidTarget(
+            f"URL {raw[:60]!r}… is {len(raw)} characters long (max {MAX_URL_LENGTH})"
+        )
     if any(c.isspace() for c in raw):
         raise InvalidTarget(f"URL {raw!r} contains white space")
     parts = urlsplit(raw)
     if parts.scheme.lower() not in ("http", "https"):
         raise InvalidTarget(f"URL {raw!r} must start with http:// or https://")
+    if "@" in parts.netloc:
+        # "https://www.example.com@other.host/" names other.host: a user name in front of the
+        # host lets event data pick the host (and the zone), so it is never a purge target.
+        raise InvalidTarget(f"URL {raw!r} has user information before its host")
     host = parts.hostname
     if not host:
         raise InvalidTarget(f"URL {raw!r} has no host")
@@ -158,6 +172,11 @@ def normalize_headers(headers: dict[str, str], url: str = "") -> tuple[tuple[str
             raise InvalidTarget(f"cache-key header name {name!r} for {url} is not a header name")
         if not isinstance(value, str) or not value or any(ord(c) < 0x20 for c in value):
             raise InvalidTarget(f"cache-key header {name}={value!r} for {url} has no usable value")
+        if len(value) > MAX_HEADER_VALUE_LENGTH:
+            raise InvalidTarget(
+                f"cache-key header {name} for {url} is {len(value)} characters long "
+                f"(max {MAX_HEADER_VALUE_LENGTH})"
+            )
         lname = name.lower()
         if lname == "cf-device-type" and value not in DEVICE_TYPES:
             raise InvalidTarget(
@@ -197,6 +216,10 @@ def normalize_host(raw: str) -> str:
 def normalize_prefix(raw: str) -> str:
     if not isinstance(raw, str) or not raw:
         raise InvalidTarget(f"prefix must be a non-empty string, got {raw!r}")
+    if len(raw) > MAX_URL_LENGTH:
+        raise InvalidTarget(
+            f"prefix {raw[:60]!r}… is {len(raw)} characters long (max {MAX_URL_LENGTH})"
+        )
     text = raw
     lowered = text.lower()
     for scheme in ("https://", "http://"):
@@ -225,9 +248,11 @@ def normalize_prefix(raw: str) -> str:
 def _idna(host: str, original: str) -> str:
     host = host.lower().rstrip(".")
     try:
-        ascii_host = host.encode("idna").decode("ascii") if not host.isascii() else host
-    except UnicodeError as exc:
-        raise InvalidTarget(f"host in {original!r} is not a valid host name") from exc
+        # UTS-46 processing with IDNA 2008 (what browsers resolve): Python's own "idna" codec is
+        # IDNA 2003, which maps "faß.de" to "fass.de", a different domain.
+        ascii_host = host if host.isascii() else idna.encode(host, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:
+        raise InvalidTarget(f"host in {original!r} is not a valid host name: {exc}") from None
     if not _HOST_RE.match(ascii_host):
         raise InvalidTarget(f"host {ascii_host!r} in {original!r} is not a valid host name")
     return ascii_host

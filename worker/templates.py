@@ -85,6 +85,11 @@ class Template:
         self._parts.append(rest)
 
     @property
+    def literal_prefix(self) -> str:
+        """The text before the first placeholder (all of it when there is none)."""
+        return "".join(itertools.takewhile(lambda p: isinstance(p, str), self._parts))  # type: ignore[arg-type]
+
+    @property
     def inputs(self) -> list[tuple[str, ...]]:
         """The paths of every value this template reads from an event (besides captures)."""
         paths = [p.source_path for p in self._parts if isinstance(p, _Ref)]

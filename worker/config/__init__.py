@@ -32,6 +32,7 @@ from worker.config.model import (
     ObservabilitySettings,
     RetryPolicy,
     ZoneSection,
+    check_base_url,
     strings,
 )
 from worker.errors import ConfigError, InvalidTarget
@@ -158,9 +159,27 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     return parse(_yaml(text, source), source, env)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping: plain YAML keeps the last silently,
+    so a setting written twice would quietly not be the one the reader sees first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):
+                continue  # unhashable: the base class reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _yaml(text: str, source: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
@@ -188,7 +207,7 @@ def parse(data: Any, source: str, env: Mapping[str, str]) -> Config:
     return Config(
         source=source,
         kafka=_kafka(file.kafka, env, source),
-        base_url=env.get("CLOUDFLARE_BASE_URL") or file.cloudflare.base_url,
+        base_url=_base_url(file.cloudflare.base_url, env, source),
         accounts=accounts,
         zones=zones,
         coalesce=file.coalesce,
@@ -196,6 +215,16 @@ def parse(data: Any, source: str, env: Mapping[str, str]) -> Config:
         observability=file.observability,
         rules=rules,
     )
+
+
+def _base_url(configured: str, env: Mapping[str, str], source: str) -> str:
+    override = env.get("CLOUDFLARE_BASE_URL")
+    if not override:
+        return configured
+    try:
+        return check_base_url(override)
+    except ValueError as exc:
+        raise ConfigError(source, "cloudflare.base_url", f"CLOUDFLARE_BASE_URL: {exc}") from None
 
 
 def _kafka(s: KafkaSection, env: Mapping[str, str], source: str) -> KafkaConfig:
@@ -300,6 +329,7 @@ def _rules(file: ConfigFile, source: str, allow_everything: bool) -> RuleSet:
             allow_everything=allow_everything,
             plugin_path=str(base) if base else None,
             taken=names,
+            max_targets=file.delivery.max_targets_per_record,
         )
     for name in files:
         path = Path(name) if Path(name).is_absolute() or base is None else base / name
@@ -318,8 +348,9 @@ def _rules(file: ConfigFile, source: str, allow_everything: bool) -> RuleSet:
             allow_everything=allow_everything,
             plugin_path=str(path.parent),
             taken=names,
+            max_targets=file.delivery.max_targets_per_record,
         )
-    return RuleSet(rules)
+    return RuleSet(rules, file.delivery.max_targets_per_record)
 
 
 def _check_rule_zones(rules: list[Rule], zones: tuple[Zone, ...], source: str) -> None:

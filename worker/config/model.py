@@ -11,8 +11,10 @@ are only "a list of mappings".
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -93,6 +95,19 @@ class CloudflareSection(Section):
     accounts: dict[str, AccountSection] = Field(min_length=1)
     zones: list[ZoneSection] = Field(min_length=1)
 
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return check_base_url(value)
+
+
+def check_base_url(value: str) -> str:
+    """An http(s) URL with a host: anything else would fail every request, and be retried."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or " " in value:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    return value
+
 
 # -- coalescing and delivery ---------------------------------------------------------------------
 
@@ -153,6 +168,9 @@ class DeliverySettings(Section):
     unknown_zone: Literal["dead_letter", "drop"] = "dead_letter"
     no_rule_matched: Literal["skip", "dead_letter"] = "skip"
     allow_everything: bool = False
+    # What one record may purge, counted before zone variants: a plug-in or a fan-out gone wrong
+    # dead-letters its record in bounded time and memory instead of spending the budget.
+    max_targets_per_record: int = Field(default=10_000, ge=1, le=1_000_000)
     dry_run: bool = False
     drain_deadline_seconds: float = Field(default=20.0, ge=0)
     commit_interval_seconds: float = Field(default=1.0, gt=0)
@@ -162,8 +180,22 @@ class DeliverySettings(Section):
 class ObservabilitySettings(Section):
     metrics_port: Port | None = 9464
     health_port: Port | None = 8080
+    # Loopback unless told otherwise: a laptop's worker is not a server for its network. In a
+    # pod the kubelet and the scrapers come from outside, so the chart sets 0.0.0.0.
+    listen_address: str = "127.0.0.1"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("listen_address")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an IP address (e.g. 127.0.0.1, or 0.0.0.0 for every interface)"
+            ) from None
+        return value
 
 
 # -- the file -------------------------------------------------------------------------------------
