@@ -30,6 +30,7 @@ CONFIG = ROOT / "examples" / "config.yaml"
 TOPIC, DLQ = "cms.content", "cms.content.purge-dlq"
 ZONES = ["023e105f4ecef8ad9ca31a8372d0c353", "9a7806061c88ada191ed06f989cc3dac"]
 TOKEN = "emulator-token"
+SHOWN_ITEMS = 20
 
 
 def real_run() -> int:
@@ -65,8 +66,10 @@ def show_new_purges(emulator_url: str, seen: int) -> int:
             f"{len(items)} item(s)",
             flush=True,
         )
-        for item in items[:20]:
+        for item in items[:SHOWN_ITEMS]:
             print(f"        {item}", flush=True)
+        if len(items) > SHOWN_ITEMS:
+            print(f"        … and {len(items) - SHOWN_ITEMS} more", flush=True)
     return len(purges)
 
 
@@ -116,17 +119,19 @@ def main() -> int:
             "CLOUDFLARE_API_TOKEN": TOKEN,
             "CLOUDFLARE_BASE_URL": f"{emulator_url}/client/v4",
         }
-        children.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "worker", "run", "-c", str(CONFIG)], cwd=ROOT, env=env
-            )
-        )
+        # The example's ports, unless something else holds them already.
+        metrics_port, health_port = port_or_free(9464), port_or_free(8080)
+        run = [sys.executable, "-m", "worker", "run", "-c", str(CONFIG)]
+        ports = ["--metrics-port", str(metrics_port), "--health-port", str(health_port)]
+        children.append(subprocess.Popen([*run, *ports], cwd=ROOT, env=env))
         time.sleep(2)
         events = sorted((ROOT / "examples" / "events").glob("*.json"))
         publish([*map(str, events), "--topic", TOPIC, "--bootstrap", broker.bootstrap])
         print(
             "\npurge-worker is running; purges appear below "
-            f"(also at {emulator_url}/__emulator/purges).\nPublish more: .venv/bin/python "
+            f"(also at {emulator_url}/__emulator/purges).\nMetrics: "
+            f"http://127.0.0.1:{metrics_port}/metrics, health: "
+            f"http://127.0.0.1:{health_port}/readyz\nPublish more: .venv/bin/python "
             "scripts/publish.py examples/events/article-updated.json "
             f"--bootstrap {broker.bootstrap}\nCtrl-C stops everything.\n",
             flush=True,

@@ -60,9 +60,18 @@ def test_explain_missing_file_is_a_usage_error(cfg, capsys):
     assert "/nonexistent.json" in err and err.count("\n") == 1
 
 
-def test_check_ok(cfg, capsys):
+def test_check_ok(cfg, capsys, monkeypatch):
+    monkeypatch.setenv("CLOUDFLARE_API_TOKEN", TOKEN)
     assert main(["check", "-c", cfg]) == 0
     assert "OK: 4 rules, 2 zones" in capsys.readouterr().out
+
+
+def test_check_fails_like_run_when_the_token_variable_is_unset(cfg, capsys, monkeypatch):
+    monkeypatch.delenv("CLOUDFLARE_API_TOKEN", raising=False)
+    assert main(["check", "-c", cfg]) == 2
+    err = capsys.readouterr().err
+    assert "no API token" in err and "CLOUDFLARE_API_TOKEN" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 BROKEN = [
@@ -172,7 +181,10 @@ def test_check_online(tmp_path, emulator, kafka_bootstrap, make_topic, capsys, m
     assert "10000" in out and "bad-token-1234" not in out
 
 
-def test_rules_files_are_merged_and_errors_name_the_rules_file(tmp_path, emulator, capsys):
+def test_rules_files_are_merged_and_errors_name_the_rules_file(
+    tmp_path, emulator, capsys, monkeypatch
+):
+    monkeypatch.setenv("CLOUDFLARE_API_TOKEN", TOKEN)
     data = config_dict(emulator.api_url)
     extra = [{"name": "extra", "match": {"type": "x"}, "hosts": ["www.example.com"]}]
     (tmp_path / "more-rules.yaml").write_text(yaml.safe_dump(extra))

@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from worker import __version__, logs
 from worker.commands import cache, check, config_schema, emulator, explain, purge, replay, run
+from worker.commands.args import HelpFormatter
 from worker.config import Config, load
 from worker.errors import ConfigError, PermanentError, PurgeWorkerError, RetryableError, UsageError
 
@@ -26,12 +27,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="purge-worker", description="Kafka events in, Cloudflare purges out.")
+    parser = _Parser(
+        prog="purge-worker",
+        description="Kafka events in, Cloudflare purges out.",
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, help_text: str, needs_config: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=HelpFormatter
+        )
         if needs_config:
             p.add_argument("-c", "--config", required=True, help="the YAML config file")
         return p
@@ -54,12 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _with_config(
-    fn: Callable[[argparse.Namespace, Config], int],
+    fn: Callable[[argparse.Namespace, Config], int], *, calls_api: bool = True
 ) -> Callable[[argparse.Namespace], int]:
+    """Load the config (the same validation for every command), then run ``fn``.
+
+    A command that calls the API fails before its first request when a token is missing, and
+    ``check`` fails on it too, so ``check`` passes exactly when ``run`` can start."""
+
     def run(args: argparse.Namespace) -> int:
         config = load(args.config)
         logs.register_secrets(config.secrets())
         logs.configure(config.log_format, config.log_level)
+        sends = calls_api and not getattr(args, "dry_run", False)
+        if sends and not config.delivery.dry_run and config.missing_credentials():
+            raise UsageError(config.missing_credentials()[0])
         return fn(args, config)
 
     return run
@@ -67,9 +82,10 @@ def _with_config(
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _with_config(run.run),
-    "explain": _with_config(explain.run),
+    "explain": _with_config(explain.run, calls_api=False),
     "check": _with_config(check.run),
-    "replay": _with_config(replay.run),
+    # Replay's republish mode never calls the API; replay checks its own mode.
+    "replay": _with_config(replay.run, calls_api=False),
     "purge": _with_config(purge.run),
     "cache": _with_config(cache.run),
     "emulator": emulator.run,
@@ -78,7 +94,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, UsageError) as exc:

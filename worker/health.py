@@ -20,7 +20,7 @@ class HealthServer:
         self,
         port: int,
         check: Callable[[], tuple[bool, bool, dict[str, Any]]],
-        host: str = "0.0.0.0",  # noqa: S104 (probes come from the kubelet, not loopback)
+        host: str = "127.0.0.1",
     ) -> None:
         outer = self
 

@@ -7,10 +7,11 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from worker import output
 from worker.clock import SystemClock
 from worker.cloudflare.client import CacheSetting
 from worker.config import Config
-from worker.errors import UsageError
+from worker.errors import UnknownZone, UsageError
 from worker.wiring import Accounts
 
 # setting name on the command line -> (API setting, actions it supports)
@@ -36,7 +37,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if args.action not in actions:
         raise UsageError(f"cache {args.setting} supports {', '.join(actions)}, not {args.action}")
     accounts = Accounts(config, SystemClock())
-    zone = accounts.zone(args.zone)
+    try:
+        zone = accounts.zone(args.zone)
+    except UnknownZone as exc:
+        raise UsageError(str(exc)) from None
     client = accounts.clients[zone.account]
     result: Any
     if args.action == "get":
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         result = client.cache_reserve_clear_status(zone.id)
     else:
         result = client.cache_reserve_clear_start(zone.id)
-    print(json.dumps({"zone": zone.name, **asdict(result)}))
+    output.json_line({"zone": zone.name, **asdict(result)})
     accounts.close()
     return 0
 

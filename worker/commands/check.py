@@ -8,9 +8,10 @@ import argparse
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
+from worker import output
 from worker.clock import SystemClock
 from worker.config import Config
-from worker.errors import PurgeWorkerError, UsageError
+from worker.errors import PurgeWorkerError
 from worker.wiring import Accounts
 
 
@@ -19,20 +20,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    print(
+    output.line(
         f"{config.source}: OK: {len(config.rules.rules)} rules, {len(config.zones)} zones, "
         f"{len(config.accounts)} accounts, topics {', '.join(config.kafka.topics)}"
     )
     if not args.online:
         return 0
-    missing = config.missing_credentials()
-    if missing:
-        raise UsageError(missing[0])
     failures = _check_kafka(config) + _check_tokens(config)
     for line in failures:
-        print(f"FAIL {line}")
+        output.line(f"FAIL {line}")
     if not failures:
-        print("online: Kafka reachable, topics exist, every API token is active")
+        output.line("online: Kafka reachable, topics exist, every API token is active")
     return 1 if failures else 0
 
 

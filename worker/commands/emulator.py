@@ -7,27 +7,34 @@ import contextlib
 import signal
 import sys
 
+from worker.commands import args
 from worker.emulator import Emulator, EmulatorState
+from worker.errors import UsageError
 
 # A fixed demo zone, so the examples work against a freshly started emulator.
 DEMO_ZONE = "023e105f4ecef8ad9ca31a8372d0c353"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8787, help="port (default 8787; 0 picks a free one)")
-    p.add_argument("--plan", choices=["free", "pro", "business", "enterprise"], default="pro")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument(
+        "--port", type=args.port, default=8787, help="port to listen on (0 picks a free one)"
+    )
+    p.add_argument("--plan", choices=args.PLANS, default="pro", help="the default account's plan")
     p.add_argument("--token", default="emulator-token", help="the API token it accepts")
     p.add_argument(
         "--zone",
         action="append",
         default=[],
         metavar="ZONE_ID[:PLAN]",
+        type=args.zone_spec,
         help=f"a zone it knows (repeatable; default {DEMO_ZONE}); ':PLAN' puts the "
         "zone in its own account on that plan",
     )
     p.add_argument("--no-rate-limit", action="store_true", help="accept every request at once")
-    p.add_argument("--files-cap", type=int, default=None, help="URLs per request (default by plan)")
+    p.add_argument(
+        "--files-cap", type=int, default=None, help="URLs per request (default: the plan's)"
+    )
     p.add_argument(
         "--flex-cost",
         choices=["request", "item"],
@@ -36,17 +43,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--clear-seconds",
-        type=float,
+        type=args.positive_float,
         default=5.0,
-        help="how long a Cache Reserve clear takes (default 5)",
+        help="seconds a Cache Reserve clear takes",
     )
     p.add_argument("--verbose", action="store_true", help="log every request")
 
 
-def build_state(args: argparse.Namespace) -> EmulatorState:
+def build_state(opts: argparse.Namespace) -> EmulatorState:
     zones: dict[str, str] = {}
-    accounts: dict[str, str] = {"default": args.plan}
-    for spec in args.zone or [DEMO_ZONE]:
+    accounts: dict[str, str] = {"default": opts.plan}
+    for spec in opts.zone or [DEMO_ZONE]:
         zone_id, _, plan = spec.partition(":")
         if plan:
             accounts[zone_id] = plan
@@ -56,19 +63,22 @@ def build_state(args: argparse.Namespace) -> EmulatorState:
     return EmulatorState(
         zones,
         accounts,
-        token=args.token,
-        rate_limits=not args.no_rate_limit,
-        files_cap=args.files_cap,
-        flex_cost_per_item=args.flex_cost == "item",
-        clear_seconds=args.clear_seconds,
+        token=opts.token,
+        rate_limits=not opts.no_rate_limit,
+        files_cap=opts.files_cap,
+        flex_cost_per_item=opts.flex_cost == "item",
+        clear_seconds=opts.clear_seconds,
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    state = build_state(args)
-    emulator = Emulator(state, host=args.host, port=args.port, verbose=args.verbose)
+def run(opts: argparse.Namespace) -> int:
+    state = build_state(opts)
+    try:
+        emulator = Emulator(state, host=opts.host, port=opts.port, verbose=opts.verbose)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {opts.host}:{opts.port}: {exc.strerror}") from None
     print(
-        f"emulator: Cloudflare API on {emulator.api_url} (plan {args.plan}, zones "
+        f"emulator: Cloudflare API on {emulator.api_url} (plan {opts.plan}, zones "
         f"{', '.join(state.zones)}); inspect {emulator.url}/__emulator/purges",
         flush=True,
     )

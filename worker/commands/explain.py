@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
+from worker import output
 from worker.clock import SystemClock
 from worker.coalescer import Coalescer
 from worker.config import Config
@@ -53,7 +53,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
         topic, 0, 0, args.key.encode() if args.key else None, _read(args.event), tuple(headers)
     )
     plan_out, code = explain(record, config)
-    print(json.dumps(plan_out, indent=2))
+    output.json_line(plan_out, indent=2)
+    if code:
+        first = plan_out["errors"][0]
+        output.line(
+            f"purge-worker explain: the event would be dead-lettered: "
+            f"{first['class']}: {first['message']}",
+            err=True,
+        )
     return code
 
 

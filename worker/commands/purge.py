@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
+from typing import Any
 
+from worker import output
 from worker.clock import SystemClock
 from worker.coalescer import Coalescer
 from worker.config import Config
@@ -75,23 +76,28 @@ def run(args: argparse.Namespace, config: Config) -> int:
     for routed in plan.targets:
         coalescer.add(routed.zone.id, routed.mode, routed.target, "command line")
     zones = {z.id: z for z in config.zones}
-    purger = Purger(config.delivery.retry, clock, dry_run=args.dry_run)
+    purger = Purger(config.delivery.retry, clock)
     failed = 0
     for batch in coalescer.flush_all():
+        line: dict[str, Any] = {
+            "zone": zones[batch.zone_id].name,
+            "kind": batch.kind.value,
+            "mode": mode.value,
+            "items": [t.item() for t in batch.targets],
+        }
+        if args.dry_run:
+            # Nothing is sent, so nothing is accepted: say what would go, and no more.
+            output.json_line({**line, "dry_run": True, "would_send": len(batch.targets)})
+            continue
         result = purger.send(accounts.destinations[batch.zone_id], batch.kind, mode, batch.targets)
-        print(
-            json.dumps(
-                {
-                    "zone": zones[batch.zone_id].name,
-                    "kind": batch.kind.value,
-                    "mode": mode.value,
-                    "items": [t.item() for t in batch.targets],
-                    "requests": result.requests,
-                    "accepted": len(result.accepted),
-                    "failed": [{"item": t.item(), "error": str(e)} for t, e in result.failed],
-                    "dry_run": args.dry_run,
-                }
-            )
+        output.json_line(
+            {
+                **line,
+                "requests": result.requests,
+                "accepted": len(result.accepted),
+                "failed": [{"item": t.item(), "error": str(e)} for t, e in result.failed],
+                "dry_run": False,
+            }
         )
         failed += len(result.failed)
     accounts.close()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -13,8 +17,9 @@ from prometheus_client import start_http_server
 
 from worker import metrics
 from worker.clock import SystemClock
+from worker.commands import args as args_types
 from worker.config import Config
-from worker.errors import DeadLetterGuardTripped, RetryableError, UsageError
+from worker.errors import ConfigError, DeadLetterGuardTripped, RetryableError
 from worker.health import STALE_AFTER_SECONDS, HealthServer
 from worker.pipeline import Pipeline
 from worker.source import KafkaDeadLetterSink, KafkaSource
@@ -26,20 +31,35 @@ CONNECT_ATTEMPTS_SECONDS = 60.0
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="shadow mode: log purges, send none")
+    p.add_argument(
+        "--metrics-port",
+        type=args_types.port,
+        help="serve /metrics here (overrides the config; 0: off)",
+    )
+    p.add_argument(
+        "--health-port",
+        type=args_types.port,
+        help="serve /healthz, /readyz here (overrides the config; 0: off)",
+    )
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
     if args.dry_run:
-        from dataclasses import replace  # noqa: PLC0415
-
-        config = replace(config, delivery=replace(config.delivery, dry_run=True))
-    if not config.delivery.dry_run and config.missing_credentials():
-        raise UsageError(config.missing_credentials()[0])
+        config = replace(config, delivery=config.delivery.model_copy(update={"dry_run": True}))
+    ports = {"metrics_port": args.metrics_port, "health_port": args.health_port}
+    ports = {k: v or None for k, v in ports.items() if v is not None}
+    if ports:
+        config = replace(config, observability=config.observability.model_copy(update=ports))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if config.metrics_port:
-        start_http_server(config.metrics_port, registry=metrics.REGISTRY)
+        with bound(config, "metrics_port"):
+            start_http_server(
+                config.metrics_port,
+                addr=config.observability.listen_address,
+                registry=metrics.REGISTRY,
+            )
     clock = SystemClock()
     source, sink = _connect(config, stop)
     if source is None or sink is None:
@@ -100,4 +120,22 @@ def _health(config: Config, pipeline: Pipeline) -> HealthServer | None:
         }
         return healthy, healthy, details
 
-    return HealthServer(config.health_port, check).start()
+    with bound(config, "health_port"):
+        server = HealthServer(config.health_port, check, config.observability.listen_address)
+    return server.start()
+
+
+@contextlib.contextmanager
+def bound(config: Config, key: str) -> Iterator[None]:
+    """A port that cannot be bound is a config error naming the key, not a traceback."""
+    port = getattr(config.observability, key)
+    try:
+        yield
+    except OSError as exc:
+        address = config.observability.listen_address
+        reason = (
+            "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror}"
+        )
+        raise ConfigError(
+            config.source, f"observability.{key}", f"port {port} on {address} {reason}"
+        ) from None

@@ -69,7 +69,7 @@ app.kubernetes.io/component: worker
 {{- $_ := set $cf "base_url" .Values.cloudflare.baseUrl }}
 {{- end }}
 {{- $delivery := merge (dict "drain_deadline_seconds" .Values.drainDeadlineSeconds) (.Values.worker.delivery | default dict) }}
-{{- $obs := dict "metrics_port" .Values.metrics.port "health_port" .Values.health.port "log_format" "json" "log_level" .Values.worker.logLevel }}
+{{- $obs := dict "metrics_port" .Values.metrics.port "health_port" .Values.health.port "listen_address" "0.0.0.0" "log_format" "json" "log_level" .Values.worker.logLevel }}
 {{- $config := dict "kafka" $kafka "cloudflare" $cf "coalesce" (.Values.worker.coalesce | default dict) "delivery" $delivery "observability" $obs "rules_files" (list "/etc/purge-worker/rules/rules.yaml") }}
 {{- toYaml $config }}
 {{- end }}

@@ -1,0 +1,56 @@
+"""Argument types shared by the sub-commands: a bad value is one line and exit 2 via argparse."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+ZONE_ID = re.compile(r"^[0-9a-f]{32}$")
+PLANS = ("free", "pro", "business", "enterprise")
+
+
+def port(text: str) -> int:
+    """A TCP port; 0 means "off" (or "any free port" where a command says so)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0..65535)")
+    return value
+
+
+def zone_spec(text: str) -> str:
+    """``ZONE_ID[:PLAN]`` for the emulator."""
+    zone_id, sep, plan = text.partition(":")
+    if not ZONE_ID.match(zone_id):
+        raise argparse.ArgumentTypeError(f"{zone_id!r} is not a zone id (32 lowercase hex)")
+    if sep and plan not in PLANS:
+        raise argparse.ArgumentTypeError(f"plan {plan!r} is not one of {', '.join(PLANS)}")
+    return text
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, when it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or "default" in text
+            or default in (None, False, [], argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
