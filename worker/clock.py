@@ -17,6 +17,9 @@ class Clock(Protocol):
     def sleep(self, seconds: float) -> None:
         """Block the calling thread for ``seconds``."""
 
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        """Block for ``seconds`` or until ``event`` is set, whichever is first; True if set."""
+
 
 class SystemClock:
     def monotonic(self) -> float:
@@ -28,6 +31,9 @@ class SystemClock:
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
             time.sleep(seconds)
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        return event.wait(max(0.0, seconds))
 
 
 class MockClock:
@@ -50,6 +56,12 @@ class MockClock:
         with self._lock:
             if seconds > 0:
                 self._now += seconds
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        if event.is_set():
+            return True
+        self.sleep(seconds)
+        return event.is_set()
 
     def advance(self, seconds: float) -> None:
         with self._lock:

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from worker.clock import Clock
 from worker.config.model import GuardSettings
-from worker.errors import DeadLetterGuardTripped, PermanentError
+from worker.errors import DeadLetterGuardTripped, PermanentError, RetryableError
 from worker.events import Record
 from worker.logs import redact_text
 
@@ -21,14 +21,34 @@ PREFIX = "purge."
 MAX_MESSAGE = 2000
 
 
+class DeadLetterWrite(Protocol):
+    """A dead-letter write under way."""
+
+    def done(self) -> bool: ...
+
+    def error(self) -> RetryableError | None:
+        """Why it failed (once ``done``), or None if the broker confirmed it."""
+
+
 class DeadLetterSink(Protocol):
-    def write(self, record: Record, headers: list[tuple[str, bytes]]) -> None:
-        """Write one dead-letter record and block until the broker confirms it.
+    def submit(self, record: Record, headers: list[tuple[str, bytes]]) -> DeadLetterWrite:
+        """Start writing one dead-letter record; never blocks for long. The record counts as
+        dead-lettered only once the write is done without error."""
 
-        Raises ``RetryableError`` when the write could not be confirmed.
-        """
+    def close(self, timeout: float = 10.0) -> None: ...
 
-    def close(self) -> None: ...
+
+class Failed:
+    """A write that failed before it started."""
+
+    def __init__(self, error: RetryableError) -> None:
+        self._error = error
+
+    def done(self) -> bool:
+        return True
+
+    def error(self) -> RetryableError | None:
+        return self._error
 
 
 def rfc3339(ts: float) -> str:
@@ -72,6 +92,14 @@ def headers_for(
     return kept + [(k, redact_text(v).encode("utf-8")) for k, v in added.items()]
 
 
+def parse_rfc3339(text: str) -> float | None:
+    """Wall seconds from a ``purge.failed_at`` value; None if it is not one."""
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def header(headers: Sequence[tuple[str, bytes]], name: str) -> str | None:
     for key, value in headers:
         if key == name:
@@ -94,6 +122,15 @@ class DeadLetterGuard:
         for q in (self._all, self._dead):
             while q and q[0] < horizon:
                 q.popleft()
+
+    def seed(self, failed_at: Sequence[float], now_wall: float) -> None:
+        """Count dead letters written by earlier runs (wall times) as if this run wrote them:
+        the guard's window then spans restarts."""
+        now = self._clock.monotonic()
+        for t in sorted(failed_at):
+            at = now - max(0.0, now_wall - t)
+            self._all.append(at)
+            self._dead.append(at)
 
     def record_ok(self) -> None:
         self._all.append(self._clock.monotonic())

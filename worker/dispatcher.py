@@ -19,7 +19,7 @@ import structlog
 from worker.clock import Clock
 from worker.cloudflare.ratelimit import Ticket
 from worker.coalescer import Batch, Coalescer
-from worker.errors import RetriesExhausted
+from worker.errors import Abandoned, RetriesExhausted
 from worker.ledger import PurgeLedger
 from worker.purger import BatchResult, Destination, Purger
 from worker.targets import Kind
@@ -130,6 +130,10 @@ class Dispatcher:
             batch = self._futures.pop(future)
             try:
                 result = future.result()
+            except Abandoned:
+                # Only at shutdown: the records stay unfinished and are redelivered.
+                self._ledger.settled(batch.zone_id, batch.mode, batch.items, batch.sent_at, set())
+                continue
             except Exception as exc:
                 log.exception("purge batch crashed", zone=batch.zone_id, kind=batch.kind.value)
                 result = BatchResult(failed=[(t, RetriesExhausted(exc, 1)) for t in batch.targets])
@@ -139,5 +143,7 @@ class Dispatcher:
         return out
 
     def close(self) -> None:
-        """Stop taking work; requests under way are abandoned (their records are redelivered)."""
+        """Stop taking work; requests under way are abandoned (their records are redelivered):
+        their retry and budget waits end at once, a request on the wire ends with the process."""
+        self._purger.abandon()
         self._pool.shutdown(wait=False, cancel_futures=True)

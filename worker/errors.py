@@ -14,7 +14,8 @@
     │   ├── UnknownZone          a target for a host in no configured zone
     │   ├── ApiRejected          other 4xx, with Cloudflare's error codes
     │   └── RetriesExhausted     the retry budget ran out
-    └── DeadLetterGuardTripped   too many records dead-lettered: stop rather than drain the topic
+    ├── DeadLetterGuardTripped   too many records dead-lettered: stop rather than drain the topic
+    └── Abandoned                work given up at shutdown; its records are redelivered
 
 ``error_class`` on permanent errors is the dead-letter ``purge.error.class`` header value.
 """
@@ -108,10 +109,33 @@ class UnknownZone(PermanentError):
     error_class = "unknown_zone"
 
 
+# Cloudflare's codes by what they are about (see cloudflare-api.md in the README's sources).
+AUTH_CODES = frozenset({6003, 6103, 6111, 9109, 10000})
+BODY_CODES = frozenset({1014, 1092, 6007})
+ZONE_CODES = frozenset({7000, 7003})
+
+
 class ApiRejected(PermanentError):
     """The API refused the request (a 4xx other than 408/409/429)."""
 
     error_class = "api_rejected"
+
+    @property
+    def scope(self) -> str:
+        """What the rejection is about: ``item`` (some item of the batch: worth bisecting),
+        ``cap`` (too many items per request), ``auth``, ``zone``, ``body`` or ``request``
+        (nothing a smaller batch would change)."""
+        codes = {e.code for e in self.errors}
+        if self.status in (401, 403) or codes & AUTH_CODES:
+            return "auth"
+        if self.status == 404 or codes & ZONE_CODES:
+            return "zone"
+        if codes & BODY_CODES:
+            return "body"
+        # The per-request cap rejection has no documented code, only its text.
+        if any("more than" in e.message for e in self.errors):
+            return "cap"
+        return "item" if self.status == 400 else "request"
 
     def __init__(
         self, status: int, errors: tuple[ApiErrorDetail, ...] = (), message: str = ""
@@ -137,3 +161,8 @@ class RetriesExhausted(PermanentError):
 
 class DeadLetterGuardTripped(PurgeWorkerError):
     """The share of dead-lettered records passed the configured limit; the worker stops."""
+
+
+class Abandoned(PurgeWorkerError):
+    """A wait (retry backoff, rate budget) was cut short because the worker is stopping. Neither
+    retryable nor permanent: the work is dropped unfinished and its records are redelivered."""

@@ -20,9 +20,9 @@ from worker import metrics
 from worker.clock import Clock
 from worker.coalescer import Batch, Coalescer, Pending
 from worker.config import Config
-from worker.deadletter import DeadLetterGuard, DeadLetterSink, headers_for
+from worker.deadletter import DeadLetterGuard, DeadLetterSink, DeadLetterWrite, headers_for
 from worker.dispatcher import Dispatcher
-from worker.errors import DeadLetterGuardTripped, PermanentError, RetryableError
+from worker.errors import DeadLetterGuardTripped, PermanentError
 from worker.events import Record
 from worker.ledger import COVERED, PurgeLedger
 from worker.plan import Plan, Planner
@@ -39,6 +39,13 @@ LAG_INTERVAL = 5.0
 DEAD_LETTER_RETRY = 2.0
 BUSY_POLL = 0.05
 IDLE_POLL = 0.5
+# A commit waits no longer than an idle poll; one that fails is tried again after a pause, so a
+# broker outage costs the loop a little time per few seconds, not a blocked loop.
+COMMIT_WAIT = 0.5
+COMMIT_RETRY = 5.0
+# After the drain deadline: the last commit and closing the clients, within the +2 s allowed.
+FINAL_COMMIT_WAIT = 1.0
+CLOSE_WAIT = 0.4
 
 
 @dataclass
@@ -101,6 +108,9 @@ class Pipeline:
         self._last_commit = 0.0
         self._last_lag = 0.0
         self._dead_letter_retry_at = 0.0
+        self._commit_retry_at = 0.0
+        # Dead-letter writes under way: their records finish once the broker confirms.
+        self._dead_writes: dict[Ref, tuple[InFlight, DeadLetterWrite]] = {}
         self._share: float | None = None
         self._fixed_share = fixed_share
         if fixed_share is not None:
@@ -132,6 +142,7 @@ class Pipeline:
             self._ingest(record)
         self._flush_tally()
         self._send_and_settle()
+        self._confirm_dead_letters()
         self._finish()
         self._backpressure()
         self._maybe_commit()
@@ -147,32 +158,45 @@ class Pipeline:
         """Nothing pending, in flight or waiting to be finished."""
         return not (len(self.records) or self.dispatcher.in_flight or self.coalescer.pending)
 
-    def drain(self) -> None:
-        """Stop taking records, purge what is pending within the deadline, commit, close."""
-        deadline = self.clock.monotonic() + self.config.delivery.drain_deadline_seconds
+    def drain(self, deadline_seconds: float | None = None) -> None:
+        """Stop taking records, purge what is pending within the deadline, commit, close.
+
+        Returns within the deadline plus about ``FINAL_COMMIT_WAIT + 2 * CLOSE_WAIT`` whatever
+        is going on: purges still retrying or waiting for budget are abandoned and their
+        records, like every unfinished one, are left uncommitted for redelivery."""
+        if deadline_seconds is None:
+            deadline_seconds = self.config.delivery.drain_deadline_seconds
+        deadline = self.clock.monotonic() + deadline_seconds
         self.source.pause()
-        while (self.coalescer.pending or self.dispatcher.in_flight) and (
+        while (self.coalescer.pending or self.dispatcher.in_flight or self._dead_writes) and (
             remaining := deadline - self.clock.monotonic()
         ) > 0:
             self.dispatcher.dispatch(drain=True)
             self._settle(self.dispatcher.collect(timeout=min(remaining, BUSY_POLL)))
+            self._confirm_dead_letters()
             self._finish()
-        self._finish()
-        self.commit()
+        self.dispatcher.close()
+        self._confirm_dead_letters()
+        self._finish(final=True)
+        self.commit(wait=FINAL_COMMIT_WAIT)
         if self.records:
             log.warning(
                 "drain deadline reached; unfinished records will be redelivered",
                 records=len(self.records),
             )
-        self.dispatcher.close()
-        self.source.close()
-        self.sink.close()
+        self.source.close(timeout=CLOSE_WAIT)
+        self.sink.close(timeout=CLOSE_WAIT)
 
-    def commit(self) -> None:
-        """Commit every offset below which all records are finished."""
+    def commit(self, wait: float = COMMIT_WAIT) -> None:
+        """Commit every offset below which all records are finished, waiting at most ``wait``
+        seconds for the broker."""
         offsets = self.records.to_commit()
-        if offsets and self.source.commit(offsets):
+        if not offsets:
+            return
+        if self.source.commit(offsets, timeout=wait):
             self.records.mark_committed(offsets)
+        else:
+            self._commit_retry_at = self.clock.monotonic() + COMMIT_RETRY
 
     def _poll_timeout(self) -> float:
         busy = self.records or self.dispatcher.in_flight or self.coalescer.pending
@@ -261,7 +285,9 @@ class Pipeline:
 
     # -- records out ------------------------------------------------------------------------------
 
-    def _finish(self) -> None:
+    def _finish(self, final: bool = False) -> None:
+        """Finish every ready record: purged ones at once, failed ones by starting their
+        dead-letter write (``final``: none are started, the worker is stopping)."""
         ready = self.records.take_ready()
         if not ready:
             return
@@ -269,22 +295,16 @@ class Pipeline:
         finished: dict[tuple[str, str], int] = {}
         for ref, state in ready:
             if state.failures:
-                if self.tripped or now < self._dead_letter_retry_at:
+                if self.tripped or final or now < self._dead_letter_retry_at:
                     self.records.hold(ref)
-                    continue
-                try:
+                else:
                     self._dead_letter(ref, state)
-                except RetryableError as exc:
-                    state.log.warning("dead-letter write failed; will retry", error=str(exc))
-                    self._dead_letter_retry_at = now + DEAD_LETTER_RETRY
-                    self.records.hold(ref)
-                    continue
-            else:
-                self.guard.record_ok()
-                outcome = "skipped" if state.skipped else "purged"
-                finished[(ref.topic, outcome)] = finished.get((ref.topic, outcome), 0) + 1
-                if not state.skipped and state.event is not None and state.event.time:
-                    metrics.EVENT_AGE.observe(max(0.0, now_wall - state.event.time))
+                continue
+            self.guard.record_ok()
+            outcome = "skipped" if state.skipped else "purged"
+            finished[(ref.topic, outcome)] = finished.get((ref.topic, outcome), 0) + 1
+            if not state.skipped and state.event is not None and state.event.time:
+                metrics.EVENT_AGE.observe(max(0.0, now_wall - state.event.time))
             self.records.finish(ref)
             self.status.last_record = now_wall
         for (topic, outcome), n in finished.items():
@@ -309,12 +329,37 @@ class Pipeline:
             attempts=record.attempts + 1,
             original=record.origin,
         )
-        self.sink.write(state.record, headers)
+        # Counted as dead-lettered now, so the guard sees writes still under way.
         self.guard.record_dead()
-        first = state.failures[0]
-        metrics.DEAD_LETTERS.labels(first.error_class).inc()
-        metrics.child(metrics.RECORDS, ref.topic, "dead_lettered").inc()
-        state.log.warning("record dead-lettered", error_class=first.error_class, error=str(first))
+        self._dead_writes[ref] = (state, self.sink.submit(state.record, headers))
+
+    def _confirm_dead_letters(self) -> None:
+        """Finish the records whose dead-letter write the broker confirmed; offer the others
+        again after a pause. Never waits."""
+        if not self._dead_writes:
+            return
+        now = self.clock.monotonic()
+        for ref, (state, write) in list(self._dead_writes.items()):
+            if not write.done():
+                continue
+            del self._dead_writes[ref]
+            if ref not in self.records:
+                continue  # its partition was revoked meanwhile: the new owner redoes it
+            error = write.error()
+            if error is not None:
+                state.log.warning("dead-letter write failed; will retry", error=str(error))
+                self._dead_letter_retry_at = now + DEAD_LETTER_RETRY
+                self.records.hold(ref)
+                continue
+            first = state.failures[0]
+            metrics.DEAD_LETTERS.labels(first.error_class).inc()
+            metrics.child(metrics.RECORDS, ref.topic, "dead_lettered").inc()
+            state.log.warning(
+                "record dead-lettered", error_class=first.error_class, error=str(first)
+            )
+            self.records.finish(ref)
+            self.status.last_record = self.clock.time()
+        self.source.finished(self.records.committable())
 
     # -- flow control and commits -----------------------------------------------------------------
 
@@ -342,6 +387,8 @@ class Pipeline:
 
     def _maybe_commit(self) -> None:
         now = self.clock.monotonic()
+        if now < self._commit_retry_at:
+            return
         if now - self._last_commit >= self.config.delivery.commit_interval_seconds:
             self.commit()
             self._last_commit = now

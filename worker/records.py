@@ -64,6 +64,9 @@ class InFlightRecords:
     def __len__(self) -> int:
         return len(self._records)
 
+    def __contains__(self, ref: object) -> bool:
+        return ref in self._records
+
     def rewinds(self, record: Record) -> bool:
         """True if ``record`` is at or before an offset already taken from its partition: the
         partition is being read again (a rebalance, a reset) and must be forgotten first."""

@@ -179,10 +179,10 @@ class DeadLetterReader:
                 self._done.add(tp)
         return out
 
-    def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+    def commit(self, offsets: dict[TopicPartition, int], timeout: float = 10.0) -> bool:
         payload = {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
         try:
-            self._consumer.commit(payload)
+            self._consumer.commit(payload, timeout_ms=max(1, int(timeout * 1000)))
             return True
         except KafkaError:
             return False
@@ -207,14 +207,17 @@ class DeadLetterReader:
     def assignment(self) -> set[TopicPartition]:
         return {(tp.topic, tp.partition) for tp in self._tps}
 
+    def last_contact(self) -> float | None:
+        return None
+
     def total_partitions(self) -> int:
         return len(self._tps)
 
     def lag(self, consumed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         return {}
 
-    def close(self) -> None:
-        self._consumer.close()
+    def close(self, timeout: float = 10.0) -> None:
+        self._consumer.close(autocommit=False, timeout_ms=max(1, int(timeout * 1000)))
 
 
 def describe(record: Record) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -13,6 +15,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from worker.config import KafkaConfig
+from worker.deadletter import Failed
 from worker.errors import RetryableError
 from worker.events import Record
 from worker.offsets import TopicPartition
@@ -24,8 +27,9 @@ class Source(Protocol):
     def poll(self, timeout: float, max_records: int) -> list[Record]:
         """Records in offset order per partition; blocks up to ``timeout`` seconds."""
 
-    def commit(self, offsets: dict[TopicPartition, int]) -> bool:
-        """Commit ``offsets`` (the next offset to read); False if the group moved on meanwhile."""
+    def commit(self, offsets: dict[TopicPartition, int], timeout: float) -> bool:
+        """Commit ``offsets`` (the next offset to read), waiting at most ``timeout`` seconds;
+        False if it failed or was not confirmed in time (the group moved on, Kafka is down)."""
 
     def pause(self) -> None:
         """Stop fetching from every assigned partition; ``poll`` keeps the membership alive."""
@@ -42,13 +46,16 @@ class Source(Protocol):
 
     def assignment(self) -> set[TopicPartition]: ...
 
+    def last_contact(self) -> float | None:
+        """Monotonic time Kafka was last heard from (None: not known yet)."""
+
     def total_partitions(self) -> int:
         """Partitions of every subscribed topic (for this replica's share of the budget)."""
 
     def lag(self, consumed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         """Records behind the log end per partition, given the last consumed offsets."""
 
-    def close(self) -> None: ...
+    def close(self, timeout: float = 10.0) -> None: ...
 
 
 def to_record(r: Any) -> Record:
@@ -126,12 +133,25 @@ class KafkaSource:
             ) from None
         self._listener.consumer = self._consumer
         self._consumer.subscribe(list(config.topics), listener=self._listener)
+        self._heard_at: float | None = None
 
     def poll(self, timeout: float, max_records: int) -> list[Record]:
         batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
+        if batches:
+            self._heard_at = time.monotonic()
         return [to_record(r) for records in batches.values() for r in records]
 
-    def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+    def last_contact(self) -> float | None:
+        # An idle member hears from the group coordinator every heartbeat (3 s); records and
+        # commits count too. The heartbeat time is kafka-python's own (same monotonic clock),
+        # read defensively: without it, records and commits still tell.
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        heartbeat = getattr(getattr(coordinator, "heartbeat", None), "last_receive", None)
+        times = [t for t in (heartbeat, self._heard_at) if isinstance(t, float)]
+        times = [t for t in times if math.isfinite(t)]
+        return max(times) if times else None
+
+    def commit(self, offsets: dict[TopicPartition, int], timeout: float) -> bool:
         owned = self.assignment()
         payload = {
             KafkaTP(t, p): OffsetAndMetadata(o, "", -1)
@@ -141,7 +161,8 @@ class KafkaSource:
         if not payload:
             return True
         try:
-            self._consumer.commit(payload)
+            self._consumer.commit(payload, timeout_ms=max(1, int(timeout * 1000)))
+            self._heard_at = time.monotonic()
             return True
         except CommitFailedError as exc:
             # The group rebalanced: those records will be redelivered (duplicates, never loss).
@@ -185,6 +206,14 @@ class KafkaSource:
             total += len(parts) if parts else 0
         return total
 
+    def missing_topics(self, names: Sequence[str]) -> list[str]:
+        """Which of ``names`` the cluster does not have (asks the broker)."""
+        try:
+            existing = self._consumer.topics()
+        except KafkaError as exc:
+            raise RetryableError(f"cannot list Kafka topics: {exc}") from None
+        return [n for n in names if n not in existing]
+
     def lag(self, consumed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         out = {}
         for (topic, partition), offset in consumed.items():
@@ -193,30 +222,107 @@ class KafkaSource:
                 out[(topic, partition)] = max(0, high - offset - 1)
         return out
 
-    def close(self) -> None:
-        # close() leaves the group, so the partitions move to another replica at once.
-        self._consumer.close()
+    def close(self, timeout: float = 10.0) -> None:
+        # close() leaves the group, so the partitions move to another replica at once. Its own
+        # commit is off: only the pipeline commits, and only finished records.
+        self._consumer.close(autocommit=False, timeout_ms=max(1, int(timeout * 1000)))
+
+
+def recent_dead_letters(config: KafkaConfig, since: float, timeout: float = 5.0) -> list[float]:
+    """When records of this worker's topics were dead-lettered since ``since`` (wall seconds),
+    read from the dead-letter topic itself: it is durable, so a restarted worker knows what the
+    one before it did."""
+    from worker.deadletter import PREFIX, header, parse_rfc3339  # noqa: PLC0415
+
+    try:
+        consumer = KafkaConsumer(
+            **config.client_options(),
+            group_id=None,
+            enable_auto_commit=False,
+            request_timeout_ms=int(timeout * 1000) + 1000,
+        )
+    except KafkaError as exc:
+        raise RetryableError(f"cannot reach Kafka: {exc}") from None
+    try:
+        parts = consumer.partitions_for_topic(config.dead_letter_topic) or set()
+        tps = [KafkaTP(config.dead_letter_topic, p) for p in parts]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        starts = consumer.offsets_for_times({tp: int(since * 1000) for tp in tps})
+        ends = consumer.end_offsets(tps)
+        todo = {}
+        for tp in tps:
+            found = starts.get(tp)
+            if found is not None and found.offset < ends[tp]:
+                consumer.seek(tp, found.offset)
+                todo[tp] = ends[tp]
+        times: list[float] = []
+        topics = set(config.topics)
+        deadline = time.monotonic() + timeout
+        while todo and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                for r in records:
+                    headers = tuple(r.headers or ())
+                    if header(headers, PREFIX + "original.topic") not in topics:
+                        continue
+                    failed = parse_rfc3339(header(headers, PREFIX + "failed_at") or "")
+                    if failed is not None and failed >= since:
+                        times.append(failed)
+                if consumer.position(tp) >= todo.get(tp, 0):
+                    todo.pop(tp, None)
+        return times
+    except KafkaError as exc:
+        raise RetryableError(f"cannot read the dead-letter topic: {exc}") from None
+    finally:
+        consumer.close(autocommit=False, timeout_ms=1000)
+
+
+# How long a dead-letter send may wait for the topic's metadata. The producer's default is 60 s,
+# and the loop waited that long per record when the topic was missing.
+SEND_BLOCK_MS = 250
+
+
+class _KafkaWrite:
+    def __init__(self, future: Any, topic: str) -> None:
+        self._future = future
+        self._topic = topic
+
+    def done(self) -> bool:
+        return bool(self._future.is_done)
+
+    def error(self) -> RetryableError | None:
+        exc = self._future.exception if self._future.failed() else None
+        if exc is None:
+            return None
+        return RetryableError(f"dead-letter write to {self._topic} failed: {exc}")
 
 
 class KafkaDeadLetterSink:
-    def __init__(
-        self, config: KafkaConfig, topic: str | None = None, timeout: float = 30.0
-    ) -> None:
+    def __init__(self, config: KafkaConfig, topic: str | None = None) -> None:
         self._topic = topic or config.dead_letter_topic
-        self._timeout = timeout
         try:
-            self._producer = KafkaProducer(**config.client_options(), acks="all", linger_ms=5)
+            self._producer = KafkaProducer(
+                **config.client_options(),
+                acks="all",
+                linger_ms=5,
+                max_block_ms=SEND_BLOCK_MS,
+                # A write the broker cannot take is retried by the pipeline, which holds the
+                # record uncommitted meanwhile; the producer need not hold it for minutes.
+                request_timeout_ms=10_000,
+                delivery_timeout_ms=30_000,
+            )
         except KafkaError as exc:
             raise RetryableError(f"cannot reach Kafka for the dead-letter topic: {exc}") from None
 
-    def write(self, record: Record, headers: list[tuple[str, bytes]]) -> None:
+    def submit(self, record: Record, headers: list[tuple[str, bytes]]) -> _KafkaWrite | Failed:
         try:
             future = self._producer.send(
                 self._topic, key=record.key, value=record.value, headers=headers
             )
-            future.get(timeout=self._timeout)
         except KafkaError as exc:
-            raise RetryableError(f"dead-letter write to {self._topic} failed: {exc}") from None
+            return Failed(RetryableError(f"dead-letter write to {self._topic} failed: {exc}"))
+        return _KafkaWrite(future, self._topic)
 
-    def close(self) -> None:
-        self._producer.close(timeout=10)
+    def close(self, timeout: float = 10.0) -> None:
+        self._producer.close(timeout=timeout)

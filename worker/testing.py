@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+from worker.deadletter import Failed
+from worker.errors import RetryableError
 from worker.events import Record
 from worker.offsets import TopicPartition
 
@@ -39,7 +41,7 @@ class InMemorySource:
             time.sleep(timeout)
         return out
 
-    def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+    def commit(self, offsets: dict[TopicPartition, int], timeout: float = 0.5) -> bool:
         self.committed.update(offsets)
         return True
 
@@ -61,13 +63,16 @@ class InMemorySource:
     def assignment(self) -> set[TopicPartition]:
         return set(self.queues)
 
+    def last_contact(self) -> float | None:
+        return time.monotonic()
+
     def total_partitions(self) -> int:
         return len(self.queues)
 
     def lag(self, consumed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         return {tp: len(self.queues[tp]) - off - 1 for tp, off in consumed.items()}
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
         self.closed = True
 
 
@@ -76,13 +81,22 @@ class InMemorySink:
         self.records: list[tuple[Record, list[tuple[str, bytes]]]] = []
         self.fail_next = 0
 
-    def write(self, record: Record, headers: list[tuple[str, bytes]]) -> None:
-        from worker.errors import RetryableError  # noqa: PLC0415 (keeps this module light)
-
+    def submit(self, record: Record, headers: list[tuple[str, bytes]]) -> Failed | Done:
         if self.fail_next:
             self.fail_next -= 1
-            raise RetryableError("in-memory sink told to fail")
+            return Failed(RetryableError("in-memory sink told to fail"))
         self.records.append((record, headers))
+        return Done()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
         pass
+
+
+class Done:
+    """A write the in-memory sink confirmed at once."""
+
+    def done(self) -> bool:
+        return True
+
+    def error(self) -> None:
+        return None

@@ -7,6 +7,7 @@ topic, and only a budget that runs out turns into ``RetriesExhausted``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -14,7 +15,7 @@ import tenacity
 
 from worker.clock import Clock
 from worker.config.model import RetryPolicy
-from worker.errors import RateLimited, RetriesExhausted, RetryableError
+from worker.errors import Abandoned, RateLimited, RetriesExhausted, RetryableError
 
 T = TypeVar("T")
 __all__ = ["RetryPolicy", "call_with_retries"]
@@ -25,12 +26,20 @@ def call_with_retries(
     policy: RetryPolicy,
     clock: Clock,
     on_retry: Callable[[BaseException, int, float], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> T:
     """Call ``fn`` until it succeeds, fails permanently, or the budget is spent.
 
-    Raises: whatever permanent error ``fn`` raises, or ``RetriesExhausted``. Blocks while waiting.
+    Raises: whatever permanent error ``fn`` raises, ``RetriesExhausted``, or ``Abandoned`` when
+    ``cancel`` is set during a backoff. Blocks while waiting.
     """
     start = clock.monotonic()
+
+    def sleep(seconds: float) -> None:
+        if cancel is None:
+            clock.sleep(seconds)
+        elif clock.wait(cancel, seconds):
+            raise Abandoned("stopping: retry abandoned")
 
     def wait(state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -55,7 +64,7 @@ def call_with_retries(
         retry=tenacity.retry_if_exception_type(RetryableError),
         wait=wait,
         stop=stop,
-        sleep=clock.sleep,
+        sleep=sleep,
         before_sleep=before_sleep,
         reraise=False,
     )

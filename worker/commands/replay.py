@@ -23,7 +23,7 @@ from tqdm import tqdm
 from worker import output
 from worker.clock import SystemClock
 from worker.config import Config
-from worker.deadletter import DeadLetterSink
+from worker.deadletter import DeadLetterSink, DeadLetterWrite
 from worker.errors import DeadLetterGuardTripped, RetryableError, UsageError
 from worker.events import Record
 from worker.pipeline import Pipeline, tune_gc
@@ -108,12 +108,31 @@ class _CountingSink:
         self.inner = inner
         self.reader = reader
 
-    def write(self, record: Record, headers: list[tuple[str, bytes]]) -> None:
-        self.inner.write(record, headers)
-        self.reader.counts.failed_again += 1
+    def submit(self, record: Record, headers: list[tuple[str, bytes]]) -> DeadLetterWrite:
+        write = self.inner.submit(record, headers)
+        return _Counted(write, self.reader)
 
-    def close(self) -> None:
-        self.inner.close()
+    def close(self, timeout: float = 10.0) -> None:
+        self.inner.close(timeout)
+
+
+class _Counted:
+    """Counts a record as failed again once its dead-letter write is confirmed."""
+
+    def __init__(self, inner: DeadLetterWrite, reader: DeadLetterReader) -> None:
+        self.inner = inner
+        self.reader = reader
+        self.counted = False
+
+    def done(self) -> bool:
+        return self.inner.done()
+
+    def error(self) -> RetryableError | None:
+        error = self.inner.error()
+        if error is None and not self.counted:
+            self.counted = True
+            self.reader.counts.failed_again += 1
+        return error
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -135,6 +154,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     reader = DeadLetterReader(config.kafka, args.source, group, flt, args.max)
     progress = _Progress(reader.total, reader)
     stop = threading.Event()
+    interrupted = False
     try:
         if args.dry_run:
             _dry_run(reader, progress, args)
@@ -143,9 +163,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
         else:
             _purge(reader, progress, config, args.budget_share, stop)
     except KeyboardInterrupt:
-        print(
-            "replay: interrupted; progress so far is committed, run again to resume",
-            file=sys.stderr,
+        interrupted = True
+        output.line(
+            "replay: interrupted; progress so far is committed, run again to resume", err=True
         )
     finally:
         progress.close()
@@ -161,6 +181,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         "mode": args.mode,
     }
     output.json_line(summary)
+    if interrupted:
+        return 130  # what a shell expects of a command stopped by Ctrl-C
     return 1 if c.failed_again else 0
 
 
@@ -200,8 +222,8 @@ def _republish(
             reader.commit_scanned()
             progress.update()
     finally:
-        producer.close()
-        reader.close()
+        producer.close(timeout=1)
+        reader.close(timeout=1)
 
 
 def _purge(
@@ -236,6 +258,10 @@ def _purge(
             progress.update()
     except DeadLetterGuardTripped as exc:
         log.error("replay stopped: dead-letter guard tripped", reason=str(exc))
-    finally:
-        pipeline.drain()
+    except KeyboardInterrupt:
+        # Ctrl-C means now: commit what is finished, abandon the rest (a rerun redoes it).
+        pipeline.drain(deadline_seconds=0)
         account()
+        raise
+    pipeline.drain()
+    account()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,10 +21,10 @@ from worker import metrics
 from worker.clock import SystemClock
 from worker.commands import args as args_types
 from worker.config import Config
-from worker.errors import ConfigError, DeadLetterGuardTripped, RetryableError
+from worker.errors import ConfigError, DeadLetterGuardTripped, PurgeWorkerError, RetryableError
 from worker.health import STALE_AFTER_SECONDS, HealthServer
 from worker.pipeline import Pipeline
-from worker.source import KafkaDeadLetterSink, KafkaSource
+from worker.source import KafkaDeadLetterSink, KafkaSource, recent_dead_letters
 from worker.wiring import Accounts
 
 log = structlog.get_logger("worker.run")
@@ -64,7 +66,17 @@ def run(args: argparse.Namespace, config: Config) -> int:
     source, sink = _connect(config, stop)
     if source is None or sink is None:
         return 0 if stop.is_set() else 1
+    missing = source.missing_topics([*config.kafka.topics, config.kafka.dead_letter_topic])
+    if missing:
+        source.close(timeout=1.0)
+        sink.close(timeout=1.0)
+        raise PurgeWorkerError(
+            f"kafka topic {', '.join(missing)} does not exist on "
+            f"{','.join(config.kafka.bootstrap_servers)} (create it; see kafka.topics and "
+            "kafka.dead_letter_topic)"
+        )
     pipeline = Pipeline(config, source, sink, Accounts(config, clock), clock)
+    seed_guard(config, pipeline, clock)
     health = _health(config, pipeline)
     log.info(
         "worker started",
@@ -73,16 +85,39 @@ def run(args: argparse.Namespace, config: Config) -> int:
         zones=[z.name for z in config.zones],
         dry_run=config.delivery.dry_run,
     )
+    code = 0
     try:
         pipeline.run(stop)
     except DeadLetterGuardTripped as exc:
         log.error("stopping: dead-letter guard tripped", reason=str(exc))
-        return 1
-    finally:
-        if health:
-            health.stop()
+        code = 1
     log.info("worker stopped")
-    return 0
+    # Health answers until the very end; a purge request still on the wire (its read timeout
+    # is 30 s) must not hold the process past the drain deadline: its record is uncommitted and
+    # will be redelivered, so the process may end without it.
+    if any(t.name.startswith("purge") and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if health:
+        health.stop()
+    return code
+
+
+def seed_guard(config: Config, pipeline: Pipeline, clock: SystemClock) -> None:
+    """Teach the dead-letter guard what earlier runs dead-lettered within its window: a worker
+    restarted in a crash loop must not dead-letter another guard's worth on every start."""
+    window = config.delivery.dead_letter_guard.window_seconds
+    if config.delivery.dead_letter_guard.max_ratio >= 1.0:
+        return
+    try:
+        times = recent_dead_letters(config.kafka, clock.time() - window)
+    except PurgeWorkerError as exc:
+        log.warning("could not read the dead-letter topic's recent records", error=str(exc))
+        return
+    if times:
+        pipeline.guard.seed(times, clock.time())
+        log.info("dead-letter guard: recent dead letters from earlier runs", count=len(times))
 
 
 def _connect(
@@ -108,17 +143,23 @@ def _health(config: Config, pipeline: Pipeline) -> HealthServer | None:
     if not config.health_port:
         return None
 
+    patience = config.observability.ready_kafka_timeout_seconds
+    started = time.monotonic()
+
     def check() -> tuple[bool, bool, dict[str, Any]]:
         status = pipeline.status
         fresh = time.time() - status.last_poll < STALE_AFTER_SECONDS
         healthy = status.running and fresh
+        contact = pipeline.source.last_contact()
+        silent = time.monotonic() - (contact if contact is not None else started)
         details = {
             "assigned_partitions": status.assigned,
             "last_poll": status.last_poll,
             "last_record": status.last_record,
             "pending_records": pipeline.pending_records,
+            "kafka_silent_seconds": round(silent, 1),
         }
-        return healthy, healthy, details
+        return healthy, healthy and silent < patience, details
 
     with bound(config, "health_port"):
         server = HealthServer(config.health_port, check, config.observability.listen_address)

@@ -183,6 +183,9 @@ class ObservabilitySettings(Section):
     # Loopback unless told otherwise: a laptop's worker is not a server for its network. In a
     # pod the kubelet and the scrapers come from outside, so the chart sets 0.0.0.0.
     listen_address: str = "127.0.0.1"
+    # /readyz answers 503 once Kafka has not been heard from (heartbeat, records, commits) for
+    # this long; /healthz stays about the loop being alive.
+    ready_kafka_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
