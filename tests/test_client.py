@@ -133,7 +133,8 @@ def test_flex_budget_model_matches_the_server(emulator_factory, plan):
     """The client's bucket says "wait" exactly where the server would answer 429."""
     emu = emulator_factory(plan=plan)
     clock = MockClock()
-    limiter = AccountRateLimiter(limits_for(plan), clock)
+    # A full bucket, like the emulator's when it starts.
+    limiter = AccountRateLimiter(limits_for(plan), clock, start_full=True)
     c = client_for(emu)
     n = 0
     while limiter.reserve(Kind.TAGS, 1) == 0:

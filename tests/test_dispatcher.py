@@ -37,7 +37,7 @@ class RecordingClient:
 def build(*, urls_per_second=100.0, flex_bucket=10, flex_refill=1.0, cap=10, concurrency=2):
     clock = MockClock()
     limits = PlanLimits(flex_refill, flex_bucket, cap, urls_per_second / 0.95, cap)
-    limiter = AccountRateLimiter(limits, clock)
+    limiter = AccountRateLimiter(limits, clock, start_full=True)
     client = RecordingClient()
     dests = {z: Destination(z, z[:1], client, limiter) for z in (ZA, ZB)}
     coalescer = Coalescer(WINDOW, lambda zone, kind: cap, clock)

@@ -10,7 +10,7 @@ from worker.targets import Kind
 
 def test_flex_bucket_allows_its_burst_then_paces_at_refill_rate():
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.PRO), clock)
+    lim = AccountRateLimiter(limits_for(Plan.PRO), clock, start_full=True)
     waits = [lim.acquire(Kind.TAGS, 100) for _ in range(23)]
     assert waits == [0.0] * 23  # 25 * 0.95 = 23.75 tokens to start
     before = clock.monotonic()
@@ -23,13 +23,41 @@ def test_flex_bucket_allows_its_burst_then_paces_at_refill_rate():
 
 def test_free_plan_flex_refill_is_per_minute():
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.FREE), clock)
+    lim = AccountRateLimiter(limits_for(Plan.FREE), clock, start_full=True)
     for _ in range(23):
         assert lim.acquire(Kind.HOSTS, 1) == 0
     lim.acquire(Kind.HOSTS, 1)
     lim.acquire(Kind.HOSTS, 1)
     # Two requests past the burst wait about 1.25 refills of 12.6 s each.
     assert clock.monotonic() - 1000 == pytest.approx((2 - 0.75) / (5 / 60 * SAFETY), rel=0.01)
+
+
+def test_a_starting_worker_assumes_the_flex_bucket_is_spent():
+    # A restart after a burst: the account's bucket may be empty, so the first tag purge waits
+    # one refill interval, and the bucket fills from there at the plan's rate.
+    clock = MockClock()
+    lim = AccountRateLimiter(limits_for(Plan.FREE), clock)
+    first = lim.acquire(Kind.TAGS, 1)
+    assert first == pytest.approx(1 / (5 / 60 * SAFETY), rel=0.02)
+    for _ in range(4):
+        lim.acquire(Kind.TAGS, 1)
+    # Five requests in five refill intervals: never ahead of what the server refilled.
+    assert clock.monotonic() - 1000 == pytest.approx(5 / (5 / 60 * SAFETY), rel=0.02)
+
+
+def test_after_a_429_the_full_rate_returns_within_a_minute():
+    clock = MockClock()
+    lim = AccountRateLimiter(limits_for(Plan.PRO), clock)
+    clock.advance(10)
+    lim.on_rate_limited(Kind.TAGS, retry_after=1)
+    lim.on_rate_limited(Kind.TAGS, retry_after=1)  # twice: the rate is at its floor
+    assert lim.state().factor == pytest.approx(0.25)
+    clock.advance(30)
+    lim.reserve(Kind.TAGS, 1)
+    assert 0.55 < lim.state().factor < 0.7  # half way back after half the time
+    clock.advance(31)
+    lim.reserve(Kind.TAGS, 1)
+    assert lim.state().factor == 1.0
 
 
 def test_url_budget_is_per_url_not_per_request():
@@ -75,16 +103,17 @@ def test_429_blocks_for_retry_after_and_slows_down():
     lim = AccountRateLimiter(limits_for(Plan.PRO), clock)
     lim.on_rate_limited(Kind.TAGS, retry_after=7)
     assert lim.state().blocked_for == 7
-    assert lim.acquire(Kind.FILES, 1) >= 7  # every kind waits: the account is throttled
     assert lim.state().factor == 0.5
-    for _ in range(100):
-        lim.on_success()
+    assert lim.acquire(Kind.FILES, 1) >= 7  # every kind waits: the account is throttled
+    assert 0.5 < lim.state().factor < 0.6  # and the rate has begun to climb back
+    clock.advance(60)  # a minute without another 429: back to the full rate
+    lim.on_success()
     assert lim.state().factor == 1.0
 
 
 def test_flex_cost_per_item_option():
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.PRO), clock, flex_cost_per_item=True)
+    lim = AccountRateLimiter(limits_for(Plan.PRO), clock, flex_cost_per_item=True, start_full=True)
     assert lim.acquire(Kind.TAGS, 20) == 0
     assert lim.acquire(Kind.TAGS, 20) > 0
 

@@ -1,12 +1,16 @@
 """Send one batch of same-kind targets to one zone: rate-limited, retried, bisected on rejection.
 
-A 400 for a batch usually means one bad item; halving the batch until the bad items stand alone
-purges everything else and pins the rejection on the records that produced the bad targets. This
-also survives a silently lowered per-request cap: halves fit where the whole did not.
+A rejection about an item (a 400 that is not about the token, the zone, the body or the cap)
+is bisected: halving the batch until the bad items stand alone purges everything else and pins
+the rejection on the records that produced them, k bad items in n costing about k·log2(n)
+requests. A cap rejection (the API lowered its per-request cap) halves the batch once and the
+account remembers the smaller cap. Any other rejection fails the batch as it is: no smaller
+request would fare better.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,6 +73,11 @@ class Purger:
         self._policy = policy
         self._clock = clock
         self._dry_run = dry_run
+        self._cancel = threading.Event()
+
+    def abandon(self) -> None:
+        """Stopping: every retry backoff and budget wait ends now with ``Abandoned``."""
+        self._cancel.set()
 
     def send(
         self,
@@ -98,17 +107,22 @@ class Purger:
             self._send_with_retries(req, targets, out, reserved)
             out.accepted.extend(targets)
         except ApiRejected as exc:
-            # Only a 400 can be about the items; 401/403/404 are about the token or zone.
-            if exc.status == 400 and len(targets) > 1:
-                if "more than" in str(exc):
-                    metrics.CAP_REJECTED.labels(req.kind.value).inc()
-                    log.error(
-                        "per-request cap rejected",
-                        zone=req.dest.zone_name,
-                        kind=req.kind.value,
-                        items=len(targets),
-                        error=str(exc),
-                    )
+            scope = exc.scope
+            if scope == "cap" and len(targets) > 1:
+                size = (len(targets) + 1) // 2
+                req.dest.limiter.learn_cap(req.kind, size)
+                metrics.CAP_REJECTED.labels(req.kind.value).inc()
+                log.error(
+                    "per-request cap rejected: sending smaller requests from now on",
+                    zone=req.dest.zone_name,
+                    kind=req.kind.value,
+                    items=len(targets),
+                    new_cap=size,
+                    error=str(exc),
+                )
+                for start in range(0, len(targets), size):
+                    self._send(req, targets[start : start + size], out)
+            elif scope == "item" and len(targets) > 1:
                 mid = len(targets) // 2
                 self._send(req, targets[:mid], out)
                 self._send(req, targets[mid:], out)
@@ -132,7 +146,7 @@ class Purger:
             if first[0] is not None:
                 first[0], held = None, first[0].ticket
             else:
-                waited, held = dest.limiter.acquire_ticket(kind, len(items))
+                waited, held = dest.limiter.acquire_ticket(kind, len(items), self._cancel)
                 if waited:
                     metrics.LIMITER_WAIT.inc(waited)
             out.requests += 1
@@ -153,7 +167,7 @@ class Purger:
                 error=str(exc),
             )
 
-        call_with_retries(attempt, self._policy, self._clock, on_retry)
+        call_with_retries(attempt, self._policy, self._clock, on_retry, self._cancel)
 
     def _attempt(self, dest: Destination, kind: Kind, mode: Mode, items: Sequence[object]) -> None:
         if self._dry_run:

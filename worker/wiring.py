@@ -34,7 +34,7 @@ class Accounts:
 
     def cap(self, zone_id: str, kind: Kind) -> int:
         """Items per request of ``kind`` for the zone's account."""
-        return self.config.accounts[self._zones[zone_id].account].limits.per_request(kind)
+        return self.limiters[self._zones[zone_id].account].cap(kind)
 
     def zone(self, name_or_id: str | None) -> Zone:
         """A zone by name, id or host; the only zone when None. Raises ``UnknownZone``."""

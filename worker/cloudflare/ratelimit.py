@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from worker.clock import Clock
 from worker.cloudflare.plans import PlanLimits
+from worker.errors import Abandoned
 from worker.targets import Kind
 
 # Spend a little under the documented budget: the server's window and ours do not tick in
@@ -30,7 +31,9 @@ from worker.targets import Kind
 SAFETY = 0.95
 MIN_FACTOR = 0.25
 DECREASE = 0.5
-RECOVERY_PER_SUCCESS = 0.02
+# After a 429 the rate climbs back to the full budget over this long, if no other 429 comes:
+# a per-success step made a slow plan (free: one tag request per 12 s) crawl for many minutes.
+RECOVERY_SECONDS = 60.0
 MAX_WAIT_STEP = 0.05
 MIN_WAIT_STEP = 1e-4
 WINDOW = 1.0
@@ -153,6 +156,7 @@ class AccountRateLimiter:
         *,
         share: float = 1.0,
         flex_cost_per_item: bool = False,
+        start_full: bool = False,
     ) -> None:
         self._limits = limits
         self._clock = clock
@@ -160,17 +164,22 @@ class AccountRateLimiter:
         self._url_share = share
         self._flex_share = share
         self._factor = 1.0
+        self._limited_at = -math.inf
+        self._factor_at_limit = 1.0
         self._blocked_until = 0.0
         self._flex_cost_per_item = flex_cost_per_item
+        # Per-request caps the API turned out to enforce below the configured ones.
+        self._caps: dict[Kind, int] = {}
         self._shared = False  # set_share not called yet
         self._share_set_at = -math.inf
         now = clock.monotonic()
         self._flex = _Bucket(1.0, 1.0, now)
         self._urls = _Window(self._url_limit(), now)
         self._resize(now)
-        # The flex bucket starts full: its refill can be minutes, and a lone worker should not
-        # wait that long for its first tag purge.
-        self._flex.tokens = self._flex.capacity
+        # The flex bucket starts empty: a worker (re)started after a burst cannot know what the
+        # account has left, and assuming a full bucket cost four 429s on the free plan. The
+        # price is one refill interval before the first tag purge (12 s on free, 0.2 s on pro).
+        self._flex.tokens = self._flex.capacity if start_full else 0.0
 
     def _url_limit(self) -> float:
         return self._limits.urls_per_second * SAFETY * self._url_share * self._factor
@@ -218,6 +227,8 @@ class AccountRateLimiter:
             blocked = self._blocked_until - now
             if blocked > 0:
                 return blocked, None
+            if self._factor < 1.0:
+                self._recover(now)
             if kind.metered_per_item:
                 return self._urls.take(items, now)
             cost = items if self._flex_cost_per_item else 1
@@ -260,8 +271,11 @@ class AccountRateLimiter:
         applies at once to requests already waiting, not only to later ones."""
         return self.acquire_ticket(kind, items)[0]
 
-    def acquire_ticket(self, kind: Kind, items: int) -> tuple[float, Ticket | None]:
-        """``acquire``, also returning the ticket (see ``reserve_ticket``)."""
+    def acquire_ticket(
+        self, kind: Kind, items: int, cancel: threading.Event | None = None
+    ) -> tuple[float, Ticket | None]:
+        """``acquire``, also returning the ticket (see ``reserve_ticket``). Raises ``Abandoned``
+        if ``cancel`` is set while waiting."""
         waited = 0.0
         while True:
             wait, ticket = self.reserve_ticket(kind, items)
@@ -269,14 +283,33 @@ class AccountRateLimiter:
                 return waited, ticket
             # Never a step so small that adding it to the clock changes nothing (float rounding).
             step = min(max(wait, MIN_WAIT_STEP), MAX_WAIT_STEP)
-            self._clock.sleep(step)
+            if cancel is None:
+                self._clock.sleep(step)
+            elif self._clock.wait(cancel, step):
+                raise Abandoned("stopping: wait for rate budget abandoned")
             waited += step
+
+    def learn_cap(self, kind: Kind, items: int) -> None:
+        """The API refused a request of more than ``items`` of ``kind``: cut no larger ones."""
+        with self._lock:
+            self._caps[kind] = max(1, min(items, self._caps.get(kind, items)))
+
+    def cap(self, kind: Kind) -> int:
+        """Items per request of ``kind``: the plan's cap, or a smaller one the API enforced."""
+        return min(self._limits.per_request(kind), self._caps.get(kind, 1 << 30))
 
     def on_success(self) -> None:
         with self._lock:
             if self._factor < 1.0:
-                self._factor = min(1.0, self._factor + RECOVERY_PER_SUCCESS)
-                self._resize(self._clock.monotonic())
+                self._recover(self._clock.monotonic())
+
+    def _recover(self, now: float) -> None:
+        """Climb back from the rate a 429 left, linearly over ``RECOVERY_SECONDS``."""
+        progress = min(1.0, (now - self._limited_at) / RECOVERY_SECONDS)
+        factor = self._factor_at_limit + (1.0 - self._factor_at_limit) * progress
+        if factor - self._factor >= 0.01 or (factor >= 1.0 > self._factor):
+            self._factor = factor
+            self._resize(now)
 
     def on_rate_limited(self, kind: Kind, retry_after: float | None) -> None:
         """A 429 arrived: stop every caller for Retry-After, empty the bucket, slow down."""
@@ -285,6 +318,8 @@ class AccountRateLimiter:
             pause = retry_after if retry_after is not None else 1.0
             self._blocked_until = max(self._blocked_until, now + pause)
             self._factor = max(MIN_FACTOR, self._factor * DECREASE)
+            self._factor_at_limit = self._factor
+            self._limited_at = now
             self._resize(now)
             if kind.metered_per_item:
                 self._urls.spend_all(now)
