@@ -5,7 +5,7 @@ import pytest
 
 from worker.errors import ConfigError, InvalidEvent, InvalidTarget
 from worker.events import Event
-from worker.rules import compile_rules
+from worker.rules import PartialTargets, RuleSet, compile_rules
 from worker.schema import Section
 from worker.targets import Kind, Mode, Target
 from worker.templates import Template, TemplateError
@@ -142,8 +142,29 @@ def test_the_render_cache_tells_inputs_apart():
     ]
     # An event whose render fails is not remembered: the next one like it fails too.
     for _ in range(2):
-        with pytest.raises(InvalidEvent):
+        with pytest.raises(PartialTargets) as failed:
             rule.evaluate(event({}))
+        assert [type(e) for e in failed.value.errors] == [InvalidEvent, InvalidEvent]
+
+
+def test_one_bad_target_leaves_the_others_standing():
+    [rule] = rules(
+        [
+            {
+                "name": "r",
+                "urls": ["https://w.com/{data.slug}"],
+                "tags": ["{data.tags[]}"],
+                "zone": "z",
+            }
+        ]
+    )
+    plan = RuleSet([rule]).evaluate(event({"slug": "s", "tags": ["ok", "not ok", "fine"]}))
+    assert [t.target.value for t in plan.targets] == ["https://w.com/s", "ok", "fine"]
+    assert len(plan.errors) == 1 and "rule r:" in str(plan.errors[0])
+    assert isinstance(plan.errors[0], InvalidTarget) and "not ok" in str(plan.errors[0])
+    missing = RuleSet([rule]).evaluate(event({"tags": ["ok"]}))
+    assert [t.target.value for t in missing.targets] == ["ok"]
+    assert isinstance(missing.errors[0], InvalidEvent) and missing.fired == ["r"]
 
 
 def test_the_render_cache_follows_headers_and_captures():
@@ -171,8 +192,10 @@ def test_the_render_cache_follows_headers_and_captures():
 
 def test_invalid_targets_and_everything():
     [rule] = rules([{"name": "r", "tags": ["{data.t}"], "zone": "z"}])
-    with pytest.raises(InvalidTarget, match="only printable ASCII"):
+    with pytest.raises(PartialTargets) as failed:
         rule.evaluate(event({"t": "has space"}))
+    assert failed.value.targets == []
+    assert "only printable ASCII" in str(failed.value.errors[0])
     with pytest.raises(ConfigError, match="allow_everything"):
         rules([{"name": "e", "everything": True, "zone": "z"}])
     [rule] = rules([{"name": "e", "everything": True, "zone": "z"}], allow_everything=True)
@@ -228,7 +251,7 @@ def test_plugins():
     assert [t[0].kind for t in targets([d], event())] == [Kind.FILES, Kind.TAGS]
     with pytest.raises(InvalidEvent, match="plugin rule bad raised KeyError"):
         bad.evaluate(event())
-    with pytest.raises(InvalidTarget, match="may not purge everything"):
+    with pytest.raises(PartialTargets, match="may not purge everything"):
         evil.evaluate(event())
 
 

@@ -73,6 +73,7 @@ class Planner:
             plan.errors.append(InvalidEvent(f"internal error: {type(exc).__name__}: {exc}"))
             return plan
         plan.fired = rules.fired
+        plan.errors.extend(rules.errors)
         if not rules.fired and self._config.delivery.no_rule_matched == "dead_letter":
             event = plan.event
             plan.errors.append(

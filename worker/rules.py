@@ -39,10 +39,13 @@ class RuleTarget(NamedTuple):
 
 @dataclass
 class PurgePlan:
-    """What an event purges: targets (deduplicated, first-seen order) and the rules that fired."""
+    """What an event purges: targets (deduplicated, first-seen order), the rules that fired, and
+    what failed (a target that is invalid, a field a template needs): the record's valid
+    targets are purged all the same, and the record is dead-lettered naming the failures."""
 
     targets: list[RuleTarget] = field(default_factory=list)
     fired: list[str] = field(default_factory=list)
+    errors: list[PermanentError] = field(default_factory=list)
 
     def add(self, items: Iterable[RuleTarget]) -> None:
         seen = {(t.target, t.mode) for t in self.targets}
@@ -50,6 +53,27 @@ class PurgePlan:
             if (item.target, item.mode) not in seen:
                 seen.add((item.target, item.mode))
                 self.targets.append(item)
+
+
+class TooManyTargets(InvalidTarget):
+    """The record would produce more than ``delivery.max_targets_per_record``: it purges
+    nothing (its cost is what is wrong), and is dead-lettered."""
+
+
+class PartialTargets(PermanentError):
+    """A rule produced ``targets`` but also ``errors`` (targets it could not make)."""
+
+    def __init__(self, targets: list[RuleTarget], errors: list[PermanentError]) -> None:
+        self.targets = targets
+        self.errors = errors
+        super().__init__("; ".join(str(e) for e in errors[:3]))
+
+
+def _named(rule: str, exc: PermanentError) -> PermanentError:
+    """``exc`` with the rule's name in front, for the dead-letter message."""
+    if type(exc) in (InvalidTarget, InvalidEvent):
+        return type(exc)(f"rule {rule}: {exc}")
+    return exc
 
 
 class Rule(Protocol):
@@ -287,34 +311,64 @@ class DeclarativeRule:
         return list(cached)
 
     def _render(self, event: Event, captures: dict[str, str]) -> list[RuleTarget]:
-        """Raises ``PermanentError`` (a missing field, a bad target): such results are not
-        cached, so every record that has them is dead-lettered."""
+        """Every target the templates make. Raises ``PartialTargets`` when some template or
+        target failed (a missing field, a bad target), with the targets that did not: such
+        results are not cached, so every record that has them is dead-lettered."""
         out: list[RuleTarget] = []
+        bad: list[PermanentError] = []
         for spec in self._urls:
-            urls = spec.url.render(event, captures)
-            combos = _header_combos(spec.headers, event, captures, self.max_targets)
+            try:
+                urls = spec.url.render(event, captures)
+                combos = _header_combos(spec.headers, event, captures, self.max_targets)
+            except TooManyTargets:
+                raise
+            except PermanentError as exc:
+                bad.append(exc)
+                continue
             if len(out) + len(urls) * len(combos) > self.max_targets:
                 raise too_many(f"rule {self.name}", self.max_targets)
             for url in urls:
                 for headers in combos:
-                    made = self._target(Target.url, url, headers)
-                    if spec.host is not None and made.target.hostname != spec.host:
-                        raise InvalidTarget(
-                            f"URL {url!r} from template {spec.url.source!r}: the event's data "
-                            f"changed the host from {spec.host} to {made.target.hostname}"
-                        )
-                    out.append(made)
-        for value in _render_all(self._templates["tags"], event, captures):
-            out.append(RuleTarget(Target.tag(value, self.zone), self.mode, self.name))
-        for value in _render_all(self._templates["hosts"], event, captures):
-            out.append(self._target(Target.host, value))
-        for value in _render_all(self._templates["prefixes"], event, captures):
-            out.append(self._target(Target.prefix, value))
+                    try:
+                        out.append(self._url_target(spec, url, headers))
+                    except InvalidTarget as exc:
+                        bad.append(exc)
+        makers: dict[str, Callable[[str], Target]] = {
+            "tags": lambda v: Target.tag(v, self.zone),
+            "hosts": Target.host,
+            "prefixes": Target.prefix,
+        }
+        for kind, make in makers.items():
+            for template in self._templates[kind]:
+                try:
+                    values = template.render(event, captures)
+                except PermanentError as exc:
+                    bad.append(exc)
+                    continue
+                for value in values:
+                    try:
+                        out.append(self._target(make, value))
+                    except InvalidTarget as exc:
+                        bad.append(exc)
         if self.everything:
             if not self.zone:
-                raise InvalidEvent(f"rule {self.name}: everything needs the rule's zone")
-            out.append(RuleTarget(Target.everything(self.zone), self.mode, self.name))
+                bad.append(InvalidEvent("everything needs the rule's zone"))
+            else:
+                out.append(RuleTarget(Target.everything(self.zone), self.mode, self.name))
+        if bad:
+            raise PartialTargets(out, bad)
         return out
+
+    def _url_target(
+        self, spec: _UrlTemplate, url: str, headers: dict[str, str] | None
+    ) -> RuleTarget:
+        made = self._target(Target.url, url, headers)
+        if spec.host is not None and made.target.hostname != spec.host:
+            raise InvalidTarget(
+                f"URL {url!r} from template {spec.url.source!r}: the event's data "
+                f"changed the host from {spec.host} to {made.target.hostname}"
+            )
+        return made
 
     def _target(self, make: Callable[..., Target], *args: Any) -> RuleTarget:
         return RuleTarget(make(*args), self.mode, self.name)
@@ -389,8 +443,10 @@ class PluginRule:
         return [RuleTarget(t, self.mode, self.name) for t in self._targets(result)]
 
     def _targets(self, result: Any) -> list[Target]:
+        """The plug-in's targets; ``PartialTargets`` names those it could not make."""
         if result is None:
             return []
+        bad: list[PermanentError] = []
         if isinstance(result, dict):
             makers: dict[str, Callable[[str], Target]] = {
                 "urls": Target.url,
@@ -403,25 +459,34 @@ class PluginRule:
                 raise InvalidEvent(
                     f"plugin rule {self.name} returned unknown keys {sorted(unknown)}"
                 )
-            made = (makers[k](v) for k, values in result.items() for v in values)
-            return self._capped(made)
-        if not isinstance(result, Iterable) or isinstance(result, str | bytes):
+            made = (_made(makers[k], v, bad) for k, values in result.items() for v in values)
+            targets = [t for t in self._capped(made) if t is not None]
+        elif not isinstance(result, Iterable) or isinstance(result, str | bytes):
             raise InvalidEvent(
                 f"plugin rule {self.name} returned {type(result).__name__}, "
                 "not an iterable of Targets or a dict"
             )
-        targets = self._capped(result)
-        for t in targets:
-            if not isinstance(t, Target):
-                raise InvalidEvent(
-                    f"plugin rule {self.name} returned {type(t).__name__}, not a Target"
-                )
-            if t.kind is Kind.EVERYTHING:
-                raise InvalidTarget(f"plugin rule {self.name} may not purge everything")
-        return [
+        else:
+            targets = []
+            for t in self._capped(result):
+                if not isinstance(t, Target):
+                    bad.append(
+                        InvalidEvent(
+                            f"plugin rule {self.name} returned {type(t).__name__}, not a Target"
+                        )
+                    )
+                elif t.kind is Kind.EVERYTHING:
+                    bad.append(InvalidTarget(f"plugin rule {self.name} may not purge everything"))
+                else:
+                    targets.append(t)
+        targets = [
             Target(t.kind, t.value, t.headers, t.zone or self.zone) if t.kind is Kind.TAGS else t
             for t in targets
         ]
+        if bad:
+            rts = [RuleTarget(t, self.mode, self.name) for t in targets]
+            raise PartialTargets(rts, bad)
+        return targets
 
     def _capped(self, items: Iterable[Any]) -> list[Any]:
         """At most ``max_targets`` items, taken one by one: a generator that would go on for
@@ -430,6 +495,14 @@ class PluginRule:
         if len(out) > self.max_targets:
             raise too_many(f"plugin rule {self.name}", self.max_targets)
         return out
+
+
+def _made(make: Callable[[str], Target], value: Any, bad: list[PermanentError]) -> Target | None:
+    try:
+        return make(value)
+    except InvalidTarget as exc:
+        bad.append(exc)
+        return None
 
 
 def _import(ref: str, section: Section, search_path: str | None) -> Callable[..., Any]:
@@ -479,13 +552,21 @@ class RuleSet:
         self.max_targets = max_targets
 
     def evaluate(self, event: Event) -> PurgePlan:
-        """Every matching rule's targets, united. Raises PermanentError (InvalidEvent/Target)."""
+        """Every matching rule's targets, united, and what failed on the way. Raises only
+        ``TooManyTargets``: any other failure of one rule or target leaves the rest standing."""
         plan = PurgePlan()
         for rule in self.rules:
             try:
                 targets = rule.evaluate(event)
-            except InvalidTarget as exc:
-                raise InvalidTarget(f"rule {rule.name}: {exc}") from None
+            except TooManyTargets as exc:
+                raise TooManyTargets(f"rule {rule.name}: {exc}") from None
+            except PartialTargets as exc:
+                targets = exc.targets
+                plan.errors.extend(_named(rule.name, e) for e in exc.errors)
+            except PermanentError as exc:
+                plan.fired.append(rule.name)  # it matched; it could not say what to purge
+                plan.errors.append(_named(rule.name, exc))
+                continue
             if targets is not None:
                 plan.fired.append(rule.name)
                 plan.add(targets)
@@ -495,7 +576,7 @@ class RuleSet:
 
 
 def too_many(what: str, cap: int) -> InvalidTarget:
-    return InvalidTarget(
+    return TooManyTargets(
         f"{what} produced more than {cap} targets for one record (delivery.max_targets_per_record)"
     )
 
