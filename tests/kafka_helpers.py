@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 from typing import Any
@@ -9,6 +13,8 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
+from tests.conftest import TOKEN
+from tests.helpers import cloudevent, write_config
 from worker.clock import SystemClock
 from worker.config import Config
 from worker.pipeline import Pipeline
@@ -105,3 +111,66 @@ class RunningWorker:
         assert not self.thread.is_alive(), "worker did not stop"
         if self.error:
             raise self.error
+
+
+class Workers:
+    def __init__(self, cfg, tmp_path):
+        self.cfg = cfg
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self):
+        env = {**os.environ, "CLOUDFLARE_API_TOKEN": TOKEN}
+        env.pop("KAFKA_BOOTSTRAP", None)
+        log = (self.tmp_path / f"worker-{len(self.procs)}.log").open("w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run", "-c", self.cfg],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = []
+        for p in self.procs:
+            try:
+                codes.append(p.wait(timeout=60))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append("hung")
+        return codes
+
+    def log(self, i):
+        return (self.tmp_path / f"worker-{i}.log").read_text()[-20000:]
+
+
+def image_events(n, prefix="u"):
+    return [
+        cloudevent(
+            "image.updated", {"host": "img.example-cdn.net", "path": f"{prefix}{i}"}, f"e{i}"
+        )
+        for i in range(n)
+    ]
+
+
+def worker_config(tmp_path, emulator, bootstrap, topic, dlq, group, **over):
+    kafka = {
+        "bootstrap_servers": [bootstrap],
+        "topics": [topic],
+        "dead_letter_topic": dlq,
+        "group_id": group,
+        "max_poll_records": 200,
+    }
+    return write_config(
+        tmp_path / "c.yaml",
+        emulator.api_url,
+        kafka=kafka,
+        observability={"metrics_port": None, "health_port": None},
+        **over,
+    )

@@ -1,9 +1,6 @@
 """Scale-out and failure tests: several worker processes, one consumer group, a real broker."""
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
@@ -12,74 +9,18 @@ import pytest
 import requests
 
 from scripts.kafka_broker import Broker
-from tests.conftest import TOKEN, ZONE_A, ZONE_B
-from tests.helpers import cloudevent, purged_items, wait_for, write_config
-from tests.kafka_helpers import all_committed, produce, read_all
+from tests.conftest import ZONE_A, ZONE_B
+from tests.helpers import purged_items, wait_for
+from tests.kafka_helpers import (
+    Workers,
+    all_committed,
+    image_events,
+    produce,
+    read_all,
+    worker_config,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
-
-
-class Workers:
-    def __init__(self, cfg, tmp_path):
-        self.cfg = cfg
-        self.tmp_path = tmp_path
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self):
-        env = {**os.environ, "CLOUDFLARE_API_TOKEN": TOKEN}
-        env.pop("KAFKA_BOOTSTRAP", None)
-        log = (self.tmp_path / f"worker-{len(self.procs)}.log").open("w")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run", "-c", self.cfg],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        codes = []
-        for p in self.procs:
-            try:
-                codes.append(p.wait(timeout=60))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                codes.append("hung")
-        return codes
-
-    def log(self, i):
-        return (self.tmp_path / f"worker-{i}.log").read_text()[-20000:]
-
-
-def image_events(n, prefix="u"):
-    return [
-        cloudevent(
-            "image.updated", {"host": "img.example-cdn.net", "path": f"{prefix}{i}"}, f"e{i}"
-        )
-        for i in range(n)
-    ]
-
-
-def worker_config(tmp_path, emulator, bootstrap, topic, dlq, group, **over):
-    kafka = {
-        "bootstrap_servers": [bootstrap],
-        "topics": [topic],
-        "dead_letter_topic": dlq,
-        "group_id": group,
-        "max_poll_records": 200,
-    }
-    return write_config(
-        tmp_path / "c.yaml",
-        emulator.api_url,
-        kafka=kafka,
-        observability={"metrics_port": None, "health_port": None},
-        **over,
-    )
 
 
 def test_three_workers_joining_and_leaving_lose_nothing(
