@@ -1,5 +1,6 @@
 # Every target creates the virtualenv on first use, so a fresh clone needs only `make test`
-# or `make run`. Requirements: Python 3.11+, a JDK 17+ and Maven (for the local Kafka broker).
+# or `make run`. Requirements: Python 3.11+, a JDK 17+ and Maven (for the local Kafka broker);
+# for `make test` also Go (Helm and promtool are built from their modules) and apt (bubblewrap).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,8 +8,11 @@ STAMP  := $(VENV)/.installed
 # Helm is built from its Go module once and cached (no prebuilt binaries can be fetched here).
 HELM_VERSION := v3.22.0
 HELM   := $(HOME)/.cache/purge-worker/helm-$(HELM_VERSION)/helm
+# promtool checks the chart's alert rules; built from Prometheus' Go module the same way.
+PROMTOOL_VERSION := v0.316.0
+PROMTOOL := $(HOME)/.cache/purge-worker/promtool-$(PROMTOOL_VERSION)/promtool
 
-.PHONY: test run lint fmt bench clean broker helm chart-schema
+.PHONY: test run lint fmt bench clean broker helm promtool bwrap chart-schema
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +24,15 @@ $(HELM):
 	GOBIN=$(dir $(HELM)) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
 helm: $(HELM)
+
+$(PROMTOOL):
+	GOBIN=$(dir $(PROMTOOL)) go install github.com/prometheus/prometheus/cmd/promtool@$(PROMTOOL_VERSION)
+
+promtool: $(PROMTOOL)
+
+# The image smoke test runs the worker read-only as uid 10001 under bubblewrap (no Docker here).
+bwrap:
+	@command -v bwrap >/dev/null || { apt-get update -qq && apt-get install -y -qq bubblewrap; }
 
 broker: $(STAMP)
 	$(BIN)/python scripts/kafka_broker.py fetch
@@ -33,8 +46,8 @@ fmt: $(STAMP)
 	$(BIN)/ruff format worker tests scripts
 	$(BIN)/ruff check --fix worker tests scripts
 
-test: lint broker helm
-	HELM=$(HELM) $(BIN)/pytest
+test: lint broker helm promtool bwrap
+	HELM=$(HELM) PROMTOOL=$(PROMTOOL) $(BIN)/pytest
 
 run: broker
 	$(BIN)/python scripts/dev_run.py

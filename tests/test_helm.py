@@ -4,6 +4,7 @@ schemas, and check the essentials a user relies on."""
 import base64
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "purge-worker"
 VALUES = sorted((ROOT / "helm" / "values").glob("*.yaml"))
 K8S_VERSION = "1.31.0"
-CRDS = {"ServiceMonitor", "ScaledObject"}  # not in the core schemas: checked by hand below
+# Not in the core schemas: checked by hand below.
+CRDS = {"ServiceMonitor", "ScaledObject", "PrometheusRule"}
 
 
 def helm_binary() -> str:
@@ -94,7 +96,10 @@ def test_probes_security_and_secret_handling():
 
 def test_chart_created_secret_never_inlines_the_token():
     token = "tok-" + "z" * 30
-    docs = render(ROOT / "helm/values/hpa.yaml", sets=(f"secret.apiToken={token}",))
+    docs = render(
+        ROOT / "helm/values/hpa.yaml",
+        sets=("existingSecret=", "secret.create=true", f"secret.apiToken={token}"),
+    )
     secret = by_kind(docs, "Secret")
     assert base64.b64decode(secret["data"]["cloudflare-api-token"]).decode() == token
     for doc in docs:
@@ -216,3 +221,141 @@ def test_the_charts_worker_schema_is_the_config_models():
     current = json.loads(CHART_SCHEMA.read_text())
     expected = synced(json.loads(CHART_SCHEMA.read_text()))
     assert current == expected, "the chart's schema is out of date: run `make chart-schema`"
+
+
+def test_multi_account_tokens_each_come_from_their_own_secret_and_tls_is_mounted(tmp_path):
+    docs = render(ROOT / "helm/values/multi-account.yaml")
+    deploy = by_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    refs = {
+        name: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for name, e in env.items()
+        if "valueFrom" in e
+    }
+    assert refs == {
+        "CLOUDFLARE_API_TOKEN_NEWS": ("cloudflare-news", "api-token"),
+        "CLOUDFLARE_API_TOKEN_SHOP": ("cloudflare-shop", "api-token"),
+    }
+    assert env["TZ"]["value"] == "UTC"  # extraEnv
+    config = yaml.safe_load(by_kind(docs, "ConfigMap", "purge-worker")["data"]["config.yaml"])
+    accounts = config["cloudflare"]["accounts"]
+    assert {n: a["token_env"] for n, a in accounts.items()} == {
+        "news": "CLOUDFLARE_API_TOKEN_NEWS",
+        "shop": "CLOUDFLARE_API_TOKEN_SHOP",
+    }
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["kafka-tls"]["secret"]["secretName"] == "kafka-client-tls"
+    assert mounts["kafka-tls"]["readOnly"] is True
+    tls_dir = mounts["kafka-tls"]["mountPath"]
+    security = config["kafka"]["security"]
+    assert security["ssl_cafile"] == f"{tls_dir}/ca.crt"
+    assert (security["ssl_certfile"], security["ssl_keyfile"]) == (
+        f"{tls_dir}/tls.crt",
+        f"{tls_dir}/tls.key",
+    )
+    assert container["image"].endswith("@sha256:" + "0123456789abcdef" * 4)
+    # The worker accepts the rendered config, each account with its own token.
+    rules = by_kind(docs, "ConfigMap", "-rules")["data"]["rules.yaml"]
+    (tmp_path / "rules.yaml").write_text(rules)
+    config["rules_files"] = [str(tmp_path / "rules.yaml")]
+    environ = {"CLOUDFLARE_API_TOKEN_NEWS": "tok-news", "CLOUDFLARE_API_TOKEN_SHOP": "tok-shop"}
+    parsed = parse(config, "rendered.yaml", environ)
+    assert {n: a.credentials.secrets() for n, a in parsed.accounts.items()} == {
+        "news": ["tok-news"],
+        "shop": ["tok-shop"],
+    }
+    assert parsed.kafka.client_options()["ssl_certfile"] == f"{tls_dir}/tls.crt"
+
+
+def test_network_policy_is_closed_unless_opened():
+    closed = by_kind(render(sets=("networkPolicy.enabled=true",)), "NetworkPolicy")
+    assert closed["spec"]["ingress"] == []
+    opened = by_kind(render(ROOT / "helm/values/realistic.yaml"), "NetworkPolicy")
+    (rule,) = opened["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [9464]
+    assert rule["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    multi = by_kind(render(ROOT / "helm/values/multi-account.yaml"), "NetworkPolicy")
+    kafka = next(r for r in multi["spec"]["egress"] if r["ports"][0]["port"] == 9093)
+    assert kafka["to"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+
+
+def test_helm_test_pod_checks_online_with_the_releases_config():
+    docs = render(ROOT / "helm/values/multi-account.yaml")
+    test_pod = next(d for d in docs if d["kind"] == "Pod")
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = test_pod["spec"]["containers"]
+    assert container["args"] == ["check", "-c", "/etc/purge-worker/config.yaml", "--online"]
+    deploy = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    assert container["env"] == deploy["containers"][0]["env"]
+    assert test_pod["spec"]["volumes"] == deploy["volumes"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_example_values_hold_no_secret_literals():
+    for values in VALUES:
+        data = yaml.safe_load(values.read_text())
+        secret = data.get("secret") or {}
+        assert not secret.get("create"), values.name
+        assert not secret.get("apiToken") and not secret.get("kafkaPassword"), values.name
+
+
+def _metric_names() -> set[str]:
+    from worker import metrics
+
+    names = set()
+    for family in metrics.REGISTRY.collect():
+        names.add(family.name)
+        names |= {s.name for s in family.samples}
+    # Counters are exported with _total, histograms with _bucket/_sum/_count.
+    names |= {n + "_total" for n in names}
+    names |= {n + suffix for n in names for suffix in ("_bucket", "_sum", "_count")}
+    return names
+
+
+def _used_metrics(text: str) -> set[str]:
+    return set(re.findall(r"purge_worker_[a-z_]+", text))
+
+
+def test_dashboard_and_alerts_use_only_metrics_the_worker_exports():
+    docs = render(ROOT / "helm/values/realistic.yaml")
+    dashboard = by_kind(docs, "ConfigMap", "-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    board = json.loads(dashboard["data"]["purge-worker.json"])
+    exprs = " ".join(t["expr"] for p in board["panels"] for t in p["targets"])
+    rules = by_kind(docs, "PrometheusRule")["spec"]
+    alert_exprs = " ".join(r["expr"] for g in rules["groups"] for r in g["rules"])
+    exported = _metric_names()
+    for text in (exprs, alert_exprs):
+        used = _used_metrics(text)
+        assert used and used <= exported, used - exported
+    titles = " ".join(p["title"].lower() for p in board["panels"])
+    for topic in ("kind and status", "event age", "lag", "pending", "dead letters", "budget"):
+        assert topic in titles, topic
+
+
+def promtool_binary() -> str:
+    path = os.environ.get("PROMTOOL") or str(
+        Path.home() / ".cache/purge-worker/promtool-v0.316.0/promtool"
+    )
+    if not Path(path).exists():
+        pytest.fail(f"promtool not found at {path}: run `make promtool` (make test does)")
+    return path
+
+
+def test_alert_rules_pass_promtool(tmp_path):
+    rules = by_kind(render(ROOT / "helm/values/realistic.yaml"), "PrometheusRule")["spec"]
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    result = subprocess.run(
+        [promtool_binary(), "check", "rules", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 6 rules found" in result.stdout + result.stderr

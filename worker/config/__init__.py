@@ -87,6 +87,10 @@ class KafkaConfig:
             )
         if sec.ssl_cafile:
             opts["ssl_cafile"] = sec.ssl_cafile
+        if sec.ssl_certfile:
+            opts["ssl_certfile"] = sec.ssl_certfile
+        if sec.ssl_keyfile:
+            opts["ssl_keyfile"] = sec.ssl_keyfile
         return opts
 
 

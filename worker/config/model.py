@@ -41,6 +41,9 @@ class KafkaSecurity(Section):
     # The password is never in the file: this names the environment variable holding it.
     sasl_password_env: str | None = None
     ssl_cafile: str | None = None
+    # A client certificate and its key, for brokers that authenticate clients by TLS.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
 
 
 class KafkaSection(Section):
