@@ -1,19 +1,35 @@
-# purge-worker image: build wheels in one stage, install them into a clean slim image.
-FROM python:3.11-slim AS build
+# purge-worker image. The worker is installed into a virtual environment in the build stage and
+# only that environment is copied: no wheels, compilers or pip caches in the final layers.
+#
+# Pin the base image by digest for reproducible builds:
+#   docker build --build-arg PYTHON_IMAGE=python:3.11-slim@sha256:<digest> \
+#     --build-arg VERSION=0.1.0 --build-arg REVISION=$(git rev-parse HEAD) .
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
+RUN python -m venv /opt/purge-worker
 COPY pyproject.toml README.md ./
 COPY worker ./worker
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The package's dependencies include kafka-python's C CRC (the crc32c extra).
+RUN /opt/purge-worker/bin/pip install --no-cache-dir . \
+    && /opt/purge-worker/bin/pip uninstall --yes pip
 
-FROM python:3.11-slim
-# No compilers or package caches in the final image; bytecode is not written at run time, so
-# the root filesystem can be mounted read-only.
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
-    && groupadd --system --gid 10001 worker \
+FROM ${PYTHON_IMAGE}
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="purge-worker" \
+      org.opencontainers.image.description="Kafka content events in, Cloudflare cache purges out" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/purge-worker/purge-worker"
+# Bytecode is not written at run time, so the root filesystem can be mounted read-only.
+ENV PATH=/opt/purge-worker/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+COPY --from=build /opt/purge-worker /opt/purge-worker
+RUN groupadd --system --gid 10001 worker \
     && useradd --system --uid 10001 --gid worker --no-create-home --shell /usr/sbin/nologin worker
 USER 10001:10001
 EXPOSE 9464 8080
