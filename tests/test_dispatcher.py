@@ -8,7 +8,7 @@ import pytest
 from worker.clock import MockClock
 from worker.cloudflare.client import PurgeAccepted
 from worker.cloudflare.plans import PlanLimits
-from worker.cloudflare.ratelimit import AccountRateLimiter
+from worker.cloudflare.ratelimit import URL_SAFETY, AccountRateLimiter
 from worker.cloudflare.retry import RetryPolicy
 from worker.coalescer import Coalescer
 from worker.dispatcher import Dispatcher
@@ -36,7 +36,7 @@ class RecordingClient:
 
 def build(*, urls_per_second=100.0, flex_bucket=10, flex_refill=1.0, cap=10, concurrency=2):
     clock = MockClock()
-    limits = PlanLimits(flex_refill, flex_bucket, cap, urls_per_second / 0.95, cap)
+    limits = PlanLimits(flex_refill, flex_bucket, cap, urls_per_second / URL_SAFETY, cap)
     limiter = AccountRateLimiter(limits, clock, start_full=True)
     client = RecordingClient()
     dests = {z: Destination(z, z[:1], client, limiter) for z in (ZA, ZB)}

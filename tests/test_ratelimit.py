@@ -4,7 +4,7 @@ import pytest
 
 from worker.clock import MockClock
 from worker.cloudflare.plans import Plan, limits_for
-from worker.cloudflare.ratelimit import MAX_WAIT_STEP, SAFETY, AccountRateLimiter
+from worker.cloudflare.ratelimit import MAX_WAIT_STEP, SAFETY, URL_SAFETY, AccountRateLimiter
 from worker.targets import Kind
 
 
@@ -147,8 +147,8 @@ def test_no_one_second_window_holds_more_than_the_budget_and_the_rate_holds():
             if lim.reserve(Kind.FILES, n) == 0:
                 sends.append((clock.monotonic(), n))
         clock.advance(0.01)
-    assert _worst_second(sends) <= 1500 * SAFETY + 1e-6
-    assert sum(n for _, n in sends) / 20 >= 0.9 * 1500 * SAFETY
+    assert _worst_second(sends) <= 1500 * URL_SAFETY + 1e-6
+    assert sum(n for _, n in sends) / 20 >= 0.9 * 1500 * URL_SAFETY
 
 
 def test_after_a_429_the_url_window_counts_as_full():
@@ -196,10 +196,10 @@ def test_room_is_offered_only_while_the_share_is_steady():
     lim = AccountRateLimiter(limits_for(Plan.PRO), clock)
     clock.advance(1)
     assert lim.reserve(Kind.FILES, 1400) == 0
-    assert lim.room(Kind.FILES) == 25
+    assert lim.room(Kind.FILES) == int(1500 * URL_SAFETY) - 1400
     lim.set_share(0.5)
     clock.advance(1.5)
     assert lim.room(Kind.FILES) == 0  # shares just moved: keep the slack
     clock.advance(1)
-    assert lim.room(Kind.FILES) == int(1500 * SAFETY * 0.5)
+    assert lim.room(Kind.FILES) == int(1500 * URL_SAFETY * 0.5)
     assert lim.room(Kind.TAGS) == 0
