@@ -15,14 +15,13 @@ from typing import Any
 from kafka import KafkaConsumer
 from kafka import TopicPartition as KafkaTP
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 
 from worker.config import KafkaConfig
 from worker.deadletter import PREFIX, header
 from worker.errors import RetryableError, UsageError
 from worker.events import Record
 from worker.offsets import TopicPartition
-from worker.source import to_record
+from worker.source import kafka_offsets, millis, to_record
 
 
 def parse_time(text: str) -> float:
@@ -180,9 +179,8 @@ class DeadLetterReader:
         return out
 
     def commit(self, offsets: dict[TopicPartition, int], timeout: float = 10.0) -> bool:
-        payload = {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
         try:
-            self._consumer.commit(payload, timeout_ms=max(1, int(timeout * 1000)))
+            self._consumer.commit(kafka_offsets(offsets), timeout_ms=millis(timeout))
             return True
         except KafkaError:
             return False
@@ -217,7 +215,7 @@ class DeadLetterReader:
         return {}
 
     def close(self, timeout: float = 10.0) -> None:
-        self._consumer.close(autocommit=False, timeout_ms=max(1, int(timeout * 1000)))
+        self._consumer.close(autocommit=False, timeout_ms=millis(timeout))
 
 
 def describe(record: Record) -> dict[str, Any]:

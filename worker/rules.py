@@ -378,10 +378,6 @@ def _header_templates(spec: _UrlTemplate) -> list[Template]:
     return [t for _, templates in spec.headers for t in templates]
 
 
-def _render_all(templates: list[Template], event: Event, captures: dict[str, str]) -> list[str]:
-    return [v for t in templates for v in t.render(event, captures)]
-
-
 def _header_combos(
     headers: tuple[tuple[str, tuple[Template, ...]], ...],
     event: Event,

@@ -58,6 +58,16 @@ class Source(Protocol):
     def close(self, timeout: float = 10.0) -> None: ...
 
 
+def kafka_offsets(offsets: dict[TopicPartition, int]) -> dict[KafkaTP, OffsetAndMetadata]:
+    """Offsets to commit, as kafka-python's ``commit`` takes them."""
+    return {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+
+
+def millis(seconds: float) -> int:
+    """A kafka-python ``timeout_ms`` from seconds, never below 1 ms."""
+    return max(1, int(seconds * 1000))
+
+
 def to_record(r: Any) -> Record:
     """A kafka-python ConsumerRecord as the pipeline's ``Record``."""
     headers = tuple(r.headers or ())
@@ -89,9 +99,8 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
             offsets = {tp: o for tp, o in self.finished.items() if tp in tps}
         if not offsets or self.consumer is None:
             return
-        payload = {KafkaTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
         try:
-            await self.consumer.commit_async(payload)
+            await self.consumer.commit_async(kafka_offsets(offsets))
             log.info(
                 "committed finished records before handing partitions over",
                 partitions=sorted(f"{t}[{p}]" for t, p in offsets),
@@ -153,15 +162,11 @@ class KafkaSource:
 
     def commit(self, offsets: dict[TopicPartition, int], timeout: float) -> bool:
         owned = self.assignment()
-        payload = {
-            KafkaTP(t, p): OffsetAndMetadata(o, "", -1)
-            for (t, p), o in offsets.items()
-            if (t, p) in owned
-        }
+        payload = kafka_offsets({tp: o for tp, o in offsets.items() if tp in owned})
         if not payload:
             return True
         try:
-            self._consumer.commit(payload, timeout_ms=max(1, int(timeout * 1000)))
+            self._consumer.commit(payload, timeout_ms=millis(timeout))
             self._heard_at = time.monotonic()
             return True
         except CommitFailedError as exc:
@@ -225,7 +230,7 @@ class KafkaSource:
     def close(self, timeout: float = 10.0) -> None:
         # close() leaves the group, so the partitions move to another replica at once. Its own
         # commit is off: only the pipeline commits, and only finished records.
-        self._consumer.close(autocommit=False, timeout_ms=max(1, int(timeout * 1000)))
+        self._consumer.close(autocommit=False, timeout_ms=millis(timeout))
 
 
 def recent_dead_letters(config: KafkaConfig, since: float, timeout: float = 5.0) -> list[float]:

@@ -135,14 +135,18 @@ def _url_host(url: str) -> str:
     return url.split("://", 1)[1].split("/", 1)[0].split(":", 1)[0]
 
 
+def _not_too_long(what: str, raw: str) -> None:
+    if len(raw) > MAX_URL_LENGTH:
+        raise InvalidTarget(
+            f"{what} {raw[:60]!r}… is {len(raw)} characters long (max {MAX_URL_LENGTH})"
+        )
+
+
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def normalize_url(raw: str) -> str:
     if not isinstance(raw, str) or not raw:
         raise InvalidTarget(f"URL must be a non-empty string, got {raw!r}")
-    if len(raw) > MAX_URL_LENGTH:
-        raise InvalidTarget(
-            f"URL {raw[:60]!r}… is {len(raw)} characters long (max {MAX_URL_LENGTH})"
-        )
+    _not_too_long("URL", raw)
     if any(c.isspace() for c in raw):
         raise InvalidTarget(f"URL {raw!r} contains white space")
     parts = urlsplit(raw)
@@ -216,10 +220,7 @@ def normalize_host(raw: str) -> str:
 def normalize_prefix(raw: str) -> str:
     if not isinstance(raw, str) or not raw:
         raise InvalidTarget(f"prefix must be a non-empty string, got {raw!r}")
-    if len(raw) > MAX_URL_LENGTH:
-        raise InvalidTarget(
-            f"prefix {raw[:60]!r}… is {len(raw)} characters long (max {MAX_URL_LENGTH})"
-        )
+    _not_too_long("prefix", raw)
     text = raw
     lowered = text.lower()
     for scheme in ("https://", "http://"):

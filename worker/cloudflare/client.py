@@ -26,6 +26,7 @@ from worker.errors import (
     RateLimited,
     TransportError,
 )
+from worker.logs import REDACTED
 from worker.targets import Kind, Mode
 
 RETRYABLE_STATUSES = frozenset({408, 409}) | frozenset(range(500, 600))
@@ -157,7 +158,7 @@ class CloudflareClient:
         """``text`` without this client's secrets: a proxy or a wrong ``base_url`` may quote the
         request's headers in its error, and error texts travel to logs, output and dead letters."""
         for secret in self._credentials.secrets():
-            text = text.replace(secret, "***")
+            text = text.replace(secret, REDACTED)
         return text
 
 

@@ -226,16 +226,26 @@ class AccountRateLimiter:
         """``reserve``, also returning a ticket to hand to ``completed`` when the request ends
         (None for requests whose budget needs no restamping)."""
         with self._lock:
-            now = self._clock.monotonic()
-            blocked = self._blocked_until - now
-            if blocked > 0:
-                return blocked, None
-            if self._factor < 1.0:
-                self._recover(now)
-            if kind.metered_per_item:
-                return self._urls.take(items, now)
-            cost = items if self._flex_cost_per_item else 1
-            return self._flex.take(cost, now), None
+            return self._budget(kind, items, take=True)
+
+    def ready_in(self, kind: Kind, items: int) -> float:
+        """Seconds until a request of ``items`` of ``kind`` could go; takes nothing."""
+        with self._lock:
+            return self._budget(kind, items, take=False)[0]
+
+    def _budget(self, kind: Kind, items: int, *, take: bool) -> tuple[float, Ticket | None]:
+        """The wait for a request of ``items`` of ``kind`` (0: it may go now), taking the budget
+        when ``take`` and it is there. Call with the lock held."""
+        now = self._clock.monotonic()
+        blocked = self._blocked_until - now
+        if blocked > 0:
+            return blocked, None
+        if self._factor < 1.0:
+            self._recover(now)
+        if kind.metered_per_item:
+            return self._urls.take(items, now) if take else (self._urls.wait_for(items, now), None)
+        cost = items if self._flex_cost_per_item else 1
+        return (self._flex.take(cost, now) if take else self._flex.wait_for(cost, now)), None
 
     def room(self, kind: Kind) -> int:
         """How many items of ``kind`` could go in one request right now (URLs only: a flex
@@ -255,17 +265,6 @@ class AccountRateLimiter:
         if ticket is not None:
             with self._lock:
                 self._urls.restamp(ticket, self._clock.monotonic())
-
-    def ready_in(self, kind: Kind, items: int) -> float:
-        """Seconds until a request of ``items`` of ``kind`` could go; takes nothing."""
-        with self._lock:
-            now = self._clock.monotonic()
-            blocked = self._blocked_until - now
-            if blocked > 0:
-                return blocked
-            if kind.metered_per_item:
-                return self._urls.wait_for(items, now)
-            return self._flex.wait_for(items if self._flex_cost_per_item else 1, now)
 
     def acquire(self, kind: Kind, items: int) -> float:
         """Block until a request of ``items`` of ``kind`` may be sent; return the seconds waited.

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import re
 
-ZONE_ID = re.compile(r"^[0-9a-f]{32}$")
-PLANS = ("free", "pro", "business", "enterprise")
+from worker.cloudflare.plans import Plan
+from worker.config.model import ZONE_ID_PATTERN
+
+ZONE_ID = re.compile(ZONE_ID_PATTERN)
+PLANS = tuple(p.value for p in Plan)
 
 
 def port(text: str) -> int:
