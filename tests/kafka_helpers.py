@@ -159,18 +159,32 @@ def image_events(n, prefix="u"):
     ]
 
 
-def worker_config(tmp_path, emulator, bootstrap, topic, dlq, group, **over):
+def worker_config(
+    tmp_path,
+    emulator,
+    bootstrap,
+    topic,
+    dlq,
+    group,
+    *,
+    path=None,
+    max_poll_records=200,
+    observability=None,
+    **over,
+):
+    """A worker's config file for these topics: ports off unless ``observability`` sets them;
+    ``over`` as for ``write_config`` (``cloudflare__accounts={...}`` replaces one key)."""
     kafka = {
         "bootstrap_servers": [bootstrap],
         "topics": [topic],
         "dead_letter_topic": dlq,
         "group_id": group,
-        "max_poll_records": 200,
+        "max_poll_records": max_poll_records,
     }
     return write_config(
-        tmp_path / "c.yaml",
+        path or tmp_path / "c.yaml",
         emulator.api_url,
         kafka=kafka,
-        observability={"metrics_port": None, "health_port": None},
+        observability={"metrics_port": None, "health_port": None, **(observability or {})},
         **over,
     )

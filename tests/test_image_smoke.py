@@ -17,8 +17,8 @@ import requests
 
 from scripts.kafka_broker import free_port
 from tests.conftest import TOKEN
-from tests.helpers import cloudevent, purged_items, wait_for, write_config
-from tests.kafka_helpers import all_committed, produce
+from tests.helpers import cloudevent, purged_items, wait_for
+from tests.kafka_helpers import all_committed, produce, worker_config
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,16 +53,15 @@ def test_the_installed_package_runs_read_only_as_uid_10001(
     hport = free_port()
     etc = tmp_path / "etc"
     etc.mkdir()
-    cfg = write_config(
-        etc / "config.yaml",
-        emulator.api_url,
-        kafka={
-            "bootstrap_servers": [kafka_bootstrap],
-            "topics": [topic],
-            "dead_letter_topic": dlq,
-            "group_id": group,
-        },
-        observability={"metrics_port": None, "health_port": hport, "log_format": "json"},
+    cfg = worker_config(
+        tmp_path,
+        emulator,
+        kafka_bootstrap,
+        topic,
+        dlq,
+        group,
+        path=etc / "config.yaml",
+        observability={"health_port": hport, "log_format": "json"},
     )
     before = {p: p.stat().st_mtime for p in tmp_path.rglob("*") if p.is_file()}
     # / read-only; /tmp a fresh tmpfs; the environment and the config bound read-only at the

@@ -9,15 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
 from scripts.kafka_broker import Broker, free_port
 from tests.conftest import TOKEN, ZONE_A
-from tests.helpers import cloudevent, purged_items, purges, wait_for, write_config
+from tests.helpers import cloudevent, purged_items, purges, wait_for
 from tests.kafka_helpers import (
     RunningWorker,
     Workers,
@@ -38,13 +36,6 @@ def statuses(emulator) -> list[int]:
     return [
         r["status"] for r in requests.get(emulator.url + "/__emulator/requests", timeout=10).json()
     ]
-
-
-def rewrite(cfg: str, edit) -> None:
-    path = Path(cfg)
-    data = yaml.safe_load(path.read_text())
-    edit(data)
-    path.write_text(yaml.safe_dump(data))
 
 
 def fault(emulator, **spec) -> None:
@@ -73,9 +64,9 @@ def test_sigterm_during_an_api_outage_exits_within_the_drain_deadline_and_loses_
             "drain_deadline_seconds": deadline,
             "retry": {"budget_seconds": 600, "initial_backoff_seconds": 0.5},
         },
+        # Probes on, to see that health answers until the process ends.
+        observability={"health_port": hport},
     )
-    # Probes on, to see that health answers until the process ends.
-    rewrite(cfg, lambda d: d["observability"].update(health_port=hport))
     n = 200
     fault(emulator, status=503, seconds=120)
     produce(kafka_bootstrap, topic, image_events(n), key=None)
@@ -241,12 +232,12 @@ def test_a_crash_loop_moves_about_one_guards_worth_to_the_dead_letter_topic(
         topic,
         dlq,
         group,
+        max_poll_records=poll,
         delivery={
             "dead_letter_guard": {"min_records": min_records, "max_ratio": ratio},
             "drain_deadline_seconds": 5,
         },
     )
-    rewrite(cfg, lambda d: d["kafka"].update(max_poll_records=poll))
     # A bad deploy: 80 % of the records are invalid.
     values = []
     for i in range(1000):
@@ -296,13 +287,7 @@ def test_a_restart_after_a_tag_burst_on_the_free_plan_gets_no_429(
         topic,
         dlq,
         group,
-        cloudflare={
-            "base_url": emulator.api_url,
-            "accounts": {"main": {"plan": "free"}},
-            "zones": [
-                {"name": "example.com", "id": ZONE_A, "hosts": ["example.com", "*.example.com"]}
-            ],
-        },
+        cloudflare__accounts={"main": {"plan": "free"}},
         coalesce={"window_seconds": 0},
     )
     # Another client (or the previous run) spent the account's whole tag bucket just now.
@@ -340,22 +325,14 @@ def test_replay_interrupted_with_ctrl_c_exits_130_quickly_and_resumes(
 ):
     emulator = emulator_factory(plan="free")
     topic, dlq = make_topic("cms"), make_topic("dlq")
-    cfg = write_config(
-        tmp_path / "c.yaml",
-        emulator.api_url,
-        kafka={
-            "bootstrap_servers": [kafka_bootstrap],
-            "topics": [topic],
-            "dead_letter_topic": dlq,
-            "group_id": f"g-{unique}",
-        },
-        cloudflare={
-            "base_url": emulator.api_url,
-            "accounts": {"main": {"plan": "free"}},
-            "zones": [
-                {"name": "example.com", "id": ZONE_A, "hosts": ["example.com", "*.example.com"]}
-            ],
-        },
+    cfg = worker_config(
+        tmp_path,
+        emulator,
+        kafka_bootstrap,
+        topic,
+        dlq,
+        f"g-{unique}",
+        cloudflare__accounts={"main": {"plan": "free"}},
     )
     # Dead letters whose replay needs the free plan's slow tag budget: it takes minutes.
     from worker.deadletter import headers_for
@@ -425,16 +402,12 @@ def test_a_broker_outage_never_stalls_purging_and_readyz_says_so(
             "cms",
             "dlq",
             group,
+            # One URL a request, a request at a time, 150 ms each: purging takes ~40 s.
+            cloudflare__accounts={"main": {"plan": "enterprise", "files_per_request": 1}},
             delivery={"concurrency": 1},
             coalesce={"window_seconds": 0.1},
+            observability={"health_port": hport, "ready_kafka_timeout_seconds": 5},
         )
-
-        def edit(d):
-            # One URL a request, a request at a time, 150 ms each: purging takes ~40 s.
-            d["cloudflare"]["accounts"]["main"]["files_per_request"] = 1
-            d["observability"].update(health_port=hport, ready_kafka_timeout_seconds=5)
-
-        rewrite(cfg, edit)
         n = 250
         fault(emulator, latency_ms=150)
         produce(broker.bootstrap, "cms", image_events(n), key=None)
