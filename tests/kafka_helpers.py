@@ -22,11 +22,21 @@ from worker.source import KafkaDeadLetterSink, KafkaSource
 from worker.wiring import Accounts
 
 
-def produce(bootstrap: str, topic: str, values, key=b"k", headers=(), partition=None) -> None:
+def produce(
+    bootstrap: str, topic: str, values, key=b"k", headers=(), partition=None, spread=None
+) -> None:
+    """Write ``values``: to ``partition``, or round-robin over ``spread`` partitions (one burst
+    reaching them all at once), or as the key decides."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     futures = [
-        producer.send(topic, value=v, key=key, headers=list(headers), partition=partition)
-        for v in values
+        producer.send(
+            topic,
+            value=v,
+            key=key,
+            headers=list(headers),
+            partition=i % spread if spread else partition,
+        )
+        for i, v in enumerate(values)
     ]
     for f in futures:
         f.get(timeout=30)
@@ -170,16 +180,20 @@ def worker_config(
     path=None,
     max_poll_records=200,
     observability=None,
+    budget_topic=None,
     **over,
 ):
     """A worker's config file for these topics: ports off unless ``observability`` sets them;
-    ``over`` as for ``write_config`` (``cloudflare__accounts={...}`` replaces one key)."""
+    the group's own budget exchange unless ``budget_topic`` names a shared one; ``over`` as for
+    ``write_config`` (``cloudflare__accounts={...}`` replaces one key)."""
     kafka = {
         "bootstrap_servers": [bootstrap],
         "topics": [topic],
         "dead_letter_topic": dlq,
         "group_id": group,
         "max_poll_records": max_poll_records,
+        # Each test its own exchange, so no test's workers count another's.
+        "budget_topic": budget_topic or f"budget-{group}",
     }
     return write_config(
         path or tmp_path / "c.yaml",

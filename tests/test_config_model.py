@@ -76,6 +76,10 @@ BAD = [
         "initial_backoff_seconds (60.0) is above max_backoff_seconds (30.0)",
     ),
     ("kafka.dead_letter_topic", "cms", "kafka.dead_letter_topic", "must not be one of"),
+    ("kafka.budget_topic", "cms", "kafka.budget_topic", "must not be a consumed topic"),
+    ("kafka.budget_topic", "", "kafka.budget_topic", "at least 1"),
+    ("cloudflare.accounts.main.share", 0, "accounts.main.share", "must be more than 0"),
+    ("cloudflare.accounts.main.share", 1.5, "accounts.main.share", "at most 1"),
     ("observability.metrics_port", 70000, "observability.metrics_port", "at most 65535"),
     ("observability.health_port", "8080", "observability.health_port", "must be an integer"),
     ("kafka", "cms", "kafka", "must be a mapping, got str"),
@@ -141,3 +145,19 @@ def test_the_schema_is_self_contained_and_closed():
     assert schema["additionalProperties"] is False
     assert set(schema["required"]) == {"kafka", "cloudflare"}
     assert section_schema("delivery")["properties"]["retry"]["additionalProperties"] is False
+
+
+def test_groups_sharing_a_token_find_each_other_without_publishing_it():
+    def key(data, token):
+        return parse(data, "site.yaml", {"CLOUDFLARE_API_TOKEN": token}).accounts["main"]
+
+    same = key(BASE, "tok-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa").budget_key
+    assert same == key(BASE, "tok-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa").budget_key
+    assert same != key(BASE, "tok-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").budget_key
+    assert "aaaa" not in same
+    named = with_("cloudflare.accounts.main", {"plan": "pro", "account_id": "acc-1", "share": 0.5})
+    account = key(named, TOKEN)
+    assert (account.budget_key, account.share) == ("acc-1", 0.5)
+    assert parse(BASE, "site.yaml", {"CLOUDFLARE_API_TOKEN": TOKEN}).kafka.budget_topic == (
+        "purge-worker.budget"
+    )

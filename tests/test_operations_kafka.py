@@ -97,7 +97,9 @@ def test_metrics_move_and_probes_answer(emulator, make_topic, kafka_bootstrap, u
         assert metric(text, "purge_worker_api_rate_limited_total") == 0
         assert metric(text, "purge_worker_pending_records") == 0
         assert metric(text, "purge_worker_last_record_timestamp_seconds") > 1.7e9
-        assert metric(text, "purge_worker_rate_budget_share", account="main") == 1.0
+        # Alone on the account: the whole of it (decided by the budget exchange).
+        assert metric(text, "purge_worker_rate_budget_share", account="main", budget="urls") == 1.0
+        assert metric(text, "purge_worker_rate_budget_demand", account="main", budget="urls") == 0
         assert "purge_worker_rate_limiter_wait_seconds_total" in text
         assert "purge_worker_consumption_paused" in text
         assert metric(text, "purge_worker_consumer_lag", topic=topic) == 0

@@ -260,6 +260,15 @@ class Coalescer:
     def pending(self) -> int:
         return sum(b.size for b in self._buckets.values())
 
+    def pending_by_kind(self) -> dict[tuple[str, Kind], int]:
+        """Items pending per zone and kind (what the budget exchange reports as demand)."""
+        out: dict[tuple[str, Kind], int] = {}
+        for (zone_id, _), bucket in self._buckets.items():
+            for kind in Kind:
+                if n := bucket.count(kind):
+                    out[(zone_id, kind)] = out.get((zone_id, kind), 0) + n
+        return out
+
     def add(self, zone_id: str, mode: Mode, target: Target, owner: Owner) -> None:
         key = (zone_id, mode)
         bucket = self._buckets.get(key)

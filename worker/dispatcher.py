@@ -77,15 +77,17 @@ class Dispatcher:
         for due in self._coalescer.ready(drain=drain):
             dest = self._destinations[due.zone_id]
             cap = self._cap(due.zone_id, due.kind)
+            # A small share of the URL budget sends smaller requests, never one above its second.
+            largest = cap if self._dry_run else min(cap, dest.limiter.largest(due.kind))
             while len(self._futures) < self._concurrency:
                 count = self._coalescer.count(due.zone_id, due.mode, due.kind)
-                size = min(count, cap)
-                if not size or (size < cap and not due.whole):
+                size = min(count, largest)
+                if not size or (size < largest and not due.whole):
                     break  # what is left waits for its window
                 wait, ticket = (
                     (0.0, None) if self._dry_run else dest.limiter.reserve_ticket(due.kind, size)
                 )
-                if wait > 0 and size == cap:
+                if wait > 0 and size == largest:
                     # A full request does not fit, but a smaller one may: a second's budget is
                     # rarely a whole number of requests (760 URLs on free, 100 a request), and
                     # under a backlog the rest of it would otherwise go unused.

@@ -95,9 +95,20 @@ LAST_POLL_TIME = Gauge(
 )
 # Whether consumption is paused for backpressure (1) or running (0).
 PAUSED = Gauge(_P + "consumption_paused", "1 while partitions are paused", registry=REGISTRY)
-# This replica's share of each account's rate budget.
+# This worker's share of each account's budgets (budget: urls, flex), and what it wants of them
+# (a fraction of each; above 1 when it could use more than the whole account), which the budget
+# exchange splits the account by.
 BUDGET_SHARE = Gauge(
-    _P + "rate_budget_share", "Share of the account budget", ["account"], registry=REGISTRY
+    _P + "rate_budget_share",
+    "This worker's share of the account's purge budget",
+    ["account", "budget"],
+    registry=REGISTRY,
+)
+BUDGET_DEMAND = Gauge(
+    _P + "rate_budget_demand",
+    "What this worker wants of the account's purge budget, as a fraction of it",
+    ["account", "budget"],
+    registry=REGISTRY,
 )
 
 

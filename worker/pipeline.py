@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import structlog
 
 from worker import metrics
+from worker.budget import Exchange, ShareKeeper
 from worker.clock import Clock
 from worker.coalescer import Batch, Coalescer, Pending
 from worker.config import Config
@@ -78,6 +79,7 @@ class Pipeline:
         clock: Clock,
         *,
         fixed_share: float | None = None,
+        exchange: Exchange | None = None,
     ) -> None:
         self.config = config
         self.source = source
@@ -111,10 +113,8 @@ class Pipeline:
         self._commit_retry_at = 0.0
         # Dead-letter writes under way: their records finish once the broker confirms.
         self._dead_writes: dict[Ref, tuple[InFlight, DeadLetterWrite]] = {}
-        self._share: float | None = None
-        self._fixed_share = fixed_share
-        if fixed_share is not None:
-            self._set_share(fixed_share)
+        self.shares = ShareKeeper(accounts, clock, exchange=exchange, fixed=fixed_share)
+        self._total_partitions = 0
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -173,9 +173,11 @@ class Pipeline:
         ) > 0:
             self.dispatcher.dispatch(drain=True)
             self._settle(self.dispatcher.collect(timeout=min(remaining, BUSY_POLL)))
+            self._update_share_and_lag()  # the split moves on while this worker drains
             self._confirm_dead_letters()
             self._finish()
         self.dispatcher.close()
+        self.shares.close(CLOSE_WAIT)
         self._confirm_dead_letters()
         self._finish(final=True)
         self.commit(wait=FINAL_COMMIT_WAIT)
@@ -205,6 +207,9 @@ class Pipeline:
         for at in (self.coalescer.next_due(), self.dispatcher.budget_at):
             if at is not None:
                 timeout = max(0.0, min(timeout, at - now))
+        change = self.shares.next_change()  # shares move on wall-clock boundaries
+        if change is not None:
+            timeout = max(0.0, min(timeout, change - self.clock.time()))
         return timeout
 
     # -- records in -------------------------------------------------------------------------------
@@ -397,7 +402,6 @@ class Pipeline:
         revoked = self.source.take_revoked()
         if revoked:
             self._forget(revoked, "partitions revoked")
-            self._share = None  # recompute after the new assignment
 
     def _forget(self, tps: set[tuple[str, int]], why: str) -> None:
         """Drop all state of records from ``tps``: their new owner (or re-read) redoes them."""
@@ -412,26 +416,18 @@ class Pipeline:
         )
 
     def _update_share_and_lag(self) -> None:
-        """Spend only this replica's share of each account's budget: Cloudflare meters per
-        account, so N replicas with full budgets would overrun it N-fold. The share is this
-        replica's part of the partitions, recomputed whenever the assignment changes."""
-        assigned = self.source.assignment()
-        changed = len(assigned) != self.status.assigned
-        self.status.assigned = len(assigned)
-        if assigned and (self._share is None or changed) and self._fixed_share is None:
-            partitions = self.source.total_partitions()
-            self._set_share(len(assigned) / partitions if partitions else None)
+        """Spend only this worker's share of each account's budget (Cloudflare meters per
+        account, and other workers spend it too: see ``worker.budget``), and report the lag now
+        and then."""
+        assigned = len(self.source.assignment())
+        if assigned != self.status.assigned:
+            self.status.assigned = assigned
+            self._total_partitions = self.source.total_partitions() if assigned else 0
+        self.shares.update(
+            self.coalescer.pending_by_kind, self.status.assigned, self._total_partitions
+        )
         now = self.clock.monotonic()
         if now - self._last_lag >= LAG_INTERVAL:
             self._last_lag = now
             for (topic, partition), lag in self.source.lag(self.records.last_seen()).items():
                 metrics.CONSUMER_LAG.labels(topic, str(partition)).set(lag)
-
-    def _set_share(self, share: float | None) -> None:
-        if share is None or (self._share is not None and abs(share - self._share) < 0.01):
-            return
-        self._share = share
-        self.accounts.set_share(share)
-        for name in self.accounts.limiters:
-            metrics.BUDGET_SHARE.labels(name).set(share)
-        log.info("rate budget share", share=round(share, 3), partitions=self.status.assigned)

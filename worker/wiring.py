@@ -49,9 +49,8 @@ class Accounts:
                 return z
         raise UnknownZone(f"zone {name_or_id!r} is not configured")
 
-    def set_share(self, share: float) -> None:
-        for limiter in self.limiters.values():
-            limiter.set_share(share)
+    def account_of(self, zone_id: str) -> str:
+        return self._zones[zone_id].account
 
     def close(self) -> None:
         for client in self.clients.values():

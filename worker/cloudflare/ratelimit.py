@@ -174,6 +174,8 @@ class AccountRateLimiter:
         # Per-request caps the API turned out to enforce below the configured ones.
         self._caps: dict[Kind, int] = {}
         self._shared = False  # set_share not called yet
+        # What was taken lately, for the demand this worker reports: (when, URLs, flex requests).
+        self._used: deque[tuple[float, int, int]] = deque()
         self._share_set_at = -math.inf
         now = clock.monotonic()
         self._flex = _Bucket(1.0, 1.0, now)
@@ -198,23 +200,27 @@ class AccountRateLimiter:
         self._flex.tokens = min(self._flex.tokens, flex_cap)
         self._urls.limit = max(self._url_limit(), 1e-6)
 
-    def set_share(self, share: float, flex_share: float | None = None) -> None:
+    def set_share(
+        self, share: float, flex_share: float | None = None, *, hold: bool = True
+    ) -> None:
         """Spend only this fraction (0 < share <= 1) of the account's URL budget, and of its flex
         bucket (``flex_share``, the same when not given), from now on.
 
-        URL budget gained (the first share, or a larger one) is spendable only a window from
-        now: whoever spent it before still has its last second of requests in the server's
-        window."""
+        With ``hold``, URL budget gained (the first share, or a larger one) is spendable only a
+        window from now: whoever spent it before still has its last second of requests in the
+        server's window. Without, the caller knows that nobody else may spend it (the budget
+        exchange's split)."""
         with self._lock:
             now = self._clock.monotonic()
             before = 0.0 if not self._shared else self._urls.limit
-            if abs(share - self._url_share) > 1e-9 or not self._shared:
+            # A nudge (shares follow demand every second) is no move worth holding back for.
+            if abs(share - self._url_share) > 0.01 or not self._shared:
                 self._share_set_at = now
             self._shared = True
             self._url_share = min(1.0, max(share, 0.001))
             self._flex_share = min(1.0, max(share if flex_share is None else flex_share, 0.001))
             self._resize(now)
-            if self._urls.limit > before:
+            if self._urls.limit > before and (hold or before == 0.0):
                 self._urls.hold(self._urls.limit - before, now)
 
     def reserve(self, kind: Kind, items: int) -> float:
@@ -242,10 +248,36 @@ class AccountRateLimiter:
             return blocked, None
         if self._factor < 1.0:
             self._recover(now)
+        if not take:
+            if kind.metered_per_item:
+                return self._urls.wait_for(items, now), None
+            return self._flex.wait_for(items if self._flex_cost_per_item else 1, now), None
         if kind.metered_per_item:
-            return self._urls.take(items, now) if take else (self._urls.wait_for(items, now), None)
-        cost = items if self._flex_cost_per_item else 1
-        return (self._flex.take(cost, now) if take else self._flex.wait_for(cost, now)), None
+            wait, ticket = self._urls.take(items, now)
+        else:
+            wait = self._flex.take(items if self._flex_cost_per_item else 1, now)
+            ticket = None
+        if wait == 0:
+            url = kind.metered_per_item
+            self._used.append((now, items if url else 0, 0 if url else 1))
+        return wait, ticket
+
+    def used(self, now: float, flex_span: float) -> tuple[int, int]:
+        """URLs taken in the last second and flex requests in the last ``flex_span`` seconds."""
+        with self._lock:
+            while self._used and self._used[0][0] <= now - max(WINDOW, flex_span):
+                self._used.popleft()
+            urls = sum(u for at, u, _ in self._used if at > now - WINDOW)
+            return urls, sum(f for _, _, f in self._used)
+
+    def largest(self, kind: Kind) -> int:
+        """The most items of ``kind`` one request may carry within this worker's budget: a URL
+        request never larger than its share of a second (a small share would otherwise send a
+        whole request into a second that holds less), flex requests as the cap allows."""
+        if not kind.metered_per_item:
+            return self.cap(kind)
+        with self._lock:
+            return min(self.cap(kind), max(1, int(self._urls.limit + 1e-9)))
 
     def room(self, kind: Kind) -> int:
         """How many items of ``kind`` could go in one request right now (URLs only: a flex

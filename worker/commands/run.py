@@ -22,6 +22,7 @@ from worker.clock import SystemClock
 from worker.commands import args as args_types
 from worker.config import Config
 from worker.errors import ConfigError, DeadLetterGuardTripped, PurgeWorkerError, RetryableError
+from worker.exchange import KafkaBudgetExchange
 from worker.health import STALE_AFTER_SECONDS, HealthServer
 from worker.pipeline import Pipeline
 from worker.source import KafkaDeadLetterSink, KafkaSource, recent_dead_letters
@@ -75,7 +76,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
             f"{','.join(config.kafka.bootstrap_servers)} (create it; see kafka.topics and "
             "kafka.dead_letter_topic)"
         )
-    pipeline = Pipeline(config, source, sink, Accounts(config, clock), clock)
+    exchange = None
+    if config.kafka.budget_topic and not config.delivery.dry_run:
+        exchange = KafkaBudgetExchange(config.kafka, config.kafka.budget_topic, clock).start()
+    pipeline = Pipeline(config, source, sink, Accounts(config, clock), clock, exchange=exchange)
     seed_guard(config, pipeline, clock)
     health = _health(config, pipeline)
     log.info(

@@ -7,6 +7,7 @@ file, the key and the reason. See the README's "Configuration" section for every
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ class KafkaConfig:
     max_poll_records: int
     max_record_bytes: int
     event_type_field: str
+    budget_topic: str | None
     security: KafkaSecurity
     sasl_password: Secret | None
 
@@ -103,6 +105,9 @@ class AccountConfig:
     flex_cost_per_item: bool
     # Which environment variable was meant to hold the token, for error messages.
     token_env: str | None
+    # What the budget exchange calls this account, and this group's most of its budget.
+    budget_key: str = ""
+    share: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,10 @@ def _kafka(s: KafkaSection, env: Mapping[str, str], source: str) -> KafkaConfig:
         raise ConfigError(
             source, "kafka.dead_letter_topic", "must not be one of the consumed topics"
         )
+    if s.budget_topic is not None and s.budget_topic in (*topics, s.dead_letter_topic):
+        raise ConfigError(
+            source, "kafka.budget_topic", "must not be a consumed topic or the dead-letter topic"
+        )
     password = None
     password_env = s.security.sasl_password_env
     if password_env:
@@ -262,6 +271,7 @@ def _kafka(s: KafkaSection, env: Mapping[str, str], source: str) -> KafkaConfig:
         max_poll_records=s.max_poll_records,
         max_record_bytes=s.max_record_bytes,
         event_type_field=s.event_type_field,
+        budget_topic=s.budget_topic,
         security=s.security,
         sasl_password=password,
     )
@@ -283,7 +293,23 @@ def _account(name: str, a: AccountSection, env: Mapping[str, str], source: str) 
     email, key = (env.get(a.email_env or ""), env.get(a.key_env or ""))
     if not token and email and key:
         creds = Credentials(email=email, key=Secret(key))
-    return AccountConfig(name, plan, limits, creds, a.flex_cost == "item", a.token_env)
+    return AccountConfig(
+        name,
+        plan,
+        limits,
+        creds,
+        a.flex_cost == "item",
+        a.token_env,
+        budget_key=a.account_id or _credentials_key(creds, name),
+        share=a.share or 1.0,
+    )
+
+
+def _credentials_key(creds: Credentials, name: str) -> str:
+    """A name for the account that every group using the same credentials derives alike. A
+    salted, truncated digest: it tells nobody anything about the token."""
+    material = "\0".join(["purge-worker budget", *(creds.secrets() or [f"unset:{name}"])])
+    return "credentials-" + hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
 def _zones(

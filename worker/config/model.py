@@ -56,6 +56,10 @@ class KafkaSection(Section):
     max_poll_records: int = Field(default=500, ge=1)
     max_record_bytes: int = Field(default=1024 * 1024, ge=1)
     event_type_field: str = "type"
+    # Where workers tell each other their demand for each account's budget (worker.budget).
+    # Every worker group on the cluster that spends the same Cloudflare account must use the same
+    # topic. null: each replica takes its part of the partitions, as if demand were even.
+    budget_topic: str | None = Field(default="purge-worker.budget", min_length=1)
     security: KafkaSecurity = KafkaSecurity()
 
 
@@ -74,6 +78,13 @@ class AccountSection(Section):
     flex_refill_per_second: float | None = Field(default=None, gt=0)
     flex_bucket: int | None = Field(default=None, ge=1)
     flex_cost: Literal["request", "item"] = "request"
+    # What every worker group spending this Cloudflare account calls it when sharing the budget
+    # (the account id is a good choice). Default: a digest of the credentials, so groups that use
+    # the same token find each other and groups with different tokens never do.
+    account_id: str | None = Field(default=None, min_length=1, max_length=200)
+    # The part of the account's budget this worker group may spend at most, when others spend
+    # the rest where the budget topic cannot see them (another Kafka cluster, a CMS plug-in).
+    share: float | None = Field(default=None, gt=0, le=1)
 
 
 class ZoneSection(Section):

@@ -96,6 +96,7 @@ app.kubernetes.io/component: worker
 {{- end }}
 {{- end }}
 {{- $_ := set $kafka "security" $sec }}
+{{- $_ := set $kafka "budget_topic" .Values.kafka.budgetTopic }}
 {{- $accounts := dict }}
 {{- range $name, $account := .Values.cloudflare.accounts }}
 {{- $env := include "purge-worker.tokenEnv" (list $name $account) }}

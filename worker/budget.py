@@ -1,0 +1,400 @@
+"""Shares of each account's rate budget that follow demand, across every worker spending it.
+
+Cloudflare meters purges per account, and every worker of every group purging for the account
+spends the same budget. Splitting it by partition count strands it: a replica holding a hot
+partition waits while idle replicas hold budget they cannot use. So each worker publishes, four
+times a second, what it wants of each account's two budgets (URLs and flex requests, as fractions
+of the account's rate: what it is waiting to send plus what it sent lately), and every worker
+shares the budget out with the same function (``allocate``: max-min fair, a small floor for the
+idle, what nobody wants spread evenly).
+
+Shares move only at epoch boundaries, wall-clock multiples of ``EPOCH``, and every worker
+computes the split for a boundary from the same snapshot: each member's latest report sent at
+least ``CUTOFF`` before it. Cloudflare meters URLs over a moving second, so a window that straddles
+a boundary holds requests sent under the old shares and the new ones. Each report therefore also
+says what share of URLs the member was allowed in the epoch now ending; at the boundary a share
+that falls falls at once, and shares that rise take only what the old shares leave free
+(``next_shares``), so that in every second the members' old-or-new shares add up to at most the
+budget. What this needs: clocks within a few hundred milliseconds of each other (NTP), reports
+delivered within ``CUTOFF``, and each worker applying a boundary's split within a few hundred
+milliseconds of it (the loop wakes for it).
+
+A worker that has not yet appeared in a snapshot spends almost nothing (``JOINING_SHARE``); one
+that falls silent for ``REPORT_TTL`` is no longer counted. When the exchange cannot be reached,
+each worker falls back to its part of the partitions. The reports travel on a Kafka topic
+(``worker.exchange``); this module is the arithmetic and the bookkeeping, with no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import NamedTuple, Protocol
+
+import structlog
+
+from worker import metrics
+from worker.clock import Clock
+from worker.targets import Kind
+from worker.wiring import Accounts
+
+log = structlog.get_logger("worker.budget")
+
+EPOCH = 1.0
+CUTOFF = 0.4
+REPORT_INTERVAL = 0.25
+REPORT_TTL = 3.0
+# What a worker absent from the snapshot may spend: it is not yet in anyone's split.
+JOINING_SHARE = 0.001
+# Each member's floor, so a new burst starts at once; together never more than MAX_FLOORS.
+FLOOR = 0.01
+MAX_FLOORS = 0.05
+# A member that wants w of the budget is given up to w * HEADROOM, so a steady stream keeps
+# its pace while its rate wobbles.
+HEADROOM = 1.25
+# Shares are cut to this grain (down, so they never sum above 1).
+QUANTUM = 0.001
+# The epoch a joining member reports: it has been allowed JOINING_SHARE since it started.
+JOINING_EPOCH = -1
+# Flex use is measured over a longer span: a flex request is rare and the bucket is long.
+FLEX_SPAN = 10.0
+
+
+class Demand(NamedTuple):
+    """What one worker wants of an account's budgets, as fractions of each (may exceed 1)."""
+
+    urls: float
+    flex: float
+
+
+class Shares(NamedTuple):
+    urls: float
+    flex: float
+
+
+class Report(NamedTuple):
+    """One member's report for one account."""
+
+    at: float  # wall-clock time it was sent
+    demand: Demand
+    # The epoch whose split the member applied last (None: not split by demand) and the share of
+    # URLs it has been allowed since.
+    epoch: int | None
+    allowed: float
+    left: bool = False  # the member stopped (cleanly): its last report
+
+
+def allocate(wants: Mapping[str, float]) -> dict[str, float]:
+    """Each member's share of one budget from what each wants: max-min fair (a member wanting
+    less than an even split gets what it wants, the rest split evenly among the others), every
+    member at least a floor, and what nobody wants spread evenly. The same input gives the same
+    output on every worker (members in sorted order); the shares never sum above 1."""
+    members = sorted(wants)
+    if not members:
+        return {}
+    floor = min(FLOOR, MAX_FLOORS / len(members))
+    need = {m: max(floor, wants[m] * HEADROOM) if wants[m] > 0 else floor for m in members}
+    out: dict[str, float] = {}
+    left = 1.0
+    open_ = members
+    while open_:
+        even = left / len(open_)
+        small = [m for m in open_ if need[m] <= even]
+        if not small:
+            out.update(dict.fromkeys(open_, even))
+            left = 0.0
+            break
+        for m in small:
+            out[m] = need[m]
+            left -= need[m]
+        open_ = [m for m in open_ if need[m] > even]
+    spread = max(0.0, left) / len(members)
+    return {m: math.floor((out[m] + spread) / QUANTUM) * QUANTUM for m in members}
+
+
+def next_shares(
+    targets: Mapping[str, float],
+    allowed: Mapping[str, float | None],
+    gone: float = 0.0,
+) -> dict[str, float]:
+    """The URL shares for an epoch, from this epoch's ``targets`` (``allocate``) and what each
+    member's report says it was allowed in the epoch now ending (None: the report does not say,
+    e.g. it was sent before the member applied the last split). ``gone``: what members that
+    stopped within the last second were allowed.
+
+    A share that falls falls at once: the member's requests of the last second are within its
+    old share anyway. A share that rises takes only what nobody was allowed last epoch, split in
+    proportion to the rises; while any member's last share is unknown, none rises. So a second
+    that straddles the boundary holds at most each member's larger share, and those add up to at
+    most the budget. (For a member whose last share is unknown the result is its target: that
+    member itself must take no more than it had.)"""
+    known = [a for a in allowed.values() if a is not None]
+    free = 1.0 - sum(known) - gone if len(known) == len(allowed) else 0.0
+    base = {m: targets[m] if a is None else min(targets[m], a) for m, a in allowed.items()}
+    gaps = {m: targets[m] - base[m] for m in targets if targets[m] > base[m]}
+    scale = min(1.0, max(0.0, free) / sum(gaps.values())) if gaps else 0.0
+    return {
+        m: math.floor((base[m] + gaps.get(m, 0.0) * scale) / QUANTUM + 1e-9) * QUANTUM
+        for m in targets
+    }
+
+
+class Board:
+    """Every member's recent reports per account; thread-safe (the exchange writes, the loop
+    reads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # account key -> member -> its reports, oldest first
+        self._reports: dict[str, dict[str, deque[Report]]] = {}
+
+    def record(self, account: str, member: str, report: Report) -> None:
+        with self._lock:
+            history = self._reports.setdefault(account, {}).setdefault(member, deque())
+            if history and report.at <= history[-1].at:
+                return  # out of order or repeated
+            history.append(report)
+            # Keep what a snapshot of the next boundaries may still need.
+            while len(history) > 1 and history[1].at <= report.at - CUTOFF - EPOCH:
+                history.popleft()
+
+    def snapshot(self, account: str, boundary: float) -> dict[str, Report]:
+        """Each member's latest report sent at least ``CUTOFF`` before ``boundary`` and less
+        than ``REPORT_TTL`` before it (a member silent that long is presumed gone)."""
+        out: dict[str, Report] = {}
+        with self._lock:
+            members = self._reports.get(account, {})
+            for member, history in list(members.items()):
+                latest = None
+                for report in history:
+                    if report.at <= boundary - CUTOFF:
+                        latest = report
+                if latest is not None and latest.at > boundary - REPORT_TTL:
+                    out[member] = latest
+                elif history[-1].at <= boundary - REPORT_TTL:
+                    del members[member]
+        return out
+
+
+class Exchange(Protocol):
+    """How reports travel between workers (``worker.exchange.KafkaBudgetExchange``)."""
+
+    member: str
+    board: Board
+
+    def publish(self, reports: Mapping[str, Report]) -> None:
+        """What to report from now on, per account key (``at`` is set when sent). Never
+        blocks."""
+
+    def healthy(self) -> bool:
+        """Whether reports went out and came in lately."""
+
+    def close(self, timeout: float) -> None:
+        """Stop; tell the others this worker is gone (its last reports, marked ``left``)."""
+
+
+def wants(
+    accounts: Accounts, pending: Mapping[tuple[str, Kind], int], now: float
+) -> dict[str, Demand]:
+    """What this worker wants of each account's budgets: the URLs waiting and sent in the last
+    second over the URL rate; the flex requests waiting over the bucket, plus the flex rate used
+    over the refill rate."""
+    urls: dict[str, float] = dict.fromkeys(accounts.limiters, 0.0)
+    flex: dict[str, float] = dict.fromkeys(accounts.limiters, 0.0)
+    for (zone_id, kind), items in pending.items():
+        name = accounts.account_of(zone_id)
+        if kind.metered_per_item:
+            urls[name] += items
+        else:
+            flex[name] += math.ceil(items / accounts.cap(zone_id, kind))
+    out = {}
+    for name, limiter in accounts.limiters.items():
+        limits = accounts.config.accounts[name].limits
+        sent_urls, sent_flex = limiter.used(now, FLEX_SPAN)
+        out[name] = Demand(
+            round((urls[name] + sent_urls) / limits.urls_per_second, 4),
+            round(
+                flex[name] / limits.flex_bucket
+                + sent_flex / FLEX_SPAN / limits.flex_refill_per_second,
+                4,
+            ),
+        )
+    return out
+
+
+class ShareKeeper:
+    """Decides this worker's share of each account's budgets and gives it to the limiters: a
+    fixed share (replay); else the demand split at each epoch boundary while the exchange works;
+    else this worker's part of the partitions. The group's configured ``share`` of an account
+    caps whatever is decided. Only the worker's loop calls it."""
+
+    def __init__(
+        self,
+        accounts: Accounts,
+        clock: Clock,
+        *,
+        exchange: Exchange | None = None,
+        fixed: float | None = None,
+    ) -> None:
+        self._accounts = accounts
+        self._clock = clock
+        self._exchange = exchange
+        self._fixed = fixed
+        self._applied: dict[str, Shares] = {}
+        self._logged: dict[str, Shares] = {}
+        self._mode_logged: dict[str, str] = {}
+        self._epoch = -math.inf
+        self._demand_at = -math.inf
+        self._started = clock.time()
+        self._partitions: tuple[int, int] = (0, 0)
+        self._mode = "none"
+        self._demand: dict[str, Demand] = {}
+        # Per account: the epoch of the split last applied (None: not split by demand) and the
+        # share of URLs allowed since, in the exchange's terms (before the group's cap).
+        self._allowed: dict[str, tuple[int | None, float]] = dict.fromkeys(
+            accounts.limiters, (JOINING_EPOCH, JOINING_SHARE)
+        )
+        if fixed is not None:
+            self._mode = "fixed"
+            self._apply_all(Shares(fixed, fixed), "fixed", 0)
+        elif exchange is not None:
+            # Nobody counts this worker until its first report is in a snapshot.
+            self._mode = "joining"
+            self._apply_all(Shares(JOINING_SHARE, JOINING_SHARE), "joining", 0)
+
+    @property
+    def mode(self) -> str:
+        """How shares are decided now: fixed, joining, demand, partitions (or none yet)."""
+        return self._mode
+
+    def next_change(self) -> float | None:
+        """Wall-clock time of the next boundary at which shares may change (None: they change
+        only with the assignment)."""
+        if self._fixed is not None or self._exchange is None:
+            return None
+        return (math.floor(self._clock.time() / EPOCH) + 1) * EPOCH
+
+    def update(
+        self, pending: Callable[[], Mapping[tuple[str, Kind], int]], assigned: int, total: int
+    ) -> None:
+        """Look again: ``pending()`` gives the items pending per zone and kind; ``assigned`` of
+        ``total`` partitions are this worker's. Cheap when nothing is due."""
+        if self._fixed is not None:
+            return
+        now = self._clock.time()
+        exchange = self._exchange
+        if exchange is not None:
+            if now - self._demand_at >= REPORT_INTERVAL / 2:
+                self._demand_at = now
+                self._report(exchange, pending())
+            if exchange.healthy():
+                self._mode = "demand"
+                epoch = math.floor(now / EPOCH)
+                if epoch > self._epoch:
+                    self._epoch = epoch
+                    self._by_demand(exchange, epoch)
+                return
+            if self._mode == "joining" and now - self._started < REPORT_TTL:
+                return  # still connecting: taking a partition share now could overrun others
+        if (self._mode != "partitions" or (assigned, total) != self._partitions) and total:
+            if self._mode == "demand":
+                log.warning("budget exchange silent; sharing the budget by partitions")
+            self._mode = "partitions"
+            self._partitions = (assigned, total)
+            self._epoch = -math.inf
+            part = max(assigned / total, JOINING_SHARE)
+            self._allowed = dict.fromkeys(self._accounts.limiters, (None, part))
+            self._apply_all(Shares(part, part), "partitions", 0)
+
+    def _report(self, exchange: Exchange, pending: Mapping[tuple[str, Kind], int]) -> None:
+        self._demand = wants(self._accounts, pending, self._clock.monotonic())
+        for name, d in self._demand.items():
+            metrics.BUDGET_DEMAND.labels(name, "urls").set(d.urls)
+            metrics.BUDGET_DEMAND.labels(name, "flex").set(d.flex)
+        self._publish(exchange)
+
+    def _publish(self, exchange: Exchange) -> None:
+        keys = self._keys()
+        idle = Demand(0.0, 0.0)
+        exchange.publish(
+            {
+                keys[name]: Report(0.0, self._demand.get(name, idle), *self._allowed[name])
+                for name in self._accounts.limiters
+            }
+        )
+
+    def _keys(self) -> dict[str, str]:
+        return {name: a.budget_key for name, a in self._accounts.config.accounts.items()}
+
+    def _by_demand(self, exchange: Exchange, epoch: int) -> None:
+        boundary = epoch * EPOCH
+        me = exchange.member
+        for name, key in self._keys().items():
+            snapshot = exchange.board.snapshot(key, boundary)
+            live = {m: r for m, r in snapshot.items() if not r.left}
+            if me not in live:
+                self._allowed[name] = (JOINING_EPOCH, JOINING_SHARE)
+                self._apply(name, Shares(JOINING_SHARE, JOINING_SHARE), "joining", 0)
+                continue
+            targets = allocate({m: r.demand.urls for m, r in live.items()})
+            flex = allocate({m: r.demand.flex for m, r in live.items()})
+            allowed = {
+                m: r.allowed if r.epoch in (epoch - 1, JOINING_EPOCH) else None
+                for m, r in live.items()
+            }
+            # Members that stopped within the last second may have requests in its window.
+            gone = sum(
+                r.allowed for r in snapshot.values() if r.left and r.at > boundary - 2 * EPOCH
+            )
+            urls = next_shares(targets, allowed, gone)[me]
+            if allowed[me] is None:  # the others could not know this worker's last share
+                urls = min(urls, self._allowed[name][1])
+            self._allowed[name] = (epoch, urls)
+            self._apply(name, Shares(urls, flex[me]), "demand", len(live), hold=False)
+        self._publish(exchange)
+
+    def _apply_all(self, shares: Shares, how: str, workers: int) -> None:
+        for name in self._accounts.limiters:
+            self._apply(name, shares, how, workers)
+
+    def _apply(
+        self, name: str, shares: Shares, how: str, workers: int, *, hold: bool = True
+    ) -> None:
+        """Give the limiter ``shares`` (capped by the group's ``share``). ``hold``: URL budget
+        gained is spendable only a window later (see ``set_share``); the demand split needs no
+        hold, since it gives a worker only what nobody was allowed in the last second."""
+        cap = self._accounts.config.accounts[name].share
+        shares = Shares(min(1.0, shares.urls) * cap, min(1.0, shares.flex) * cap)
+        if self._applied.get(name) == shares:
+            return
+        self._applied[name] = shares
+        self._accounts.limiters[name].set_share(shares.urls, shares.flex, hold=hold)
+        metrics.BUDGET_SHARE.labels(name, "urls").set(shares.urls)
+        metrics.BUDGET_SHARE.labels(name, "flex").set(shares.flex)
+        # Every epoch may nudge a share by a hair; say so when it has moved visibly.
+        logged = self._logged.get(name)
+        moved = (
+            1.0 if logged is None else max(abs(a - b) for a, b in zip(shares, logged, strict=True))
+        )
+        if moved >= 0.05 or how != self._mode_logged.get(name):
+            self._logged[name] = shares
+            self._mode_logged[name] = how
+            log.info(
+                "rate budget share",
+                account=name,
+                share=round(shares.urls, 3),
+                flex_share=round(shares.flex, 3),
+                decided_by=how,
+                workers=workers or None,
+            )
+
+    def close(self, timeout: float) -> None:
+        """The worker sends no more purges: withdraw from the exchange."""
+        if self._exchange is not None:
+            self._exchange.close(timeout)
+
+    def shares(self) -> dict[str, Shares]:
+        """What each account's limiter was last given."""
+        return dict(self._applied)

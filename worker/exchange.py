@@ -1,0 +1,203 @@
+"""The budget exchange's transport: every worker's demand reports on one Kafka topic.
+
+Each worker writes a report per account four times a second (key ``<account>|<member>``, a small
+JSON value) and reads everyone's, on a thread of its own, into a ``budget.Board``. Kafka is
+already what every worker of every group talks to, so no server of its own is needed: any group
+on the same cluster that names the same topic and account takes part. The topic keeps little
+(compacted, a minute's retention); a worker reads from the end, so old reports never count, and a
+worker that stops cleanly leaves a tombstone so others take its budget at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from worker.budget import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report
+from worker.clock import Clock
+from worker.config import KafkaConfig
+
+log = structlog.get_logger("worker.exchange")
+
+# Reports that stopped going out (or coming in) this long ago make the exchange unhealthy, so the
+# worker falls back to partition shares before the others stop counting it (``REPORT_TTL``).
+SILENT_AFTER = REPORT_TTL - 1.0
+SEND_WAIT = 0.5
+POLL_MS = 50
+TOPIC_CONFIG = {
+    "cleanup.policy": "compact,delete",
+    "retention.ms": "60000",
+    "segment.ms": "60000",
+}
+
+
+def member_id(group: str) -> str:
+    """Unique per process, and readable in logs: group, host, pid."""
+    return f"{group}/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
+
+
+class KafkaBudgetExchange:
+    """Publishes this worker's demand and reads everyone's. ``publish``, ``healthy`` and the
+    board are safe to use from the worker's loop and never block."""
+
+    def __init__(self, config: KafkaConfig, topic: str, clock: Clock) -> None:
+        self._config = config
+        self._topic = topic
+        self._clock = clock
+        self.member = member_id(config.group_id)
+        self.board = Board()
+        self._lock = threading.Lock()
+        self._reports: dict[str, Report] = {}
+        self._sent_ok = -1e18
+        self._read_ok = -1e18
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="budget-exchange", daemon=True)
+        self._producer: KafkaProducer | None = None
+        self._consumer: KafkaConsumer | None = None
+
+    def start(self) -> KafkaBudgetExchange:
+        self._thread.start()
+        return self
+
+    def publish(self, reports: Mapping[str, Report]) -> None:
+        with self._lock:
+            self._reports = dict(reports)
+
+    def healthy(self) -> bool:
+        now = self._clock.time()
+        with self._lock:
+            return now - self._sent_ok < SILENT_AFTER and now - self._read_ok < SILENT_AFTER
+
+    def close(self, timeout: float = 0.4) -> None:
+        """Stop, and withdraw this worker's reports so the others take its budget at once."""
+        self._stop.set()
+        self._thread.join(timeout=timeout)
+        producer = self._producer
+        if producer is not None:
+            try:
+                with self._lock:
+                    last = {k: r._replace(left=True) for k, r in self._reports.items()}
+                self._write(producer, last, timeout)
+            except KafkaError as exc:
+                log.warning("could not withdraw budget reports", error=str(exc))
+            producer.close(timeout=timeout)
+        if self._consumer is not None and not self._thread.is_alive():
+            self._consumer.close()
+
+    # -- the thread -------------------------------------------------------------------------------
+
+    def _key(self, account: str) -> bytes:
+        # One key per member and account: compaction keeps only each one's latest report.
+        return f"{account}|{self.member}".encode()
+
+    def _run(self) -> None:
+        warned = False
+        next_report = 0.0
+        while not self._stop.is_set():
+            try:
+                if self._producer is None or self._consumer is None:
+                    self._producer, self._consumer = self._connect()
+                if self._clock.monotonic() >= next_report:
+                    next_report = self._clock.monotonic() + REPORT_INTERVAL
+                    self._send(self._producer)
+                self._read(self._consumer)
+                if warned:
+                    log.info("budget exchange working again", topic=self._topic)
+                warned = False
+            except (KafkaError, OSError) as exc:
+                if not warned:
+                    log.warning("budget exchange unavailable", topic=self._topic, error=str(exc))
+                    warned = True
+                self._stop.wait(REPORT_INTERVAL)
+
+    def _connect(self) -> tuple[KafkaProducer, KafkaConsumer]:
+        options = self._config.client_options()
+        admin = KafkaAdminClient(**options)
+        try:
+            admin.create_topics([NewTopic(self._topic, 1, -1, topic_configs=dict(TOPIC_CONFIG))])
+            log.info("budget topic created", topic=self._topic)
+        except TopicAlreadyExistsError:
+            pass
+        finally:
+            admin.close()
+        producer = KafkaProducer(**options, linger_ms=0, acks=1, max_block_ms=2000)
+        consumer = KafkaConsumer(**options, group_id=None, enable_auto_commit=False)
+        parts = consumer.partitions_for_topic(self._topic) or {0}
+        tps = [TopicPartition(self._topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_end(*tps)
+        return producer, consumer
+
+    def _send(self, producer: KafkaProducer) -> None:
+        with self._lock:
+            reports = dict(self._reports)
+        if reports:
+            self._write(producer, reports, SEND_WAIT)
+            with self._lock:
+                self._sent_ok = self._clock.time()
+
+    def _write(self, producer: KafkaProducer, reports: dict[str, Report], wait: float) -> None:
+        at = round(self._clock.time(), 3)
+        futures = []
+        for account, r in reports.items():
+            value = {
+                "v": 1,
+                "at": at,
+                "urls": r.demand.urls,
+                "flex": r.demand.flex,
+                "epoch": r.epoch,
+                "allowed": r.allowed,
+                "left": r.left,
+            }
+            futures.append(
+                producer.send(self._topic, key=self._key(account), value=json.dumps(value).encode())
+            )
+        producer.flush(timeout=wait)
+        for future in futures:
+            future.get(timeout=0)  # raises what the send ran into
+        for account, r in reports.items():
+            # The same figures the others read from the topic: every member splits alike.
+            self.board.record(account, self.member, r._replace(at=at))
+
+    def _read(self, consumer: KafkaConsumer) -> None:
+        batches = consumer.poll(timeout_ms=POLL_MS, max_records=10_000)
+        for records in batches.values():
+            for r in records:
+                self._take(r.key, r.value)
+        with self._lock:
+            self._read_ok = self._clock.time()
+
+    def _take(self, key: bytes | None, value: bytes | None) -> None:
+        try:
+            account, member = (key or b"").decode().split("|", 1)
+        except (UnicodeDecodeError, ValueError):
+            return  # not a report of ours
+        if member == self.member or value is None:
+            return
+        try:
+            raw: Any = json.loads(value)
+            epoch = raw["epoch"]
+            report = Report(
+                float(raw["at"]),
+                Demand(float(raw["urls"]), float(raw["flex"])),
+                None if epoch is None else int(epoch),
+                float(raw["allowed"]),
+                bool(raw["left"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            return
+        figures = (report.at, *report.demand, report.allowed)
+        if not all(math.isfinite(x) and x >= 0 for x in figures) or report.allowed > 1:
+            return  # a report no worker writes: it would skew everyone's split
+        self.board.record(account, member, report)
