@@ -553,6 +553,53 @@ def rate_limits(bootstrap: str, plan: str, urls_per_s: float) -> dict[str, Any]:
     }
 
 
+def scale_out(bootstrap: str, replicas: int) -> dict[str, Any]:
+    """A burst of URLs all on one partition of six, drained by ``replicas`` workers of one
+    group on the pro plan: how much of the account's budget the replica holding the hot
+    partition gets while the others idle."""
+    urls, plan_rate = n(30_000), 1500
+    topic = group = f"bench-scale-{replicas}"
+    make_topics(bootstrap, topic, partitions=6)
+    make_topics(bootstrap, f"{topic}.dlq")
+    emulator = Emulator("pro", rate_limits=True)
+    cfg = config(
+        WORK / f"scale-{replicas}.yaml", bootstrap, emulator, topic, group, "pro", 0.5, 100
+    )
+    workers = []
+    for i in range(replicas):
+        copy = WORK / f"scale-{replicas}-{i}.yaml"
+        copy.write_text(cfg.read_text())
+        workers.append(Worker(copy))
+    time.sleep(10)  # the group settled and the first split made (both take a few seconds)
+    values = [json.dumps({"type": "bench.url", "data": {"n": i}}).encode() for i in range(urls)]
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=512 * 1024)
+    for v in values:
+        producer.send(topic, v, partition=0)
+    producer.flush(timeout=600)
+    producer.close()
+    wait_committed(bootstrap, group, topic)
+    for w in workers:
+        w.stop()
+    reqs, purges = emulator.requests(), emulator.purges()
+    emulator.stop()
+    files = [p for p in purges if p["kind"] == "files"]
+    times = [ts(p["received_at"]) for p in files]
+    per_second: dict[int, int] = {}
+    for p, t in zip(files, times, strict=True):
+        per_second[int(t)] = per_second.get(int(t), 0) + len(p["items"])
+    sent = sum(per_second.values())
+    rate = sent / max(1e-9, max(times) - min(times))
+    return {
+        "replicas": replicas,
+        "urls": urls,
+        "sent": sent,
+        "r429": [r["status"] for r in reqs].count(429),
+        "url_per_s": rate,
+        "fraction": rate / plan_rate,
+        "busiest_second": max(per_second.values()),
+    }
+
+
 def latency(bootstrap: str, per_s: int) -> dict[str, Any]:
     seconds, window = max(10, int(30 * min(1, SCALE * 3))), 1.0
     topic, group = f"bench-latency-{per_s}", f"bench-latency-{per_s}"
@@ -758,6 +805,25 @@ def report(results: dict[str, Any], took: float) -> str:
         "",
         "Goals: no 429s, and at least 0.95 of the plan's URL/s.",
         "",
+        "### Scale-out: all traffic on one partition",
+        "",
+        "A burst of URLs all on one partition of six (pro plan, 100 URLs per request), drained "
+        "by one worker and by three replicas of one group sharing the account's budget by "
+        "demand. URL/s from the first request to the last, as the emulator received them.",
+        "",
+        "| replicas | URLs sent | URL/s | **of the plan** | busiest second | 429s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results.get("scale", []):
+        lines.append(
+            f"| {r['replicas']} | {r['sent']:,} | {r['url_per_s']:,.0f} | **{r['fraction']:.2f}** | "
+            f"{r['busiest_second']:,} | {r['r429']} |"
+        )
+    lines += [
+        "",
+        "Goal: three replicas as fast as one (≥ 0.9 of the plan), no 429s, no second above "
+        "the plan.",
+        "",
         "## 4. Latency",
         "",
         "Events at a steady rate, one URL each, a 1 s window; publish-to-purge time from the "
@@ -821,6 +887,9 @@ def main() -> int:
         results["rates"] = [
             step(f"rate limits, {plan}", rate_limits, bootstrap, plan, r)
             for plan, r in (("free", 800), ("pro", 1500))
+        ]
+        results["scale"] = [
+            step(f"scale-out, {r} replica(s)", scale_out, bootstrap, r) for r in (1, 3)
         ]
         results["latency"] = [step(f"latency, {r}/s", latency, bootstrap, r) for r in (200, 1000)]
         results["memory"] = step("memory", memory, bootstrap)

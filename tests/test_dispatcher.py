@@ -190,3 +190,27 @@ def test_under_a_backlog_the_rest_of_a_seconds_budget_goes_in_a_smaller_request(
     settle(dispatcher)
     sizes = [len(items) for _, _, items in client.sent]
     assert sum(sizes) == 76 and sizes.count(10) == 7 and 6 in sizes
+
+
+def test_a_ratelimit_header_saying_none_is_left_pauses_the_account_until_its_reset():
+    from worker.cloudflare.client import ratelimit_header
+
+    assert ratelimit_header('"default";r=0;t=7') == (0, 7.0)
+    assert ratelimit_header('"default";r=12;t=30') == (12, 30.0)
+    assert ratelimit_header('"default";r=x;t=1') == (None, None)
+    assert ratelimit_header(None) == (None, None)
+
+    clock, coalescer, dispatcher, client, _ = build()
+    client.purge = lambda zone_id, kind, items, mode=Mode.PURGE: PurgeAccepted("id", None, 0, 7.0)
+    clock.advance(1)
+    for t in urls(10):
+        coalescer.add(ZA, P, t, "r")
+    assert dispatcher.dispatch() == 1
+    settle(dispatcher)
+    for t in urls(10, start=10):
+        coalescer.add(ZA, P, t, "r2")
+    clock.advance(1)
+    assert dispatcher.dispatch() == 0  # the header said the limit is spent: nothing goes
+    assert dispatcher.budget_at == pytest.approx(clock.monotonic() + 6, abs=0.05)
+    clock.advance(6)
+    assert dispatcher.dispatch() == 1

@@ -251,6 +251,7 @@ class ShareKeeper:
         self._partitions: tuple[int, int] = (0, 0)
         self._mode = "none"
         self._demand: dict[str, Demand] = {}
+        self._members: dict[str, int] = {}  # workers in the last split, per account
         # Per account: the epoch of the split last applied (None: not split by demand) and the
         # share of URLs allowed since, in the exchange's terms (before the group's cap).
         self._allowed: dict[str, tuple[int | None, float]] = dict.fromkeys(
@@ -313,7 +314,25 @@ class ShareKeeper:
         for name, d in self._demand.items():
             metrics.BUDGET_DEMAND.labels(name, "urls").set(d.urls)
             metrics.BUDGET_DEMAND.labels(name, "flex").set(d.flex)
+            epoch, allowed = self._allowed[name]
+            if self._mode == "demand" and epoch == self._epoch and d.urls == 0:
+                self._promise(name, allowed)
         self._publish(exchange)
+
+    def _promise(self, name: str, allowed: float) -> None:
+        """Nothing waiting and nothing sent for a second: keep to the floor until the next
+        boundary, and say so. The others may then give the rest to a burst at the boundary
+        instead of waiting a second for this worker's unused share to leave the window. (A
+        lower share is always safe to take at once; it is not raised before the boundary.)"""
+        floor = min(FLOOR, MAX_FLOORS / max(1, self._members.get(name, 1)))
+        if allowed <= floor:
+            return
+        self._allowed[name] = (self._allowed[name][0], floor)
+        applied = self._applied[name]
+        cap = self._accounts.config.accounts[name].share
+        self._applied[name] = Shares(floor * cap, applied.flex)
+        self._accounts.limiters[name].set_share(floor * cap, applied.flex, hold=False)
+        metrics.BUDGET_SHARE.labels(name, "urls").set(floor * cap)
 
     def _publish(self, exchange: Exchange) -> None:
         keys = self._keys()
@@ -352,6 +371,7 @@ class ShareKeeper:
             if allowed[me] is None:  # the others could not know this worker's last share
                 urls = min(urls, self._allowed[name][1])
             self._allowed[name] = (epoch, urls)
+            self._members[name] = len(live)
             self._apply(name, Shares(urls, flex[me]), "demand", len(live), hold=False)
         self._publish(exchange)
 

@@ -111,6 +111,10 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
             )
 
     async def on_partitions_assigned(self, assigned: Sequence[KafkaTP]) -> None:
+        log.info(
+            "partitions assigned",
+            partitions=sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned),
+        )
         with self.lock:
             kept = {(tp.topic, tp.partition) for tp in assigned}
             self.lost |= self.revoked - kept

@@ -46,6 +46,9 @@ class ApiResponse:
     status: int
     result: Any
     request_id: str | None
+    # From a ``Ratelimit: "default";r=<remaining>;t=<seconds to reset>`` header, if any.
+    remaining: int | None = None
+    reset_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ class PurgeAccepted:
 
     id: str
     request_id: str | None
+    # What the API said is left of its rate limit, and when it resets (None: it did not say).
+    remaining: int | None = None
+    reset_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,9 @@ class CloudflareClient:
         )
         resp = self.request("POST", f"/zones/{zone_id}/{mode.endpoint}", body)
         result = resp.result if isinstance(resp.result, dict) else {}
-        return PurgeAccepted(str(result.get("id", "")), resp.request_id)
+        return PurgeAccepted(
+            str(result.get("id", "")), resp.request_id, resp.remaining, resp.reset_seconds
+        )
 
     # -- settings ------------------------------------------------------------------------------
 
@@ -186,7 +194,25 @@ def _interpret(
         raise ApiRejected(status, errors, "" if errors else f"{method} {path}")
     if not isinstance(envelope, dict) or not envelope.get("success", False):
         raise ApiRejected(status, errors, f"{method} {path}: response is not a success envelope")
-    return ApiResponse(status, envelope.get("result"), request_id)
+    remaining, reset = ratelimit_header(resp.headers.get("Ratelimit"))
+    return ApiResponse(status, envelope.get("result"), request_id, remaining, reset)
+
+
+def ratelimit_header(value: str | None) -> tuple[int | None, float | None]:
+    """``"default";r=3;t=12`` -> (3, 12.0); anything unreadable -> (None, None)."""
+    if not value:
+        return None, None
+    params: dict[str, str] = {}
+    for part in value.split(";")[1:]:
+        key, _, raw = part.strip().partition("=")
+        params[key.strip()] = raw.strip()
+    try:
+        remaining, reset = int(params["r"]), float(params["t"])
+    except (KeyError, ValueError):
+        return None, None
+    if remaining < 0 or not math.isfinite(reset) or reset < 0:
+        return None, None
+    return remaining, min(reset, 3600.0)
 
 
 def _code(value: Any) -> int:

@@ -345,6 +345,12 @@ class AccountRateLimiter:
             self._factor = factor
             self._resize(now)
 
+    def pause(self, seconds: float) -> None:
+        """Send nothing for ``seconds`` (the API's ``Ratelimit`` header said none is left);
+        the rate is not lowered, since nothing was refused."""
+        with self._lock:
+            self._blocked_until = max(self._blocked_until, self._clock.monotonic() + seconds)
+
     def on_rate_limited(self, kind: Kind, retry_after: float | None) -> None:
         """A 429 arrived: stop every caller for Retry-After, empty the bucket, slow down."""
         with self._lock:
