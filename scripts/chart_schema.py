@@ -1,8 +1,9 @@
 """Copy the worker's generated config schema into the Helm chart's ``values.schema.json``.
 
-The chart passes ``worker.coalesce`` and ``worker.delivery`` through to the worker's config file
-as they are, so their schema is the config model's own (``purge-worker config-schema``), never
-a hand-written copy. Run by ``make chart-schema``; a test fails when the two disagree.
+The chart passes ``worker.coalesce``, ``worker.delivery`` and ``worker.warming`` through to the
+worker's config file as they are, so their schema is the config model's own
+(``purge-worker config-schema``), never a hand-written copy. Run by ``make chart-schema``; a
+test fails when the two disagree.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 from worker.config.schema import section_schema  # noqa: E402
 
 CHART_SCHEMA = ROOT / "helm" / "purge-worker" / "values.schema.json"
-PASSED_THROUGH = ("coalesce", "delivery")
+PASSED_THROUGH = ("coalesce", "delivery", "warming")
 
 
 def synced(values_schema: dict) -> dict:

@@ -131,3 +131,24 @@ def status_class(status: int | None) -> str:
     if status == 429:
         return "429"
     return f"{status // 100}xx"
+
+
+# Warming (``worker.warmer``): requests by what the edge answered (``CF-Cache-Status``
+# lowercased; ``error`` when no answer came), HITs right after a purge (the purge did not take
+# effect), URLs waiting and URLs dropped from a full queue.
+WARM_REQUESTS = Counter(
+    _P + "warm_requests_total",
+    "Warm requests by the edge's cache status",
+    ["zone", "cache_status"],
+    registry=REGISTRY,
+)
+WARM_HIT_AFTER_PURGE = Counter(
+    _P + "warm_hit_after_purge_total",
+    "Warm requests answered HIT right after a purge",
+    ["zone"],
+    registry=REGISTRY,
+)
+WARM_QUEUE = Gauge(_P + "warm_queue", "URLs waiting to be warmed", registry=REGISTRY)
+WARM_DROPPED = Counter(
+    _P + "warm_dropped_total", "URLs dropped from a full warm queue", ["zone"], registry=REGISTRY
+)

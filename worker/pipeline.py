@@ -31,6 +31,7 @@ from worker.purger import BatchResult, Purger
 from worker.records import InFlight, InFlightRecords, Ref
 from worker.source import Source
 from worker.targets import Kind
+from worker.warmer import Warmer
 from worker.wiring import Accounts
 
 log = structlog.get_logger("worker.pipeline")
@@ -80,6 +81,7 @@ class Pipeline:
         *,
         fixed_share: float | None = None,
         exchange: Exchange | None = None,
+        warmer: Warmer | None = None,
     ) -> None:
         self.config = config
         self.source = source
@@ -114,6 +116,7 @@ class Pipeline:
         # Dead-letter writes under way: their records finish once the broker confirms.
         self._dead_writes: dict[Ref, tuple[InFlight, DeadLetterWrite]] = {}
         self.shares = ShareKeeper(accounts, clock, exchange=exchange, fixed=fixed_share)
+        self.warmer = warmer
         self._total_partitions = 0
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -224,6 +227,8 @@ class Pipeline:
         state.event = plan.event
         state.failures.extend(plan.errors)
         state.skipped = plan.skipped
+        if plan.warm and self.warmer is not None:
+            state.warm = plan.warm
         for dropped in plan.dropped:
             state.log.warning("target dropped: unknown zone", error=str(dropped))
         self._enqueue(ref, plan)
@@ -310,6 +315,8 @@ class Pipeline:
             finished[(ref.topic, outcome)] = finished.get((ref.topic, outcome), 0) + 1
             if not state.skipped and state.event is not None and state.event.time:
                 metrics.EVENT_AGE.observe(max(0.0, now_wall - state.event.time))
+            if state.warm and self.warmer is not None:
+                self.warmer.submit(state.warm)  # never blocks, never fails the record
             self.records.finish(ref)
             self.status.last_record = now_wall
         for (topic, outcome), n in finished.items():

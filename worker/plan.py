@@ -42,6 +42,8 @@ class Plan:
     errors: list[PermanentError] = field(default_factory=list)
     # Targets for no configured zone, left out because ``delivery.unknown_zone`` is ``drop``.
     dropped: list[UnknownZone] = field(default_factory=list)
+    # URLs to fetch again once the record is purged, per zone and cache-key variant.
+    warm: list[Routed] = field(default_factory=list)
 
     @property
     def skipped(self) -> bool:
@@ -80,6 +82,22 @@ class Planner:
                 NoRuleMatched(f"no rule matched event type {event.type!r} on {event.topic}")
             )
         self.route(rules.targets, plan)
+        self.route_warm(rules.warm, plan)
+        return plan
+
+    def route_warm(self, targets: Iterable[Target], plan: Plan) -> Plan:
+        """Route URLs to warm: each to its zone, once per cache-key variant. A URL on no
+        configured zone is not warmed (there is no zone to pace it by)."""
+        seen = {(r.zone.id, r.target) for r in plan.warm}
+        for target in targets:
+            routed = self._routes.get(target) or self._route(target)
+            if isinstance(routed, UnknownZone):
+                continue
+            zone, expanded = routed
+            for variant in expanded:
+                if (zone.id, variant) not in seen:
+                    seen.add((zone.id, variant))
+                    plan.warm.append(Routed(zone, Mode.PURGE, variant))
         return plan
 
     def route(self, targets: Iterable[RuleTarget], plan: Plan) -> Plan:

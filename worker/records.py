@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 
 from worker.errors import PermanentError
 from worker.events import Event, Record
 from worker.offsets import OffsetTracker, TopicPartition
+
+if TYPE_CHECKING:
+    from worker.plan import Routed
 
 _log = structlog.get_logger("worker.pipeline")
 
@@ -40,6 +43,8 @@ class InFlight:
     remaining: int = 0
     failures: list[PermanentError] = field(default_factory=list)
     skipped: bool = False
+    # URLs to warm once the record is purged (rules with ``warm``).
+    warm: list[Routed] | None = None
 
     @functools.cached_property
     def log(self) -> Any:

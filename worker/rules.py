@@ -31,10 +31,16 @@ RENDER_CACHE_SIZE = 20_000
 DEFAULT_MAX_TARGETS = 10_000
 
 
+# What a rule asks of a target besides purging it (``RuleTarget.warm``).
+PURGE, PURGE_AND_WARM, WARM_ONLY = 0, 1, 2
+
+
 class RuleTarget(NamedTuple):
     target: Target
     mode: Mode
     rule: str
+    # PURGE; PURGE_AND_WARM (``warm: true``); WARM_ONLY (a URL a rule's ``warm`` list names).
+    warm: int = PURGE
 
 
 @dataclass
@@ -46,11 +52,17 @@ class PurgePlan:
     targets: list[RuleTarget] = field(default_factory=list)
     fired: list[str] = field(default_factory=list)
     errors: list[PermanentError] = field(default_factory=list)
+    # URLs to fetch again once the record is purged (rules with ``warm``), deduplicated.
+    warm: list[Target] = field(default_factory=list)
 
     def add(self, items: Iterable[RuleTarget]) -> None:
         seen = {(t.target, t.mode) for t in self.targets}
+        warm = set(self.warm)
         for item in items:
-            if (item.target, item.mode) not in seen:
+            if item.warm and item.target not in warm:
+                warm.add(item.target)
+                self.warm.append(item.target)
+            if item.warm != WARM_ONLY and (item.target, item.mode) not in seen:
                 seen.add((item.target, item.mode))
                 self.targets.append(item)
 
@@ -244,6 +256,7 @@ class DeclarativeRule:
             kind: [self._template(t, section, kind, caps) for t in self._list(section, kind)]
             for kind in ("tags", "hosts", "prefixes")
         }
+        self._warm_all, self._warm = self._warming(section, caps)
         self.everything = section.get("everything", bool, False)
         if self.everything and not allow_everything:
             raise section.error(
@@ -252,7 +265,9 @@ class DeclarativeRule:
         section.raw("description", None)
         section.done()
         self.needs_zone = bool(self._templates["tags"]) or self.everything
-        templates = [t for spec in self._urls for t in (spec.url, *_header_templates(spec))]
+        templates = [
+            t for spec in (*self._urls, *self._warm) for t in (spec.url, *_header_templates(spec))
+        ]
         templates += [t for ts in self._templates.values() for t in ts]
         self._inputs = tuple(dict.fromkeys(p for t in templates for p in t.inputs))
         self._rendered: dict[Hashable, tuple[RuleTarget, ...]] = {}
@@ -260,6 +275,25 @@ class DeclarativeRule:
             raise section.error(
                 "urls", "the rule produces no targets (urls, tags, hosts, prefixes or everything)"
             )
+
+    @property
+    def warms(self) -> bool:
+        """Whether any URL of this rule is to be warmed after its purge."""
+        return self._warm_all or bool(self._warm)
+
+    def _warming(self, section: Section, caps: frozenset[str]) -> tuple[bool, list[_UrlTemplate]]:
+        """``warm: true`` (fetch the rule's URLs again once purged) or a list of URL templates
+        to fetch (for rules that purge tags, hosts or prefixes)."""
+        value = section.raw("warm", False)
+        if isinstance(value, bool):
+            if value and not self._urls:
+                raise section.error(
+                    "warm", "true warms the rule's urls, and it has none: list URLs to warm"
+                )
+            return value, []
+        if not isinstance(value, list) or not value:
+            raise section.error("warm", "must be true, false or a list of URL templates")
+        return False, [self._url(item, section, caps, "warm") for item in value]
 
     @staticmethod
     def _list(section: Section, key: str) -> list[Any]:
@@ -275,12 +309,14 @@ class DeclarativeRule:
         except TemplateError as exc:
             raise section.error(key, str(exc)) from None
 
-    def _url(self, item: Any, section: Section, caps: frozenset[str]) -> _UrlTemplate:
+    def _url(
+        self, item: Any, section: Section, caps: frozenset[str], key: str = "urls"
+    ) -> _UrlTemplate:
         if isinstance(item, str):
-            url = self._template(item, section, "urls", caps)
-            _check_scheme(url, section, "urls")
+            url = self._template(item, section, key, caps)
+            _check_scheme(url, section, key)
             return _UrlTemplate(url, (), literal_host(url))
-        sub = Section(item, section.key("urls"), section.source)
+        sub = Section(item, section.key(key), section.source)
         url = self._template(sub.get("url", str), sub, "url", caps)
         _check_scheme(url, sub, "url")
         hdrs = sub.section("headers")
@@ -316,23 +352,25 @@ class DeclarativeRule:
         results are not cached, so every record that has them is dead-lettered."""
         out: list[RuleTarget] = []
         bad: list[PermanentError] = []
-        for spec in self._urls:
-            try:
-                urls = spec.url.render(event, captures)
-                combos = _header_combos(spec.headers, event, captures, self.max_targets)
-            except TooManyTargets:
-                raise
-            except PermanentError as exc:
-                bad.append(exc)
-                continue
-            if len(out) + len(urls) * len(combos) > self.max_targets:
-                raise too_many(f"rule {self.name}", self.max_targets)
-            for url in urls:
-                for headers in combos:
-                    try:
-                        out.append(self._url_target(spec, url, headers))
-                    except InvalidTarget as exc:
-                        bad.append(exc)
+        warm = PURGE_AND_WARM if self._warm_all else PURGE
+        for specs, how in ((self._urls, warm), (self._warm, WARM_ONLY)):
+            for spec in specs:
+                try:
+                    urls = spec.url.render(event, captures)
+                    combos = _header_combos(spec.headers, event, captures, self.max_targets)
+                except TooManyTargets:
+                    raise
+                except PermanentError as exc:
+                    bad.append(exc)
+                    continue
+                if len(out) + len(urls) * len(combos) > self.max_targets:
+                    raise too_many(f"rule {self.name}", self.max_targets)
+                for url in urls:
+                    for headers in combos:
+                        try:
+                            out.append(self._url_target(spec, url, headers)._replace(warm=how))
+                        except InvalidTarget as exc:
+                            bad.append(exc)
         makers: dict[str, Callable[[str], Target]] = {
             "tags": lambda v: Target.tag(v, self.zone),
             "hosts": Target.host,
@@ -546,6 +584,11 @@ class RuleSet:
     def __init__(self, rules: Sequence[Rule], max_targets: int = DEFAULT_MAX_TARGETS) -> None:
         self.rules = list(rules)
         self.max_targets = max_targets
+
+    @property
+    def warms(self) -> bool:
+        """Whether some rule warms URLs (plug-ins never do)."""
+        return any(getattr(rule, "warms", False) for rule in self.rules)
 
     def evaluate(self, event: Event) -> PurgePlan:
         """Every matching rule's targets, united, and what failed on the way. Raises only

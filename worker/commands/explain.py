@@ -97,6 +97,17 @@ def explain(record: Record, config: Config) -> tuple[dict[str, Any], int]:
             }
         )
     accounts.close()
+    # Fetched again once the record is purged (rules with ``warm``; warming.enabled).
+    out["warm"] = [
+        {
+            "zone": routed.zone.name,
+            "url": routed.target.value,
+            "headers": dict(routed.target.headers),
+        }
+        if routed.target.headers
+        else {"zone": routed.zone.name, "url": routed.target.value}
+        for routed in plan.warm
+    ]
     if plan.skipped:
         out["note"] = "no rule matched: the record would be skipped"
     out["dead_letter"] = bool(plan.errors)

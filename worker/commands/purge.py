@@ -10,10 +10,11 @@ from worker.clock import SystemClock
 from worker.coalescer import Coalescer
 from worker.config import Config
 from worker.errors import InvalidTarget, UsageError
-from worker.plan import Plan, Planner
+from worker.plan import Plan, Planner, Routed
 from worker.purger import Purger
 from worker.rules import RuleTarget
-from worker.targets import Mode, Target
+from worker.targets import Kind, Mode, Target
+from worker.warmer import Warmer
 from worker.wiring import Accounts
 
 
@@ -36,6 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--invalidate", action="store_true", help="mark stale and revalidate instead of deleting"
     )
     p.add_argument("--dry-run", action="store_true", help="print the requests, send nothing")
+    p.add_argument(
+        "--warm",
+        action="store_true",
+        help="after the purge, fetch each --url again (per the warming settings) and print "
+        "what the edge answered",
+    )
 
 
 def targets_from(args: argparse.Namespace) -> list[Target]:
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     zones = {z.id: z for z in config.zones}
     purger = Purger(config.delivery.retry, clock)
     failed = 0
+    warm: list[Routed] = []
     for batch in coalescer.flush_all():
         line: dict[str, Any] = {
             "zone": zones[batch.zone_id].name,
@@ -100,5 +108,19 @@ def run(args: argparse.Namespace, config: Config) -> int:
             }
         )
         failed += len(result.failed)
+        if args.warm:
+            accepted = set(result.accepted)
+            warm += [
+                r for r in plan.targets if r.target in accepted and r.target.kind is Kind.FILES
+            ]
     accounts.close()
+    if warm and not args.dry_run:
+        _warm(config, warm, clock)
     return 1 if failed else 0
+
+
+def _warm(config: Config, urls: list[Routed], clock: SystemClock) -> None:
+    """Fetch the purged URLs again, as the worker's warmer does, and print what each answered
+    (``cache_status``: miss, expired or revalidated is the proof that the purge took effect)."""
+    for line in Warmer(config.warming, clock).warm_now(urls):
+        output.json_line({"warm": True, **line})

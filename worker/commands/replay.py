@@ -29,6 +29,7 @@ from worker.events import Record
 from worker.pipeline import Pipeline, tune_gc
 from worker.replay import DeadLetterReader, ReplayFilter, describe, parse_time
 from worker.source import KafkaDeadLetterSink
+from worker.warmer import Warmer
 from worker.wiring import Accounts
 
 log = structlog.get_logger("worker.replay")
@@ -67,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="share of each account's rate budget the replay may use (default 0.5)",
     )
     p.add_argument("--dry-run", action="store_true", help="print what would happen; change nothing")
+    p.add_argument(
+        "--warm",
+        action="store_true",
+        help="warm the URLs of rules with `warm` after their purge (off by default: a replay "
+        "may purge many pages at once)",
+    )
 
 
 class _Progress:
@@ -161,7 +168,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         elif args.mode == "republish":
             _republish(reader, progress, config, args.to, stop)
         else:
-            _purge(reader, progress, config, args.budget_share, stop)
+            _purge(reader, progress, config, args.budget_share, stop, warm=args.warm)
     except KeyboardInterrupt:
         interrupted = True
         output.line(
@@ -232,15 +239,24 @@ def _purge(
     config: Config,
     share: float,
     stop: threading.Event,
+    *,
+    warm: bool = False,
 ) -> None:
     clock = SystemClock()
+    warmer = Warmer(config.warming, clock).start() if warm and config.rules.warms else None
     # Replayed records that fail again go back to the dead-letter topic they came from.
     kafka = replace(config.kafka, dead_letter_topic=reader.topic)
     sink = _CountingSink(KafkaDeadLetterSink(kafka), reader)
     accounts = Accounts(config, clock)
     # The replay's share of the budget is fixed: the workers keep the rest.
     pipeline = Pipeline(
-        replace(config, kafka=kafka), reader, sink, accounts, clock, fixed_share=share
+        replace(config, kafka=kafka),
+        reader,
+        sink,
+        accounts,
+        clock,
+        fixed_share=share,
+        warmer=warmer,
     )
     pipeline.status.running = True
 
@@ -265,3 +281,7 @@ def _purge(
         raise
     pipeline.drain()
     account()
+    if warmer is not None:
+        # What was purged last is still waiting for its delay: give it that long, then stop.
+        clock.sleep(config.warming.delay_seconds)
+        warmer.close(timeout=config.warming.timeout_seconds)

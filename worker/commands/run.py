@@ -26,6 +26,7 @@ from worker.exchange import KafkaBudgetExchange
 from worker.health import STALE_AFTER_SECONDS, HealthServer
 from worker.pipeline import Pipeline
 from worker.source import KafkaDeadLetterSink, KafkaSource, recent_dead_letters
+from worker.warmer import Warmer
 from worker.wiring import Accounts
 
 log = structlog.get_logger("worker.run")
@@ -79,7 +80,12 @@ def run(args: argparse.Namespace, config: Config) -> int:
     exchange = None
     if config.kafka.budget_topic and not config.delivery.dry_run:
         exchange = KafkaBudgetExchange(config.kafka, config.kafka.budget_topic, clock).start()
-    pipeline = Pipeline(config, source, sink, Accounts(config, clock), clock, exchange=exchange)
+    warmer = None
+    if config.warming.enabled and config.rules.warms and not config.delivery.dry_run:
+        warmer = Warmer(config.warming, clock).start()
+    pipeline = Pipeline(
+        config, source, sink, Accounts(config, clock), clock, exchange=exchange, warmer=warmer
+    )
     seed_guard(config, pipeline, clock)
     health = _health(config, pipeline)
     log.info(
@@ -95,6 +101,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     except DeadLetterGuardTripped as exc:
         log.error("stopping: dead-letter guard tripped", reason=str(exc))
         code = 1
+    if warmer is not None:
+        warmer.close(timeout=0.3)  # what is still waiting is not warmed: best effort
     log.info("worker stopped")
     # Health answers until the very end; a purge request still on the wire (its read timeout
     # is 30 s) must not hold the process past the drain deadline: its record is uncommitted and

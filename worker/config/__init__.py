@@ -32,6 +32,7 @@ from worker.config.model import (
     LedgerSettings,
     ObservabilitySettings,
     RetryPolicy,
+    WarmingSettings,
     ZoneSection,
     check_base_url,
     strings,
@@ -51,6 +52,7 @@ __all__ = [
     "KafkaConfig",
     "LedgerSettings",
     "RetryPolicy",
+    "WarmingSettings",
     "load",
     "parse",
 ]
@@ -120,6 +122,7 @@ class Config:
     coalesce: CoalesceSettings
     delivery: DeliverySettings
     observability: ObservabilitySettings
+    warming: WarmingSettings
     rules: RuleSet
 
     @property
@@ -222,6 +225,7 @@ def parse(data: Any, source: str, env: Mapping[str, str]) -> Config:
         coalesce=file.coalesce,
         delivery=file.delivery,
         observability=file.observability,
+        warming=file.warming,
         rules=rules,
     )
 

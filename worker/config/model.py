@@ -218,11 +218,35 @@ class ObservabilitySettings(Section):
 # -- the file -------------------------------------------------------------------------------------
 
 
+class WarmingSettings(Section):
+    """Fetching purged URLs again through Cloudflare, for rules with ``warm`` (``worker.warmer``):
+    best effort, paced per zone, never in the way of a purge or a commit."""
+
+    enabled: bool = True
+    delay_seconds: float = Field(default=2.0, ge=0, le=300)
+    concurrency: int = Field(default=4, ge=1, le=64)
+    # Per zone: warming is for the site's visitors, never a load test of its origin.
+    requests_per_second: float = Field(default=10.0, gt=0, le=10_000)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # URLs waiting; when full the oldest is dropped (and counted).
+    queue_size: int = Field(default=10_000, ge=1, le=1_000_000)
+    user_agent: str = Field(default="purge-worker cache warmer", min_length=1, max_length=200)
+    # Send warm requests to this address with each URL's host in the Host header, instead of to
+    # the URL's host (a particular edge or proxy; the emulator in tests). null: the URL itself.
+    via: str | None = None
+
+    @field_validator("via")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_base_url(value)
+
+
 class ConfigFile(Section):
     kafka: KafkaSection
     cloudflare: CloudflareSection
     coalesce: CoalesceSettings = CoalesceSettings()
     delivery: DeliverySettings = DeliverySettings()
+    warming: WarmingSettings = WarmingSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     # Validated by worker.rules when compiled: a list of rule mappings.
     rules: list[dict[str, Any]] | None = None

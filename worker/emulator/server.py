@@ -51,6 +51,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._inspect(method, path, raw)
             return
         headers = {k.lower(): v for k, v in self.headers.items()}
+        if method == "GET" and not path.startswith("/client/"):
+            self._edge(self.headers.get("Host", ""), self.path, headers)
+            return
         status, body, extra = self._api(state, method, path, raw, headers)
         if status >= 400 and state.faults.echo_headers:
             echoed = "; ".join(f"{k}: {v}" for k, v in headers.items())
@@ -87,9 +90,32 @@ class _Handler(BaseHTTPRequestHandler):
             return state.zone(m.group(1)) or state.setting(m.group(1), m.group(2), method, body)
         return error(404, 7000, "No route for that URI")
 
+    def _edge(self, host: str, path: str, headers: dict[str, str]) -> None:
+        """A GET for a zone's page, served as Cloudflare's edge would (``edge.py``)."""
+        status, cache = self.server.state.edge.get(host.split(":", 1)[0], path, headers)
+        data = b"<html>purge-worker emulator edge</html>"
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("CF-Cache-Status", cache)
+        self.end_headers()
+        self.wfile.write(data)
+
     def _inspect(self, method: str, path: str, raw: bytes) -> None:
         state = self.server.state
         purges, requests = state.snapshot()
+        if method == "GET" and path == "/__emulator/edge":
+            self._send_json(200, list(state.edge.log))
+            return
+        if method == "POST" and path == "/__emulator/edge/tags":
+            try:
+                spec = json.loads(raw or b"{}")
+                state.edge.set_tags(str(spec["url"]), [str(t) for t in spec["tags"]])
+            except (ValueError, TypeError, KeyError) as exc:
+                self._send_json(400, {"error": f"bad tags spec: {exc}"})
+                return
+            self._send_json(200, {"tags": "set"})
+            return
         if method == "GET" and path == "/__emulator/purges":
             self._send_json(200, purges)
         elif method == "GET" and path == "/__emulator/requests":

@@ -17,6 +17,7 @@ from typing import Any
 
 from worker.clock import Clock, SystemClock
 from worker.cloudflare.plans import Plan, PlanLimits, limits_for
+from worker.emulator.edge import Edge
 
 Reply = tuple[int, dict[str, Any], dict[str, str]]
 
@@ -173,6 +174,7 @@ class EmulatorState:
         self.zones = dict(zones)
         self.settings = {z: ZoneSettings() for z in zones}
         self.faults = Faults()
+        self.edge = Edge(self.now)
         self.purges: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
 
@@ -193,6 +195,7 @@ class EmulatorState:
 
     def reset(self) -> None:
         with self._lock:
+            self.edge = Edge(self.now)
             self.purges.clear()
             self.requests.clear()
             for account in self.accounts.values():
@@ -202,6 +205,7 @@ class EmulatorState:
         with self._lock:
             if spec.get("clear"):
                 self.faults = Faults()
+                self.edge.origin_status = 200
                 return 200, envelope({"faults": "cleared"}), {}
             if "status" in spec:
                 status = int(spec["status"])
@@ -215,6 +219,11 @@ class EmulatorState:
                     return error(400, 1001, "a status fault needs count or seconds")
             if "echo_headers" in spec:
                 self.faults.echo_headers = bool(spec["echo_headers"])
+            if "edge_status" in spec:  # what the zones' origin answers a cache miss with
+                status = int(spec["edge_status"])
+                if not 200 <= status <= 599:
+                    return error(400, 1001, "edge_status must be 200..599")
+                self.edge.origin_status = status
             if "latency_ms" in spec:
                 self.faults.latency_ms = int(spec["latency_ms"])
             if "reject_items" in spec:
@@ -357,6 +366,7 @@ class EmulatorState:
                     "id": purge_id,
                 }
             )
+        self.edge.purge(kind, items)
         return 200, envelope({"id": purge_id}), {}
 
     def _take_budget(self, account: Account, kind: str, n: int) -> Reply | None:

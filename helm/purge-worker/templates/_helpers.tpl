@@ -108,7 +108,7 @@ app.kubernetes.io/component: worker
 {{- end }}
 {{- $delivery := merge (dict "drain_deadline_seconds" .Values.drainDeadlineSeconds) (.Values.worker.delivery | default dict) }}
 {{- $obs := dict "metrics_port" .Values.metrics.port "health_port" .Values.health.port "listen_address" "0.0.0.0" "log_format" "json" "log_level" .Values.worker.logLevel }}
-{{- $config := dict "kafka" $kafka "cloudflare" $cf "coalesce" (.Values.worker.coalesce | default dict) "delivery" $delivery "observability" $obs "rules_files" (list "/etc/purge-worker/rules/rules.yaml") }}
+{{- $config := dict "kafka" $kafka "cloudflare" $cf "coalesce" (.Values.worker.coalesce | default dict) "delivery" $delivery "warming" (.Values.worker.warming | default dict) "observability" $obs "rules_files" (list "/etc/purge-worker/rules/rules.yaml") }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -244,4 +244,12 @@ groups:
         annotations:
           summary: "{{ "{{" }} $labels.pod {{ "}}" }} has not polled Kafka for a minute"
           description: The loop is stuck or Kafka is unreachable; /healthz restarts a stuck pod, /readyz marks it unready.
+      - alert: PurgeWorkerPurgeMissed
+        expr: |
+          sum by (zone) (increase(purge_worker_warm_hit_after_purge_total{namespace="{{ .Release.Namespace }}"}[10m])) > 0
+        labels:
+          severity: warning
+        annotations:
+          summary: "A page in {{ "{{" }} $labels.zone {{ "}}" }} was still cached right after its purge"
+          description: Warming fetched a purged URL and got HIT; the rule's URLs, tags or cache-key headers do not match what the zone caches (see the worker's warning logs).
 {{- end }}
