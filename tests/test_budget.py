@@ -1,6 +1,7 @@
 """Demand-based budget shares: the split, the snapshot every worker takes, the keeper, and a
 simulation of several workers spending one account against a sliding-second meter."""
 
+import math
 from collections import deque
 
 import pytest
@@ -146,9 +147,12 @@ class FakeExchange:
         self.board, self.member, self.clock, self.skew = board, member, clock, skew
         self.up = True
         self.closed = False
+        self.first_sent = None
 
     def publish(self, reports):
         at = self.clock.time() + self.skew
+        if self.first_sent is None:
+            self.first_sent = at
         self.last = reports
         for account, r in reports.items():
             self.board.record(account, self.member, r._replace(at=at))
@@ -327,3 +331,25 @@ def test_workers_whose_demand_moves_never_overrun_the_account_together(skews):
     # the gain is held for a window.
     rate = sent_while_busy / busy_time
     assert rate >= 0.8 * 1500 * URL_SAFETY, f"{rate:.0f} URL/s while busy"
+
+
+def test_a_worker_that_hears_nobody_takes_the_account_without_waiting_for_a_boundary():
+    clock = MockClock(wall=1_800_000_000.05)  # just after a boundary: the next is 0.95 s away
+    keeper, _, _ = keeper_for(clock, Board(), "a")
+    keeper.update(urls(5000), 1, 1)
+    clock.advance(CUTOFF)
+    keeper.update(urls(5000), 1, 1)
+    assert keeper.shares()["main"].urls == 1.0
+    assert math.floor(clock.time()) == 1_800_000_000  # still the same second
+
+
+def test_workers_starting_together_wait_for_the_split():
+    clock = MockClock(wall=1_800_000_000.05)
+    board = Board()
+    a, _, _ = keeper_for(clock, board, "a")
+    b, _, _ = keeper_for(clock, board, "b")
+    for _ in range(3):
+        a.update(urls(5000), 1, 2)
+        b.update(urls(5000), 1, 2)
+        clock.advance(0.2)
+    assert a.shares()["main"].urls == b.shares()["main"].urls == JOINING_SHARE

@@ -183,6 +183,8 @@ class Exchange(Protocol):
 
     member: str
     board: Board
+    # Wall-clock time this worker's first report went out (None: not yet).
+    first_sent: float | None
 
     def publish(self, reports: Mapping[str, Report]) -> None:
         """What to report from now on, per account key (``at`` is set when sent). Never
@@ -296,6 +298,7 @@ class ShareKeeper:
                 if epoch > self._epoch:
                     self._epoch = epoch
                     self._by_demand(exchange, epoch)
+                self._alone(exchange, now, epoch)
                 return
             if self._mode == "joining" and now - self._started < REPORT_TTL:
                 return  # still connecting: taking a partition share now could overrun others
@@ -308,6 +311,26 @@ class ShareKeeper:
             part = max(assigned / total, JOINING_SHARE)
             self._allowed = dict.fromkeys(self._accounts.limiters, (None, part))
             self._apply_all(Shares(part, part), "partitions", 0)
+
+    def _alone(self, exchange: Exchange, now: float, epoch: int) -> None:
+        """A joining worker that has heard no other worker on an account, from the last few
+        seconds of reports and for ``CUTOFF`` after its own first report went out, takes the
+        whole of it at once instead of waiting for a boundary: nobody has spent the account
+        lately, and a worker starting now hears this one's reports before its own first split
+        (both starting at once would each hear the other within ``CUTOFF``)."""
+        first = exchange.first_sent
+        if first is None or now < first + CUTOFF:
+            return
+        for name, key in self._keys().items():
+            if self._allowed[name][0] != JOINING_EPOCH:
+                continue
+            heard = exchange.board.snapshot(key, now + CUTOFF)
+            if set(heard) - {exchange.member}:
+                continue
+            self._allowed[name] = (epoch, 1.0)
+            self._members[name] = 1
+            self._apply(name, Shares(1.0, 1.0), "demand", 1, hold=False)
+            self._publish(exchange)
 
     def _report(self, exchange: Exchange, pending: Mapping[tuple[str, Kind], int]) -> None:
         self._demand = wants(self._accounts, pending, self._clock.monotonic())
@@ -359,10 +382,9 @@ class ShareKeeper:
                 continue
             targets = allocate({m: r.demand.urls for m, r in live.items()})
             flex = allocate({m: r.demand.flex for m, r in live.items()})
-            allowed = {
-                m: r.allowed if r.epoch in (epoch - 1, JOINING_EPOCH) else None
-                for m, r in live.items()
-            }
+            # A joining member's share is known only to itself (it may have taken the whole
+            # account, alone, after its last report): nobody else rises this epoch.
+            allowed = {m: r.allowed if r.epoch == epoch - 1 else None for m, r in live.items()}
             # Members that stopped within the last second may have requests in its window.
             gone = sum(
                 r.allowed for r in snapshot.values() if r.left and r.at > boundary - 2 * EPOCH

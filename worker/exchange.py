@@ -60,6 +60,7 @@ class KafkaBudgetExchange:
         self._lock = threading.Lock()
         self._reports: dict[str, Report] = {}
         self._sent_ok = -1e18
+        self.first_sent: float | None = None  # wall-clock time of the first report that went out
         self._read_ok = -1e18
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="budget-exchange", daemon=True)
@@ -136,7 +137,15 @@ class KafkaBudgetExchange:
         parts = consumer.partitions_for_topic(self._topic) or {0}
         tps = [TopicPartition(self._topic, p) for p in sorted(parts)]
         consumer.assign(tps)
+        # From a few seconds back, not from the end: a starting worker must know at once who
+        # else is spending the account (see ``ShareKeeper``: a worker that hears nobody may
+        # take the budget without waiting for a boundary).
+        since = int((self._clock.time() - REPORT_TTL) * 1000)
+        starts = consumer.offsets_for_times(dict.fromkeys(tps, since))
         consumer.seek_to_end(*tps)
+        for tp, found in starts.items():
+            if found is not None:
+                consumer.seek(tp, found.offset)
         return producer, consumer
 
     def _send(self, producer: KafkaProducer) -> None:
@@ -146,6 +155,8 @@ class KafkaBudgetExchange:
             self._write(producer, reports, SEND_WAIT)
             with self._lock:
                 self._sent_ok = self._clock.time()
+                if self.first_sent is None:
+                    self.first_sent = self._sent_ok
 
     def _write(self, producer: KafkaProducer, reports: dict[str, Report], wait: float) -> None:
         at = round(self._clock.time(), 3)

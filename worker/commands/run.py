@@ -65,21 +65,26 @@ def run(args: argparse.Namespace, config: Config) -> int:
                 registry=metrics.REGISTRY,
             )
     clock = SystemClock()
+    exchange = None
+    if config.kafka.budget_topic and not config.delivery.dry_run:
+        # Started first: it connects while the consumer does, so the budget is there sooner.
+        exchange = KafkaBudgetExchange(config.kafka, config.kafka.budget_topic, clock).start()
     source, sink = _connect(config, stop)
     if source is None or sink is None:
+        if exchange is not None:
+            exchange.close()
         return 0 if stop.is_set() else 1
     missing = source.missing_topics([*config.kafka.topics, config.kafka.dead_letter_topic])
     if missing:
         source.close(timeout=1.0)
         sink.close(timeout=1.0)
+        if exchange is not None:
+            exchange.close()
         raise PurgeWorkerError(
             f"kafka topic {', '.join(missing)} does not exist on "
             f"{','.join(config.kafka.bootstrap_servers)} (create it; see kafka.topics and "
             "kafka.dead_letter_topic)"
         )
-    exchange = None
-    if config.kafka.budget_topic and not config.delivery.dry_run:
-        exchange = KafkaBudgetExchange(config.kafka, config.kafka.budget_topic, clock).start()
     warmer = None
     if config.warming.enabled and config.rules.warms and not config.delivery.dry_run:
         warmer = Warmer(config.warming, clock).start()
