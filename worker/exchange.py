@@ -34,7 +34,7 @@ log = structlog.get_logger("worker.exchange")
 # worker falls back to partition shares before the others stop counting it (``REPORT_TTL``).
 SILENT_AFTER = REPORT_TTL - 1.0
 SEND_WAIT = 0.5
-POLL_MS = 50
+POLL_MS = 200  # a read returns as soon as a report arrives; spinning faster costs the consumer
 TOPIC_CONFIG = {
     "cleanup.policy": "compact,delete",
     "retention.ms": "60000",
