@@ -76,10 +76,8 @@ class Edge:
                 return
             if kind == "files":
                 for item in items:
-                    if isinstance(item, str):
-                        url, headers = item, dict[str, str]()
-                    else:
-                        url, headers = item["url"], item.get("headers") or {}
+                    url = item if isinstance(item, str) else item["url"]
+                    headers = {} if isinstance(item, str) else item.get("headers") or {}
                     self._cached.discard((_split(url), _variant(headers)))
                 return
             wanted = {str(i).lower() for i in items}
