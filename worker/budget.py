@@ -338,7 +338,9 @@ class ShareKeeper:
             metrics.BUDGET_DEMAND.labels(name, "urls").set(d.urls)
             metrics.BUDGET_DEMAND.labels(name, "flex").set(d.flex)
             epoch, allowed = self._allowed[name]
-            if self._mode == "demand" and epoch == self._epoch and d.urls == 0:
+            # Only others can use what an idle worker gives back: alone, it keeps the account.
+            alone = self._members.get(name, 1) <= 1
+            if self._mode == "demand" and epoch == self._epoch and d.urls == 0 and not alone:
                 self._promise(name, allowed)
         self._publish(exchange)
 

@@ -84,6 +84,8 @@ class KafkaBudgetExchange:
         """Stop, and withdraw this worker's reports so the others take its budget at once."""
         self._stop.set()
         self._thread.join(timeout=timeout)
+        # Never raises: this runs on the way to the drain's final commit, and a broker that is
+        # down (or just back) must not cost that commit or the exit code.
         producer = self._producer
         if producer is not None:
             try:
@@ -92,9 +94,15 @@ class KafkaBudgetExchange:
                 self._write(producer, last, timeout)
             except KafkaError as exc:
                 log.warning("could not withdraw budget reports", error=str(exc))
-            producer.close(timeout=timeout)
+            try:
+                producer.close(timeout=timeout)
+            except KafkaError as exc:
+                log.warning("budget exchange producer did not close cleanly", error=str(exc))
         if self._consumer is not None and not self._thread.is_alive():
-            self._consumer.close()
+            try:
+                self._consumer.close()
+            except KafkaError as exc:
+                log.warning("budget exchange consumer did not close cleanly", error=str(exc))
 
     # -- the thread -------------------------------------------------------------------------------
 
