@@ -35,7 +35,7 @@ class Record:
     attempts: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     """What the rules see: the event's fields plus where it came from."""
 

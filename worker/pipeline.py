@@ -224,7 +224,8 @@ class Pipeline:
             self._forget({(record.topic, record.partition)}, "partition rewound")
         ref, state = self.records.open(record)
         plan = self.planner.plan(record)
-        state.event = plan.event
+        if plan.event is not None:
+            state.event_id, state.event_time = plan.event.id, plan.event.time
         state.failures.extend(plan.errors)
         state.skipped = plan.skipped
         if plan.warm and self.warmer is not None:
@@ -313,8 +314,8 @@ class Pipeline:
             self.guard.record_ok()
             outcome = "skipped" if state.skipped else "purged"
             finished[(ref.topic, outcome)] = finished.get((ref.topic, outcome), 0) + 1
-            if not state.skipped and state.event is not None and state.event.time:
-                metrics.EVENT_AGE.observe(max(0.0, now_wall - state.event.time))
+            if not state.skipped and state.event_time:
+                metrics.EVENT_AGE.observe(max(0.0, now_wall - state.event_time))
             if state.warm and self.warmer is not None:
                 self.warmer.submit(state.warm)  # never blocks, never fails the record
             self.records.finish(ref)

@@ -6,14 +6,13 @@ Not thread-safe: only the pipeline's loop touches it.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 
 from worker.errors import PermanentError
-from worker.events import Event, Record
+from worker.events import Record
 from worker.offsets import OffsetTracker, TopicPartition
 
 if TYPE_CHECKING:
@@ -36,26 +35,28 @@ class Ref(NamedTuple):
         return (self.topic, self.partition)
 
 
-@dataclass
+@dataclass(slots=True)
 class InFlight:
+    """One record's state while in flight. It keeps the event's id and time, not the parsed
+    event: tens of thousands of records wait in a backlog, and their bodies' dicts and lists
+    would make every garbage collection walk them."""
+
     record: Record
-    event: Event | None = None
+    event_id: str | None = None
+    event_time: float | None = None
     remaining: int = 0
     failures: list[PermanentError] = field(default_factory=list)
     skipped: bool = False
     # URLs to warm once the record is purged (rules with ``warm``).
     warm: list[Routed] | None = None
 
-    @functools.cached_property
+    @property
     def log(self) -> Any:
-        """A logger bound to where the record came from (and its event id), made on first use:
+        """A logger bound to where the record came from (and its event id), made when asked:
         most records never log a line of their own."""
         r = self.record
         return _log.bind(
-            topic=r.topic,
-            partition=r.partition,
-            offset=r.offset,
-            event_id=self.event.id if self.event else None,
+            topic=r.topic, partition=r.partition, offset=r.offset, event_id=self.event_id
         )
 
 
