@@ -1,6 +1,7 @@
 """The pipeline's logic with in-memory Kafka stand-ins and the real emulator over HTTP."""
 
 import json
+import time
 
 import pytest
 import requests
@@ -305,3 +306,50 @@ def test_a_backlog_with_repeats_purges_each_target_once_and_commits_all(emulator
     pipeline.commit()
     assert purged_items(emulator, "files").count("https://www.example.com/p1") == 2
     assert source.committed[("cms", 0)] == 610
+
+
+def test_a_revocation_lets_requests_in_flight_end_and_offers_their_records_for_commit(emulator):
+    """The group rebalances while a purge is on the wire: the worker sends nothing new, and the
+    revocation (which the Kafka client runs while the loop waits in poll) lets the request end
+    and finishes its records, so it can commit them (their next owner would purge them again)."""
+    first = [
+        rec(i, cloudevent("image.updated", {"host": "www.example.com", "path": f"a{i}"}))
+        for i in range(10)
+    ]
+    pipeline, source, _ = build(emulator, first, coalesce={"window_seconds": 0})
+    requests.post(emulator.url + "/__emulator/faults", json={"latency_ms": 400}, timeout=5)
+    for _ in range(100):  # a starting worker waits for its first budget
+        pipeline.step()
+        if pipeline.dispatcher.in_flight:
+            break
+    assert pipeline.dispatcher.in_flight == 1
+    assert source.finished_offsets == {}
+
+    source.rebalancing = True
+    for i in range(10, 20):
+        data = {"host": "www.example.com", "path": f"a{i}"}
+        source.add(rec(i, cloudevent("image.updated", data)))
+    pipeline.step()  # polls the new records, sends nothing
+    assert source.settle is not None
+    # While the loop runs, the hook touches nothing and lets the revocation go on.
+    with pipeline._lock:
+        assert source.settle() is True
+    assert pipeline.dispatcher.in_flight == 1
+    # The revocation, as the client runs it: the hook again and again, for at most two seconds.
+    deadline = time.monotonic() + 2
+    while not source.settle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pipeline.dispatcher.in_flight == 0
+    assert source.finished_offsets == {("cms", 0): 10}
+    for _ in range(5):
+        pipeline.step()
+    assert len(purged_items(emulator)) == 10  # the records polled meanwhile wait
+    assert pipeline.coalescer.pending == 10
+
+    source.rebalancing = False
+    requests.post(emulator.url + "/__emulator/faults", json={"latency_ms": 0}, timeout=5)
+    run_until_idle(pipeline, source)
+    assert sorted(purged_items(emulator)) == sorted(
+        f"https://www.example.com/a{i}" for i in range(20)
+    )
+    assert source.committed == {("cms", 0): 20}

@@ -333,12 +333,13 @@ def test_two_groups_on_one_account_share_its_budget_without_429s(
 def test_replicas_joining_mid_drain_repeat_almost_nothing_and_lose_nothing(
     emulator_factory, make_topic, kafka_bootstrap, unique, tmp_path
 ):
-    """Finished records of partitions that move are committed before they move, and nothing is
-    lost; the budget split follows demand, not partitions, so handovers cost no 429 and no second
-    goes above the plan. Repeats: the issue's goal is at most 0.5 %; this session measured 0, 0,
-    100 and 300 of 30,000 (records finished above an unfinished one, and requests in flight at
-    the handover, are redone by the new owner), so the test holds the line at 2 % (the 4.8 %
-    before commit-on-handover) and prints the figure; getting to 0.5 % every time is open work."""
+    """When the group starts rebalancing, the busy worker sends nothing new, lets its requests in
+    flight end and commits what they finish before it rejoins (when it sees the rebalance
+    between polls; the unit tests hold that step); finished records of partitions that move are
+    committed before they move, and nothing is lost. The budget split follows demand, not
+    partitions, so handovers cost no 429 and no second goes above the plan. The issue's goal:
+    at most 0.5 % purged twice (4.8 % before commit-on-handover; 100-300 of 30,000 when requests
+    in flight at the handover were redone by the new owner)."""
     emulator = emulator_factory(plan="pro")
     topic, dlq = make_topic("cms", 6), make_topic("dlq")
     group = f"g-{unique}"
@@ -380,6 +381,6 @@ def test_replicas_joining_mid_drain_repeat_almost_nothing_and_lose_nothing(
         f"busiest second {busiest} URLs, 429s {r429}"
     )
     assert "committed finished records before handing partitions over" in workers.log(0)
-    assert repeated <= 0.02 * n
+    assert repeated <= 0.005 * n
     assert r429 == 0
     assert busiest <= PRO

@@ -48,6 +48,10 @@ COMMIT_RETRY = 5.0
 # After the drain deadline: the last commit and closing the clients, within the +2 s allowed.
 FINAL_COMMIT_WAIT = 1.0
 CLOSE_WAIT = 0.4
+# While the group rebalances, the worker sends nothing new (for at most HANDOVER_HOLD seconds):
+# those targets may be another worker's in a moment. The revocation itself lets the requests
+# in flight end and commits their records (see ``Pipeline._settle_for_handover``).
+HANDOVER_HOLD = 5.0
 
 
 @dataclass
@@ -118,6 +122,11 @@ class Pipeline:
         self.shares = ShareKeeper(accounts, clock, exchange=exchange, fixed=fixed_share)
         self.warmer = warmer
         self._total_partitions = 0
+        self._rebalance_seen: float | None = None
+        # Held by the loop except while it waits inside ``poll``: a revocation (which kafka-python
+        # runs on its own thread while ``poll`` waits) settles records only while it holds it.
+        self._lock = threading.Lock()
+        source.on_revoke(self._settle_for_handover)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -134,7 +143,17 @@ class Pipeline:
 
     def step(self) -> None:
         """One iteration: poll, plan, dispatch, settle, finish, commit. Never blocks for long."""
-        records = self.source.poll(self._poll_timeout(), self.config.kafka.max_poll_records)
+        with self._lock:
+            holding = self._holding()
+            # While holding, the poll itself is the point (it completes the rejoin): a zero
+            # timeout, as a budget already due would give, lets it return before the group
+            # answers.
+            timeout = BUSY_POLL if holding else self._poll_timeout()
+        records = self.source.poll(timeout, self.config.kafka.max_poll_records)
+        with self._lock:
+            self._after_poll(records, holding)
+
+    def _after_poll(self, records: list[Record], holding: bool) -> None:
         # A rebalance happens inside poll(): forget the revoked partitions before taking the
         # records this poll returned, which already belong to the new assignment.
         self._handle_revoked()
@@ -144,11 +163,12 @@ class Pipeline:
         for record in records:
             self._ingest(record)
         self._flush_tally()
-        self._send_and_settle()
+        self._send_and_settle(send=not holding)
         self._confirm_dead_letters()
         self._finish()
         self._backpressure()
-        self._maybe_commit()
+        if not holding:  # the revocation commits; the group refuses other commits meanwhile
+            self._maybe_commit()
         self._update_share_and_lag()
 
     @property
@@ -278,12 +298,40 @@ class Pipeline:
 
     # -- purges out -------------------------------------------------------------------------------
 
-    def _send_and_settle(self) -> None:
-        self.dispatcher.dispatch()
+    def _send_and_settle(self, *, send: bool = True) -> None:
+        if send:
+            self.dispatcher.dispatch()
         done = self.dispatcher.collect()
         if done:
             self._settle(done)
-            self.dispatcher.dispatch()  # threads just freed
+            if send:
+                self.dispatcher.dispatch()  # threads just freed
+
+    def _holding(self) -> bool:
+        """True while the group rebalances (up to ``HANDOVER_HOLD``): nothing new is sent."""
+        if not self.source.rebalance_pending():
+            self._rebalance_seen = None
+            return False
+        now = self.clock.monotonic()
+        if self._rebalance_seen is None:
+            self._rebalance_seen = now
+            log.info("group rebalancing: no new requests until it is over")
+        return now - self._rebalance_seen < HANDOVER_HOLD
+
+    def _settle_for_handover(self) -> bool:
+        """The revocation's hook (on the Kafka client's thread, while the loop waits in
+        ``poll``): settle the requests that ended and finish their records, so the revocation
+        commits them. True once nothing is in flight, or when the loop is not parked in ``poll``
+        (then nothing here may touch its state, and the revocation commits what is finished)."""
+        if not self._lock.acquire(blocking=False):
+            return True
+        try:
+            self._settle(self.dispatcher.collect())
+            self._confirm_dead_letters()
+            self._finish()
+            return not self.dispatcher.in_flight
+        finally:
+            self._lock.release()
 
     def _settle(self, done: list[tuple[Batch, BatchResult]]) -> None:
         for batch, result in done:

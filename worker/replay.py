@@ -8,6 +8,7 @@ committed under the replay's own consumer group, so an interrupted replay resume
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -204,6 +205,12 @@ class DeadLetterReader:
 
     def assignment(self) -> set[TopicPartition]:
         return {(tp.topic, tp.partition) for tp in self._tps}
+
+    def rebalance_pending(self) -> bool:
+        return False  # assigned by hand: no group to rebalance
+
+    def on_revoke(self, settle: Callable[[], bool]) -> None:
+        """Nothing is ever revoked: no group."""
 
     def last_contact(self) -> float | None:
         return None

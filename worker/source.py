@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -46,6 +46,17 @@ class Source(Protocol):
 
     def assignment(self) -> set[TopicPartition]: ...
 
+    def rebalance_pending(self) -> bool:
+        """The group is rebalancing and this member still holds partitions: they may be given
+        up at any moment. Must not block."""
+
+    def on_revoke(self, settle: Callable[[], bool]) -> None:
+        """What a revocation calls, again and again for a short while, before it commits the
+        finished records and lets the partitions go: ``settle`` collects ended requests and
+        finishes their records (updating ``finished``), and says whether nothing is in flight
+        any more. It is called from the Kafka client's thread while the pipeline's loop waits
+        inside ``poll``; it must not block."""
+
     def last_contact(self) -> float | None:
         """Monotonic time Kafka was last heard from (None: not known yet)."""
 
@@ -74,10 +85,18 @@ def to_record(r: Any) -> Record:
     return Record(r.topic, r.partition, r.offset, r.key, r.value, headers, r.timestamp)
 
 
+# How long a revocation waits for the pipeline's requests in flight to end, so their records
+# finish and are committed before the partitions go. The group waits for it meanwhile.
+HANDOVER_WAIT = 2.0
+HANDOVER_STEP = 0.01
+
+
 class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
-    """Runs on kafka-python's event loop, which awaits it: it must never block, and awaits the
-    one thing worth waiting for, the commit of finished records of revoked partitions, so the
-    next owner does not purge them again.
+    """Runs on kafka-python's event loop, which awaits it: it must never block. On revocation it
+    asks the pipeline to settle what it can (``settle``: True once nothing is in flight),
+    between short sleeps on that loop (heartbeats go on), for at most ``HANDOVER_WAIT``; then it
+    commits the finished records of the revoked partitions, so their next owner does not purge
+    them again.
 
     A partition counts as lost only once the next assignment is known and leaves it out: one that
     is revoked and handed straight back keeps its fetch position, so its records in flight stay
@@ -91,11 +110,28 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
         self.lost: set[TopicPartition] = set()
         self.finished: dict[TopicPartition, int] = {}
         self.consumer: KafkaConsumer | None = None
+        self.settle: Callable[[], bool] | None = None
+        self.closing = False
+
+    async def _settle(self) -> None:
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        sleep = getattr(getattr(coordinator, "_net", None), "sleep", None)
+        if self.settle is None or self.closing:
+            return
+        deadline = time.monotonic() + HANDOVER_WAIT
+        while not self.settle() and sleep is not None and time.monotonic() < deadline:
+            await sleep(HANDOVER_STEP)
 
     async def on_partitions_revoked(self, revoked: Sequence[KafkaTP]) -> None:
         tps = {(tp.topic, tp.partition) for tp in revoked}
         with self.lock:
             self.revoked |= tps
+        if tps:
+            try:
+                await self._settle()
+            except Exception:
+                log.exception("settling before a handover failed")
+        with self.lock:
             offsets = {tp: o for tp, o in self.finished.items() if tp in tps}
         if not offsets or self.consumer is None:
             return
@@ -208,6 +244,18 @@ class KafkaSource:
     def assignment(self) -> set[TopicPartition]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
+    def rebalance_pending(self) -> bool:
+        # kafka-python's heartbeat sets ``rejoin_needed`` when the coordinator answers that the
+        # group is rebalancing; the revocation follows in the next poll. Read defensively (it is
+        # the client's own attribute): without it, only the revocation's settling is left.
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if getattr(coordinator, "rejoin_needed", False) is not True:
+            return False
+        return bool(self._consumer.assignment())
+
+    def on_revoke(self, settle: Callable[[], bool]) -> None:
+        self._listener.settle = settle
+
     def total_partitions(self) -> int:
         total = 0
         for topic in self._config.topics:
@@ -233,7 +281,9 @@ class KafkaSource:
 
     def close(self, timeout: float = 10.0) -> None:
         # close() leaves the group, so the partitions move to another replica at once. Its own
-        # commit is off: only the pipeline commits, and only finished records.
+        # commit is off: only the pipeline commits, and only finished records. The pipeline has
+        # settled all it will: a revocation on the way out settles nothing more.
+        self._listener.closing = True
         self._consumer.close(autocommit=False, timeout_ms=millis(timeout))
 
 

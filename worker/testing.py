@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from worker.deadletter import Failed
 from worker.errors import RetryableError
@@ -23,6 +24,8 @@ class InMemorySource:
         self.pause_count = 0
         self.revoked: set[TopicPartition] = set()
         self.closed = False
+        self.rebalancing = False
+        self.settle: Callable[[], bool] | None = None
         self.finished_offsets: dict[TopicPartition, int] = {}
         for r in records or []:
             self.add(r)
@@ -62,6 +65,12 @@ class InMemorySource:
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.queues)
+
+    def rebalance_pending(self) -> bool:
+        return self.rebalancing
+
+    def on_revoke(self, settle: Callable[[], bool]) -> None:
+        self.settle = settle
 
     def last_contact(self) -> float | None:
         return time.monotonic()
