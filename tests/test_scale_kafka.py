@@ -307,8 +307,20 @@ def test_two_groups_on_one_account_share_its_budget_without_429s(
     n = PRO * 15  # long enough that the first second's split weighs little
     try:
         wait_for(settled(workers, 2, 6), timeout=60, what="groups settled, split by demand")
-        for (_, topic), site in zip(groups, ("news", "shop"), strict=True):
-            produce(kafka_bootstrap, topic, image_events(n, site), key=None)
+        # Both sites publish at once (one after the other, the first group would drain alone
+        # for the second or so the other's events take to write, and the rate would measure
+        # the producer).
+        events = [image_events(n, site) for site in ("news", "shop")]
+        writers = [
+            threading.Thread(
+                target=produce, args=(kafka_bootstrap, topic, values), kwargs={"key": None}
+            )
+            for (_, topic), values in zip(groups, events, strict=True)
+        ]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join()
         for group, topic in groups:
             wait_for(
                 lambda g=group, t=topic: all_committed(kafka_bootstrap, g, t),
