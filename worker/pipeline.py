@@ -126,6 +126,7 @@ class Pipeline:
         # Held by the loop except while it waits inside ``poll``: a revocation (which kafka-python
         # runs on its own thread while ``poll`` waits) settles records only while it holds it.
         self._lock = threading.Lock()
+        self._draining = False
         source.on_revoke(self._settle_for_handover)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -190,6 +191,7 @@ class Pipeline:
         if deadline_seconds is None:
             deadline_seconds = self.config.delivery.drain_deadline_seconds
         deadline = self.clock.monotonic() + deadline_seconds
+        self._draining = True  # from here the loop runs without its lock: the hook keeps out
         self.source.pause()
         while (self.coalescer.pending or self.dispatcher.in_flight or self._dead_writes) and (
             remaining := deadline - self.clock.monotonic()
@@ -323,7 +325,7 @@ class Pipeline:
         ``poll``): settle the requests that ended and finish their records, so the revocation
         commits them. True once nothing is in flight, or when the loop is not parked in ``poll``
         (then nothing here may touch its state, and the revocation commits what is finished)."""
-        if not self._lock.acquire(blocking=False):
+        if self._draining or not self._lock.acquire(blocking=False):
             return True
         try:
             self._settle(self.dispatcher.collect())
