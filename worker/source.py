@@ -111,12 +111,11 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
         self.finished: dict[TopicPartition, int] = {}
         self.consumer: KafkaConsumer | None = None
         self.settle: Callable[[], bool] | None = None
-        self.closing = False
 
     async def _settle(self) -> None:
         coordinator = getattr(self.consumer, "_coordinator", None)
         sleep = getattr(getattr(coordinator, "_net", None), "sleep", None)
-        if self.settle is None or self.closing:
+        if self.settle is None:
             return
         deadline = time.monotonic() + HANDOVER_WAIT
         while not self.settle() and sleep is not None and time.monotonic() < deadline:
@@ -281,9 +280,8 @@ class KafkaSource:
 
     def close(self, timeout: float = 10.0) -> None:
         # close() leaves the group, so the partitions move to another replica at once. Its own
-        # commit is off: only the pipeline commits, and only finished records. The pipeline has
-        # settled all it will: a revocation on the way out settles nothing more.
-        self._listener.closing = True
+        # commit is off: only the pipeline commits, and only finished records. (A revocation on
+        # the way out finds the hook answering at once: the pipeline is draining.)
         self._consumer.close(autocommit=False, timeout_ms=millis(timeout))
 
 
