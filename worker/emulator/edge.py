@@ -76,8 +76,11 @@ class Edge:
                 return
             if kind == "files":
                 for item in items:
-                    url = item if isinstance(item, str) else item["url"]
-                    headers = {} if isinstance(item, str) else item.get("headers") or {}
+                    url, headers = (
+                        (item, {})
+                        if isinstance(item, str)
+                        else (item["url"], item.get("headers") or {})
+                    )
                     self._cached.discard((_split(url), _variant(headers)))
                 return
             wanted = {str(i).lower() for i in items}
