@@ -147,6 +147,19 @@ def test_the_render_cache_tells_inputs_apart():
         assert [type(e) for e in failed.value.errors] == [InvalidEvent, InvalidEvent]
 
 
+def test_the_render_cache_reads_below_a_fan_out():
+    # What a template reads below ``[]`` is the whole list: two events whose items differ
+    # only in the field under the fan-out must not share a rendering.
+    [rule] = rules([{"name": "r", "urls": ["https://w.com/{data.items[].url}"]}])
+    for name in ("one", "two", "one"):
+        [(target, _, _)] = targets([rule], event({"items": [{"url": name}]}))
+        assert target.value == f"https://w.com/{name}"
+    [rule] = rules([{"name": "r", "urls": ["https://w.com/{data.items[0].url}"]}])
+    for name in ("one", "two"):
+        [(target, _, _)] = targets([rule], event({"items": [{"url": name}]}))
+        assert target.value == f"https://w.com/{name}"
+
+
 def test_one_bad_target_leaves_the_others_standing():
     [rule] = rules(
         [

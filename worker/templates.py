@@ -49,11 +49,17 @@ class _Ref:
 
     @property
     def source_path(self) -> tuple[str, ...] | None:
-        """The names of the value this reads, before fan-out, index or filter (None for a
-        regex capture, which is an input of its own)."""
+        """The path of the value this reads: up to its first fan-out or index, since what
+        follows is read from every element of that list (None for a regex capture, which is
+        an input of its own)."""
         if self.root == "match":
             return None
-        return tuple(name for name, _ in self.segments)
+        names = []
+        for name, index in self.segments:
+            names.append(name)
+            if index:
+                break
+        return tuple(names)
 
     @functools.cached_property
     def plain(self) -> tuple[str, ...] | None:
