@@ -7,11 +7,14 @@ import pytest
 import requests
 
 from tests.conftest import TOKEN
+from tests.helpers import cloudevent, make_config
 from worker.clock import SystemClock
 from worker.commands.explain import explain
 from worker.config import load
-from worker.events import Record
+from worker.errors import InvalidEvent
+from worker.events import Record, decode
 from worker.pipeline import Pipeline
+from worker.plan import Planner
 from worker.testing import InMemorySink, InMemorySource
 from worker.wiring import Accounts
 
@@ -57,3 +60,80 @@ def test_explain_prints_exactly_what_run_sends(event_file, emulator_factory):
         _canon(p["kind"], endpoint_mode[p["endpoint"]], p["zone_id"], p["items"]) for p in sent
     ) == sorted(_canon(p["kind"], p["mode"], p["zone_id"], p["items"]) for p in plan["purges"])
     assert sink.records == [] and source.committed == {(record.topic, 0): 1}
+
+
+# -- the planner's memory ---------------------------------------------------------------------
+
+
+def _article(event_id: str, **data) -> bytes:
+    return cloudevent(
+        "article.updated", {"id": 7, "slug": "s", "locales": ["en"], **data}, event_id
+    )
+
+
+def test_events_alike_in_what_the_rules_read_get_one_plan_made_once(monkeypatch):
+    config = make_config("http://127.0.0.1:1")
+    planner = Planner(config)
+    made = []
+    evaluate = config.rules.evaluate
+    monkeypatch.setattr(config.rules, "evaluate", lambda e: made.append(e.id) or evaluate(e))
+
+    def plan(offset: int, value: bytes) -> list[str]:
+        p = planner.plan(Record("cms", 0, offset, None, value, (), 1_000 + offset))
+        assert p.event is not None and p.event.offset == offset  # the record's own event
+        return sorted(str(t.target) for t in p.targets) + [str(e) for e in p.errors]
+
+    first = plan(0, _article("e1"))
+    assert plan(1, _article("e2")) == first and made == ["e1"]  # a new id, the same plan
+    # Anything a rule reads makes its own plan: a field, the list a template fans out over.
+    assert plan(2, _article("e3", slug="t")) != first and made == ["e1", "e3"]
+    assert plan(3, _article("e4", locales=["en", "de"])) != first
+    assert plan(4, _article("e5")) == first and made == ["e1", "e3", "e4"]
+    # Failures are not remembered: each record that has them is planned (and dead-lettered).
+    broken = cloudevent("article.updated", {"id": 7, "locales": ["en"]}, "e6")
+    assert plan(5, broken) == plan(6, broken) and "slug" in plan(7, broken)[-1]
+    assert made[-3:] == ["e6", "e6", "e6"]
+
+
+def test_a_remembered_plan_is_the_plan_made_afresh():
+    config = make_config("http://127.0.0.1:1")
+    planner = Planner(config)
+    events = [
+        cloudevent(
+            "article.updated", {"id": i % 3, "slug": f"s{i % 2}", "locales": ["en"]}, f"e{i}"
+        )
+        for i in range(12)
+    ]
+    for offset, value in enumerate(events * 2):
+        record = Record("cms", 0, offset, None, value, ())
+        kept, fresh = planner.plan(record), Planner(make_config("http://127.0.0.1:1")).plan(record)
+        assert (kept.fired, kept.targets, kept.warm) == (fresh.fired, fresh.targets, fresh.warm)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type": "x", "n": NaN}',
+        '{"type": "x", "n": 1180591620717411303424}',
+        '{"type": "\\ud800"}',
+    ],
+    ids=["nan", "big-int", "lone-surrogate"],
+)
+def test_the_decoder_reads_what_the_standard_parser_reads(text):
+    event = decode(Record("cms", 0, 0, None, text.encode(), ()))
+    assert repr(event.body) == repr(json.loads(text))
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b'{"type": "caf\xe9"}', "record value is not UTF-8: invalid continuation byte at byte 13"),
+        (b'{"type": ', "record value is not JSON: Expecting value: line 1 column 10 (char 9)"),
+        (b"[" * 100_000 + b"]" * 100_000, "record value is JSON nested too deeply"),
+    ],
+    ids=["latin-1", "truncated", "deep"],
+)
+def test_the_decoder_says_why_a_value_is_unreadable(value, reason):
+    with pytest.raises(InvalidEvent) as failed:
+        decode(Record("cms", 0, 0, None, value, ()))
+    assert str(failed.value) == reason

@@ -266,6 +266,37 @@ def test_plugins():
         bad.evaluate(event())
     with pytest.raises(PartialTargets, match="may not purge everything"):
         evil.evaluate(event())
+    # A plug-in may read anything of an event: no plan is remembered for a rule set with one.
+    [declarative] = rules([{"name": "r", "urls": ["https://w.com/{data.slug}"]}])
+    assert RuleSet([declarative]).reads == (("data", "slug"),)
+    assert RuleSet([ok]).reads is None and RuleSet([declarative, d]).reads is None
+
+
+def test_a_rule_set_says_what_its_rules_read():
+    [rule] = rules(
+        [
+            {
+                "name": "r",
+                "match": {
+                    "type": "a",
+                    "fields": {
+                        "data.kind": "page",
+                        "kafka.key": {"exists": True},
+                        "data.n": {"regex": "(?P<n>[0-9]+)"},
+                    },
+                },
+                "urls": ["https://w.com/{data.items[].url}/{match.n}"],
+                "tags": ["t-{data.id|lower}"],
+            }
+        ]
+    )
+    assert RuleSet([rule]).reads == (
+        ("data", "kind"),
+        ("kafka", "key"),
+        ("data", "n"),
+        ("data", "items"),
+        ("data", "id"),
+    )
 
 
 @pytest.mark.parametrize(

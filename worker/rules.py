@@ -270,6 +270,13 @@ class DeclarativeRule:
         ]
         templates += [t for ts in self._templates.values() for t in ts]
         self._inputs = tuple(dict.fromkeys(p for t in templates for p in t.inputs))
+        # Everything the rule's outcome depends on besides topic and type: what it matches on
+        # and what its templates read (captures come from matched values).
+        self.reads: tuple[tuple[str, ...], ...] = tuple(
+            dict.fromkeys(
+                [*(tuple(path.split(".")) for path, _ in self._match.fields), *self._inputs]
+            )
+        )
         self._rendered: dict[Hashable, tuple[RuleTarget, ...]] = {}
         if not (self._urls or any(self._templates.values()) or self.everything):
             raise section.error(
@@ -584,6 +591,18 @@ class RuleSet:
     def __init__(self, rules: Sequence[Rule], max_targets: int = DEFAULT_MAX_TARGETS) -> None:
         self.rules = list(rules)
         self.max_targets = max_targets
+
+    @property
+    def reads(self) -> tuple[tuple[str, ...], ...] | None:
+        """The event paths every rule's outcome depends on besides the topic and type: events
+        alike in these get the same plan. None when a plug-in rule reads what it likes."""
+        paths: dict[tuple[str, ...], None] = {}
+        for rule in self.rules:
+            reads = getattr(rule, "reads", None)
+            if reads is None:
+                return None
+            paths.update(dict.fromkeys(reads))
+        return tuple(paths)
 
     @property
     def warms(self) -> bool:
