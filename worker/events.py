@@ -94,18 +94,22 @@ def decode(
             raise InvalidEvent(f"CloudEvents specversion {body['specversion']!r} is not 1.0")
     etype = body.get("type" if fmt != "json" else type_field)
     eid = body.get("id")
+    if type(eid) is not str:
+        eid = str(eid) if isinstance(eid, int) and not isinstance(eid, bool) else None
+    where = record.origin or record
+    # Positional: one is made for every record read.
     return Event(
-        body=body,
-        format=fmt,
-        id=str(eid) if isinstance(eid, str | int) and not isinstance(eid, bool) else None,
-        type=etype if isinstance(etype, str) else None,
-        time=_event_time(body.get("time")) or fallback_time,
-        topic=(record.origin or record).topic,
-        partition=(record.origin or record).partition,
-        offset=(record.origin or record).offset,
-        key=key,
-        headers=headers,
-        record_time=fallback_time,
+        body,
+        fmt,
+        eid,
+        etype if type(etype) is str else None,
+        _event_time(body.get("time")) or fallback_time,
+        where.topic,
+        where.partition,
+        where.offset,
+        key,
+        headers,
+        fallback_time,
     )
 
 
@@ -134,12 +138,12 @@ def _text(raw: bytes | None) -> str | None:
 
 
 def _event_time(value: Any) -> float | None:
+    if type(value) is str:
+        try:
+            return datetime.fromisoformat(value).timestamp()  # "Z" included, since 3.11
+        except ValueError:
+            return None
     if isinstance(value, int | float) and not isinstance(value, bool):
         # Epoch seconds or milliseconds: anything past year 33658 in seconds is milliseconds.
         return value / 1000 if value > 1e12 else float(value)
-    if isinstance(value, str) and value:
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return None
     return None

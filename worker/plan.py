@@ -83,11 +83,7 @@ class Planner:
                 record, max_bytes=kafka.max_record_bytes, type_field=kafka.event_type_field
             )
             if self._reads is not None:
-                key = (
-                    event.topic,
-                    event.type,
-                    tuple([freeze(value_at(event, path)) for path in self._reads]),
-                )
+                key = self._key(event)
                 known = self._plans.get(key)
                 if known is not None:
                     plan.fired = list(known.fired)
@@ -118,6 +114,12 @@ class Planner:
                 self._plans.clear()
             self._plans[key] = _Known(tuple(plan.fired), tuple(plan.targets), tuple(plan.warm))
         return plan
+
+    def _key(self, event: Event) -> Hashable:
+        """What the rules' outcome depends on: topic, type and the values they read."""
+        assert self._reads is not None
+        values = tuple([freeze(value_at(event, path)) for path in self._reads])
+        return (event.topic, event.type, values)
 
     def route_warm(self, targets: Iterable[Target], plan: Plan) -> Plan:
         """Route URLs to warm: each to its zone, once per cache-key variant. A URL on no

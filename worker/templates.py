@@ -233,7 +233,7 @@ def freeze(value: Any) -> Hashable:
     if type(value) is str:
         return value
     if isinstance(value, list):
-        return ("list", tuple(freeze(v) for v in value))
+        return ("list", tuple([v if type(v) is str else freeze(v) for v in value]))
     if isinstance(value, dict):
         return ("dict", tuple(sorted((str(k), freeze(v)) for k, v in value.items())))
     return (type(value).__name__, value)
