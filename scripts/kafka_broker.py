@@ -72,7 +72,11 @@ class Broker:
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
+        # Two ports asked for one after the other can be the same one (each socket is closed
+        # before the next is bound), and the broker then refuses to start.
         self.controller_port = free_port()
+        while self.controller_port == self.port:
+            self.controller_port = free_port()
         self.workdir = Path(tempfile.mkdtemp(prefix="purge-worker-kafka-"))
         self.log_path = self.workdir / "broker.log"
         self.proc: subprocess.Popen[bytes] | None = None
