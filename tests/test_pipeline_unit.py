@@ -12,6 +12,7 @@ from worker.clock import SystemClock
 from worker.deadletter import header
 from worker.events import Record
 from worker.pipeline import Pipeline
+from worker.planproc import PlannerProcess
 from worker.testing import InMemorySink, InMemorySource
 from worker.wiring import Accounts
 
@@ -25,12 +26,18 @@ def run_until_idle(pipeline, source, max_steps=2000):
     raise AssertionError("pipeline did not go idle")
 
 
-def build(emulator, records, **over):
+def build(emulator, records, remote=False, **over):
     config = make_config(emulator.api_url, **over)
     source = InMemorySource(records)
     sink = InMemorySink()
     clock = SystemClock()
-    return Pipeline(config, source, sink, Accounts(config, clock), clock), source, sink
+    planner = PlannerProcess(config).start() if remote else None
+    pipeline = Pipeline(config, source, sink, Accounts(config, clock), clock, remote=planner)
+    return pipeline, source, sink
+
+
+# The loop plans records itself, or has a second process plan them: the outcome is the same.
+planning = pytest.mark.parametrize("remote", [False, True], ids=["inline", "process"])
 
 
 def rec(offset, value, partition=0, headers=()):
@@ -84,7 +91,8 @@ def test_subsumption_host_swallows_urls_and_prefix_swallows_longer(emulator):
     assert source.committed == {("cms", 0): 3}
 
 
-def test_poison_records_are_dead_lettered_with_headers_and_good_ones_purged(emulator):
+@planning
+def test_poison_records_are_dead_lettered_with_headers_and_good_ones_purged(emulator, remote):
     good = cloudevent("article.published", {"slug": "ok", "locales": ["en"], "id": 7})
     records = [
         rec(0, b"\xff\xfe not utf8"),
@@ -100,9 +108,11 @@ def test_poison_records_are_dead_lettered_with_headers_and_good_ones_purged(emul
     pipeline, source, sink = build(
         emulator,
         records,
+        remote,
         kafka={"topics": ["cms"], "dead_letter_topic": "dlq", "max_record_bytes": 1000},
     )
     run_until_idle(pipeline, source)
+    pipeline.drain()
     classes = {r.offset: header(h, "purge.error.class") for r, h in sink.records}
     assert classes == {
         0: "invalid_event",
@@ -249,7 +259,8 @@ def test_tags_waiting_for_budget_do_not_hold_back_urls(emulator_factory):
     assert 429 not in statuses
 
 
-def test_a_backlog_with_repeats_purges_each_target_once_and_commits_all(emulator):
+@planning
+def test_a_backlog_with_repeats_purges_each_target_once_and_commits_all(emulator, remote):
     from worker.clock import MockClock
 
     clock = MockClock()
@@ -269,10 +280,13 @@ def test_a_backlog_with_repeats_purges_each_target_once_and_commits_all(emulator
     ]
     config = make_config(
         emulator.api_url,
-        kafka={"topics": ["cms"], "dead_letter_topic": "dlq", "max_poll_records": 50},
+        # Batches large enough that, with a planning process, the next is read while one is
+        # planned.
+        kafka={"topics": ["cms"], "dead_letter_topic": "dlq", "max_poll_records": 150},
     )
     source, sink = InMemorySource(records), InMemorySink()
-    pipeline = Pipeline(config, source, sink, Accounts(config, clock), clock)
+    planner = PlannerProcess(config).start() if remote else None
+    pipeline = Pipeline(config, source, sink, Accounts(config, clock), clock, remote=planner)
     for _ in range(3000):
         pipeline.step()
         clock.advance(0.05)
@@ -306,6 +320,7 @@ def test_a_backlog_with_repeats_purges_each_target_once_and_commits_all(emulator
     pipeline.commit()
     assert purged_items(emulator, "files").count("https://www.example.com/p1") == 2
     assert source.committed[("cms", 0)] == 610
+    pipeline.drain()
 
 
 def test_a_revocation_lets_requests_in_flight_end_and_offers_their_records_for_commit(emulator):

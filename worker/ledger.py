@@ -63,6 +63,7 @@ def key_of(zone_id: str, mode: Mode, target: Target) -> Key:
 class PurgeLedger:
     def __init__(self, settings: LedgerSettings) -> None:
         self._settings = settings
+        self._enabled, self._margin = settings.enabled, settings.margin_seconds
         self._sent: OrderedDict[Key, float] = OrderedDict()
         self._in_flight: dict[Key, tuple[float, Pending]] = {}
         # Kinds with entries per zone and mode: a URL is looked up under prefixes, hosts and
@@ -77,13 +78,22 @@ class PurgeLedger:
     ) -> _Covered | Pending | None:
         """``COVERED`` if an accepted purge sent after ``event_time`` + margin covers ``target``;
         the in-flight item to join if such a purge is under way; else None (send it)."""
-        if not self._settings.enabled or event_time is None:
+        if event_time is None or not self._enabled:
             return None
-        horizon = event_time + self._settings.margin_seconds
+        horizon = event_time + self._margin
         kind = target.kind
-        found = self._find(key_of(zone_id, mode, target), horizon)
-        if found is not None or kind is Kind.EVERYTHING or not self._kinds:
-            return found
+        # The item itself, spelled out: this runs for every target of every record.
+        key = (zone_id, mode, kind, "" if kind is Kind.EVERYTHING else target.value, target.headers)
+        sent = self._sent.get(key)
+        if sent is not None and sent > horizon:
+            self._sent.move_to_end(key)
+            return COVERED
+        flight = self._in_flight.get(key)
+        if flight is not None and flight[0] > horizon:
+            return flight[1]
+        if kind is Kind.EVERYTHING or not self._kinds:
+            return None
+        found: _Covered | Pending | None = None
         # Only kinds this zone and mode have entries of can cover the target.
         kinds = self._kinds
         if (zone_id, mode, Kind.EVERYTHING) in kinds:

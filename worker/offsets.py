@@ -23,15 +23,12 @@ class OffsetTracker:
     def __init__(self) -> None:
         self._parts: dict[TopicPartition, _Partition] = {}
 
-    def rewinds(self, tp: TopicPartition, offset: int) -> bool:
-        """True if ``offset`` is not past the last one taken from ``tp``."""
-        part = self._parts.get(tp)
-        return part is not None and part.last_seen is not None and offset <= part.last_seen
-
     def track(self, tp: TopicPartition, offset: int) -> bool:
         """A record was taken from the partition. Returns False, tracking nothing, if the offset
         is not past the last one seen (the partition is being re-read): forget it first."""
-        part = self._parts.setdefault(tp, _Partition())
+        part = self._parts.get(tp)
+        if part is None:
+            part = self._parts[tp] = _Partition()
         if part.last_seen is not None and offset <= part.last_seen:
             return False
         part.pending.append(offset)

@@ -10,8 +10,8 @@ offset become committable.
 
 from __future__ import annotations
 
-import gc
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 import structlog
@@ -26,9 +26,11 @@ from worker.dispatcher import Dispatcher
 from worker.errors import DeadLetterGuardTripped, PermanentError
 from worker.events import Record
 from worker.ledger import COVERED, PurgeLedger
-from worker.plan import Plan, Planner
+from worker.plan import Planned, Planner
+from worker.planproc import PlannerDied, PlannerProcess
 from worker.purger import BatchResult, Purger
 from worker.records import InFlight, InFlightRecords, Ref
+from worker.runtime import tune_gc
 from worker.source import Source
 from worker.targets import Kind
 from worker.warmer import Warmer
@@ -36,7 +38,6 @@ from worker.wiring import Accounts
 
 log = structlog.get_logger("worker.pipeline")
 
-GC_THRESHOLD = 100_000
 LAG_INTERVAL = 5.0
 DEAD_LETTER_RETRY = 2.0
 BUSY_POLL = 0.05
@@ -52,6 +53,8 @@ CLOSE_WAIT = 0.4
 # those targets may be another worker's in a moment. The revocation itself lets the requests
 # in flight end and commits their records (see ``Pipeline._settle_for_handover``).
 HANDOVER_HOLD = 5.0
+# A poll's batch at least this large is planned in the planning process while the loop goes on.
+OVERLAP_BATCH = 100
 
 
 @dataclass
@@ -62,16 +65,6 @@ class Status:
     last_record: float = 0.0
     assigned: int = 0
     running: bool = False
-
-
-def tune_gc() -> None:
-    """Move what start-up built (config, rules, clients) out of the collector's sight and let
-    it run less often. The loop makes and drops small objects by the hundred thousand a second,
-    almost none of them in cycles; the default thresholds spent a sixth of a backlog's time
-    scanning them."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, 50, 100)
 
 
 class Pipeline:
@@ -86,6 +79,7 @@ class Pipeline:
         fixed_share: float | None = None,
         exchange: Exchange | None = None,
         warmer: Warmer | None = None,
+        remote: PlannerProcess | None = None,
     ) -> None:
         self.config = config
         self.source = source
@@ -93,6 +87,10 @@ class Pipeline:
         self.accounts = accounts
         self.clock = clock
         self.planner = Planner(config)
+        # Planning in a second process (see ``worker.planproc``): the batches sent there and
+        # not yet planned, oldest first, as their records' refs.
+        self.remote = remote
+        self._unplanned: deque[list[Ref]] = deque()
         self.coalescer = Coalescer(config.coalesce.window_seconds, accounts.cap, clock)
         self.ledger = PurgeLedger(config.coalesce.ledger)
         self.records = InFlightRecords()
@@ -161,8 +159,7 @@ class Pipeline:
         now_wall = self.clock.time()
         self.status.last_poll = now_wall
         metrics.LAST_POLL_TIME.set(now_wall)
-        for record in records:
-            self._ingest(record)
+        self._ingest(records)
         self._flush_tally()
         self._send_and_settle(send=not holding)
         self._confirm_dead_letters()
@@ -180,7 +177,12 @@ class Pipeline:
     @property
     def idle(self) -> bool:
         """Nothing pending, in flight or waiting to be finished."""
-        return not (len(self.records) or self.dispatcher.in_flight or self.coalescer.pending)
+        return not (
+            len(self.records)
+            or self._unplanned
+            or self.dispatcher.in_flight
+            or self.coalescer.pending
+        )
 
     def drain(self, deadline_seconds: float | None = None) -> None:
         """Stop taking records, purge what is pending within the deadline, commit, close.
@@ -193,6 +195,14 @@ class Pipeline:
         deadline = self.clock.monotonic() + deadline_seconds
         self._draining = True  # from here the loop runs without its lock: the hook keeps out
         self.source.pause()
+        if self.remote is not None:
+            # Records read are purged like the others, if the planning process still answers.
+            try:
+                while self._unplanned and self.remote.alive:
+                    self._take_plans()
+            except PlannerDied as exc:
+                log.error("unplanned records will be redelivered", error=str(exc))
+            self.remote.close()
         while (self.coalescer.pending or self.dispatcher.in_flight or self._dead_writes) and (
             remaining := deadline - self.clock.monotonic()
         ) > 0:
@@ -226,6 +236,8 @@ class Pipeline:
             self._commit_retry_at = self.clock.monotonic() + COMMIT_RETRY
 
     def _poll_timeout(self) -> float:
+        if self._unplanned:
+            return 0.0  # plans are on their way: take what Kafka has, then them
         busy = self.records or self.dispatcher.in_flight or self.coalescer.pending
         timeout = BUSY_POLL if busy else IDLE_POLL
         now = self.clock.monotonic()
@@ -239,29 +251,60 @@ class Pipeline:
 
     # -- records in -------------------------------------------------------------------------------
 
-    def _ingest(self, record: Record) -> None:
-        if self.records.rewinds(record):
+    def _ingest(self, records: list[Record]) -> None:
+        """Track every record (its offset commits only once it is finished) and plan it: here,
+        or in the planning process. There, a large batch is left to be planned while the loop
+        goes on (a backlog: the two run side by side); the batch before it, and any small one,
+        is taken at once (a trickle waits no longer than the child takes)."""
+        refs = [self._open(record) for record in records]
+        if self.remote is None:
+            for ref, record in zip(refs, records, strict=True):
+                self._planned(ref, Planned.of(self.planner.plan(record), self._use_event_time))
+            return
+        if records:
+            self.remote.submit(records)
+            self._unplanned.append(refs)
+        keep = 1 if len(records) >= OVERLAP_BATCH else 0
+        while len(self._unplanned) > keep:
+            self._take_plans()
+
+    def _take_plans(self) -> None:
+        """The plans of the oldest batch in the planning process (waits for them)."""
+        assert self.remote is not None
+        refs = self._unplanned.popleft()
+        for ref, plan in zip(refs, self.remote.collect(), strict=True):
+            if ref in self.records:  # else its partition was revoked or rewound meanwhile
+                self._planned(ref, plan)
+
+    def _open(self, record: Record) -> Ref:
+        ref = self.records.open(record)
+        if ref is None:
             # The partition is being read again from an earlier position (a rebalance, a
             # reset): start its bookkeeping over.
             self._forget({(record.topic, record.partition)}, "partition rewound")
-        ref, state = self.records.open(record)
-        plan = self.planner.plan(record)
-        if plan.event is not None:
-            state.event_id, state.event_time = plan.event.id, plan.event.time
-        state.failures.extend(plan.errors)
+            ref = self.records.open(record)
+            assert ref is not None
+        return ref
+
+    def _planned(self, ref: Ref, plan: Planned) -> None:
+        state = self.records.state(ref)
+        state.event_id, state.event_time = plan.event_id, plan.event_time
         state.skipped = plan.skipped
+        if plan.errors:
+            state.failures.extend(plan.errors)
         if plan.warm and self.warmer is not None:
-            state.warm = plan.warm
-        for dropped in plan.dropped:
-            state.log.warning("target dropped: unknown zone", error=str(dropped))
+            state.warm = list(plan.warm)
+        if plan.dropped:
+            for dropped in plan.dropped:
+                state.log.warning("target dropped: unknown zone", error=str(dropped))
         self._enqueue(ref, plan)
         if self._debug:  # builds nothing per record unless asked for
             state.log.debug("record planned", targets=len(plan.targets), failures=len(plan.errors))
         self.records.planned(ref)
 
-    def _enqueue(self, ref: Ref, plan: Plan) -> None:
+    def _enqueue(self, ref: Ref, plan: Planned) -> None:
         """Each target: already purged (done), joining a purge in flight, or pending."""
-        event_time = self._event_time(plan)
+        event_time = plan.ledger_time
         check, add, tally = self.ledger.check, self.coalescer.add, self._tally
         waiting = 0
         for zone, mode, target in plan.targets:
@@ -288,15 +331,6 @@ class Pipeline:
             if how:
                 metrics.child(metrics.TARGETS_ALREADY_PURGED, kind.value, how).inc(n)
         self._tally.clear()
-
-    def _event_time(self, plan: Plan) -> float | None:
-        """When the change happened, as far as the ledger may trust: None means always purge."""
-        event = plan.event
-        if event is None:
-            return None
-        if self._use_event_time and event.time is not None:
-            return event.time
-        return event.record_time
 
     # -- purges out -------------------------------------------------------------------------------
 

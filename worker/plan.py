@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -52,6 +52,39 @@ class Plan:
     def skipped(self) -> bool:
         """No rule fired and the config says to move on."""
         return not self.fired and not self.errors
+
+
+class Planned(NamedTuple):
+    """What the worker's loop needs of a plan (the event's body stays behind)."""
+
+    event_id: str | None
+    event_time: float | None  # the event's own time, else the record's
+    ledger_time: float | None  # what the purge ledger goes by (None: always purge)
+    skipped: bool
+    targets: Sequence[Routed]
+    errors: list[PermanentError]
+    warm: Sequence[Routed]
+    dropped: list[UnknownZone]
+
+    @staticmethod
+    def of(plan: Plan, use_event_time: bool) -> Planned:
+        event = plan.event
+        if event is None:
+            event_id = event_time = ledger_time = None
+        else:
+            event_id, event_time = event.id, event.time
+            use = use_event_time and event.time is not None
+            ledger_time = event.time if use else event.record_time
+        return Planned(
+            event_id,
+            event_time,
+            ledger_time,
+            plan.skipped,
+            plan.targets,
+            plan.errors,
+            plan.warm,
+            plan.dropped,
+        )
 
 
 class _Known(NamedTuple):

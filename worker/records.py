@@ -73,20 +73,19 @@ class InFlightRecords:
     def __contains__(self, ref: object) -> bool:
         return ref in self._records
 
-    def rewinds(self, record: Record) -> bool:
-        """True if ``record`` is at or before an offset already taken from its partition: the
-        partition is being read again (a rebalance, a reset) and must be forgotten first."""
-        return self._offsets.rewinds((record.topic, record.partition), record.offset)
-
-    def open(self, record: Record) -> tuple[Ref, InFlight]:
-        """Start tracking ``record``; its offset is not committable until it is finished."""
-        tp = (record.topic, record.partition)
-        if not self._offsets.track(tp, record.offset):
-            raise ValueError(f"offset {record.offset} of {tp} rewinds: forget the partition first")
+    def open(self, record: Record) -> Ref | None:
+        """Start tracking ``record``; its offset is not committable until it is finished. None,
+        tracking nothing, when the record is not past the last one taken from its partition:
+        the partition is being read again (a rebalance, a reset) and must be forgotten first."""
+        if not self._offsets.track((record.topic, record.partition), record.offset):
+            return None
         self._seq += 1
         ref = Ref(record.topic, record.partition, record.offset, self._seq)
-        state = self._records[ref] = InFlight(record)
-        return ref, state
+        self._records[ref] = InFlight(record)
+        return ref
+
+    def state(self, ref: Ref) -> InFlight:
+        return self._records[ref]
 
     def expect(self, ref: Ref, count: int = 1) -> None:
         """``ref`` waits for ``count`` more target outcomes."""

@@ -26,8 +26,9 @@ from worker.config import Config
 from worker.deadletter import DeadLetterSink, DeadLetterWrite
 from worker.errors import DeadLetterGuardTripped, RetryableError, UsageError
 from worker.events import Record
-from worker.pipeline import Pipeline, tune_gc
+from worker.pipeline import Pipeline
 from worker.replay import DeadLetterReader, ReplayFilter, describe, parse_time
+from worker.runtime import tune_gc
 from worker.source import KafkaDeadLetterSink
 from worker.warmer import Warmer
 from worker.wiring import Accounts

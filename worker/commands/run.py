@@ -25,6 +25,7 @@ from worker.errors import ConfigError, DeadLetterGuardTripped, PurgeWorkerError,
 from worker.exchange import KafkaBudgetExchange
 from worker.health import STALE_AFTER_SECONDS, HealthServer
 from worker.pipeline import Pipeline
+from worker.planproc import PlannerProcess, wanted
 from worker.source import KafkaDeadLetterSink, KafkaSource, recent_dead_letters
 from worker.warmer import Warmer
 from worker.wiring import Accounts
@@ -54,6 +55,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
     ports = {k: v or None for k, v in ports.items() if v is not None}
     if ports:
         config = replace(config, observability=config.observability.model_copy(update=ports))
+    # Forked first, before any thread of this process exists (see worker.planproc).
+    remote = PlannerProcess(config).start() if wanted(config.delivery.planning) else None
+    try:
+        return _run(config, remote)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def _run(config: Config, remote: PlannerProcess | None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -89,7 +100,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if config.warming.enabled and config.rules.warms and not config.delivery.dry_run:
         warmer = Warmer(config.warming, clock).start()
     pipeline = Pipeline(
-        config, source, sink, Accounts(config, clock), clock, exchange=exchange, warmer=warmer
+        config,
+        source,
+        sink,
+        Accounts(config, clock),
+        clock,
+        exchange=exchange,
+        warmer=warmer,
+        remote=remote,
     )
     seed_guard(config, pipeline, clock)
     health = _health(config, pipeline)

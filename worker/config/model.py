@@ -189,6 +189,9 @@ class DeliverySettings(Section):
     drain_deadline_seconds: float = Field(default=20.0, ge=0)
     commit_interval_seconds: float = Field(default=1.0, gt=0)
     dead_letter_guard: GuardSettings = GuardSettings()
+    # Where records are decoded and planned: a second process on another core (a backlog is
+    # CPU-bound), or the loop's own; auto picks the process when two CPUs are usable.
+    planning: Literal["auto", "process", "inline"] = "auto"
 
 
 class ObservabilitySettings(Section):

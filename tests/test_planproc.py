@@ -1,0 +1,174 @@
+"""Planning in a second process: the same plans as the loop's own planner, through a real child
+process and pipe, and the child's life tied to the worker's."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import cloudevent, make_config
+from worker import planproc
+from worker.events import Record
+from worker.plan import Planned, Planner
+from worker.planproc import PlannerDied, PlannerProcess, usable_cpus, wanted
+
+RULES = [
+    {
+        "name": "article",
+        "match": {"type": "article.updated"},
+        "urls": ["https://www.example.com/{data.locales[]}/{data.slug}"],
+        "tags": ["article-{data.id}"],
+        "zone": "example.com",
+        "warm": True,
+    },
+    {"name": "image", "match": {"type": "image.updated"}, "urls": ["https://{data.host}/x"]},
+]
+
+
+def records(count: int, start: int = 0) -> list[Record]:
+    out = []
+    for i in range(start, start + count):
+        if i % 7 == 3:
+            value = b"{not json"
+        elif i % 7 == 5:
+            value = cloudevent("image.updated", {"host": "evil.org"}, f"e{i}")  # unknown zone
+        else:
+            data = {"slug": f"s{i % 11}", "locales": ["en", "de"][: 1 + i % 2], "id": i % 5}
+            value = cloudevent("article.updated", data, f"e{i}")
+        out.append(Record("cms", i % 3, i, b"k", value, (), 1_800_000_000_000 + i))
+    return out
+
+
+def same(got: Planned, want: Planned) -> None:
+    assert got[:4] == want[:4]  # id, times, skipped
+    assert list(got.targets) == list(want.targets)
+    assert list(got.warm) == list(want.warm)
+    assert [(type(e), str(e)) for e in got.errors] == [(type(e), str(e)) for e in want.errors]
+    assert [str(e) for e in got.dropped] == [str(e) for e in want.dropped]
+
+
+@pytest.fixture
+def config():
+    return make_config("http://127.0.0.1:1", rules=RULES)
+
+
+@pytest.fixture
+def remote(config):
+    process = PlannerProcess(config).start()
+    yield process
+    process.close()
+
+
+def test_the_process_plans_exactly_what_the_loop_would(config, remote):
+    batch = records(300)
+    remote.submit(batch)
+    remote.submit(batch[:10])  # a second batch before the first is collected
+    planner = Planner(config)
+    want = [Planned.of(planner.plan(r), use_event_time=False) for r in batch]
+    got = remote.collect()
+    assert len(got) == 300 and any(p.errors for p in got) and any(p.warm for p in got)
+    for g, w in zip(got, want, strict=True):
+        same(g, w)
+    for g, w in zip(remote.collect(), want[:10], strict=True):
+        same(g, w)
+
+
+def test_numbering_starts_over_without_mixing_targets_up(config, monkeypatch):
+    monkeypatch.setattr(planproc, "NUMBERED_TARGETS", 5)  # the child is forked with it
+    remote = PlannerProcess(config).start()
+    try:
+        planner = Planner(config)
+        for start in range(0, 400, 40):
+            batch = records(40, start)
+            remote.submit(batch)
+            for record, got in zip(batch, remote.collect(), strict=True):
+                same(got, Planned.of(planner.plan(record), use_event_time=False))
+    finally:
+        remote.close()
+
+
+def test_batches_larger_than_the_pipe_do_not_block_either_side(config, remote):
+    big = [
+        r._replace(value=r.value[:-1] + b', "pad": "' + b"x" * 4000 + b'"}')
+        if r.value.startswith(b'{"spec')
+        else r
+        for r in records(3000)
+    ]
+    for _ in range(3):  # ~36 MB each way before anything is collected
+        remote.submit(big)
+    for _ in range(3):
+        assert len(remote.collect()) == 3000
+
+
+def test_a_dead_planning_process_is_an_error_naming_it(config, remote):
+    remote.submit(records(5))
+    assert len(remote.collect()) == 5
+    os.kill(remote._process.pid, signal.SIGKILL)
+    remote._process.join(5)
+    with pytest.raises(PlannerDied, match=r"planning process ended \(exit code -9\)"):
+        remote.submit(records(5))
+        remote.collect()
+    assert not remote.alive
+
+
+def test_the_child_ignores_terminal_signals_and_ends_with_its_parent(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(Path.cwd())!r})
+        from tests.helpers import make_config
+        from worker.planproc import PlannerProcess
+        remote = PlannerProcess(make_config("http://127.0.0.1:1")).start()
+        print(remote._process.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        os.kill(child, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        os.kill(child, signal.SIGTERM)
+        time.sleep(0.5)
+        assert alive(child)
+        parent.kill()  # kill -9: the pipe closes with it
+        parent.wait(5)
+        deadline = time.monotonic() + 5
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(child)
+    finally:
+        parent.kill()
+        parent.wait(5)
+        parent.stdout.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "affinity_cap", "process"),
+    [("max 100000\n", None, None), ("100000 100000\n", 1.0, False), ("200000 100000", 2.0, True)],
+)
+def test_auto_plans_in_a_process_only_with_two_cpus_to_use(
+    tmp_path, cpu_max, affinity_cap, process
+):
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    cpus = usable_cpus(path)
+    affinity = len(os.sched_getaffinity(0))
+    assert cpus == (affinity if affinity_cap is None else min(affinity, affinity_cap))
+    if process is not None and affinity >= 2:
+        assert wanted("auto", cpus) is process
+    assert usable_cpus(tmp_path / "missing") == affinity
+    assert wanted("process", 1) and not wanted("inline", 8)
+    json.dumps(cpus)  # a plain number, as logged

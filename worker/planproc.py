@@ -1,0 +1,241 @@
+"""Planning in a second process, beside the loop.
+
+In a backlog the loop is CPU-bound, and one Python process runs on one core at a time. The
+loop keeps Kafka's client, the ledger, the pending set and the requests; decoding, rules and
+routing (``Planner.plan``) run in a child process on another core, a poll's batch at a time,
+while the loop reads the next batch and sends purges.
+
+The child is forked before the worker starts any thread (``run`` starts it first), so it holds
+the compiled config and plug-ins as they were loaded. What comes back is the plan without the
+event (the loop needs only its id and times), its targets as numbers. The child ignores
+SIGINT and SIGTERM: the worker stops it by closing the pipe, and a killed worker's pipe closes
+too, so the child never outlives it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import threading
+from collections import deque
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from worker.config import Config
+from worker.errors import PurgeWorkerError
+from worker.events import Record
+from worker.plan import Planned, Planner, Routed
+from worker.runtime import tune_gc
+from worker.targets import Mode, Target
+
+CLOSE_WAIT = 1.0
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+# The worker's to act on (it stops, then closes the pipe); the child ignores them.
+TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# Routed targets numbered before the numbering starts over.
+NUMBERED_TARGETS = 200_000
+
+
+def usable_cpus(cgroup: Path = CGROUP_CPU_MAX) -> float:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (a pod's limit)."""
+    cpus: float = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cgroup.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read: the affinity it is
+    return cpus
+
+
+def wanted(setting: str, cpus: float | None = None) -> bool:
+    """Whether ``delivery.planning`` asks for the planning process."""
+    if setting == "auto":
+        return (usable_cpus() if cpus is None else cpus) >= 2
+    return setting == "process"
+
+
+class PlannerDied(PurgeWorkerError):
+    """The planning process ended: the worker stops (its unfinished records are redelivered)."""
+
+
+class PlannerProcess:
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._conn: Connection | None = None
+        self._process: Any = None
+        self._batches: deque[int] = deque()  # sizes of the batches sent and not yet answered
+        # Routed targets by number, as the child numbered them: each crosses the pipe once.
+        self._targets: list[Routed] = []
+
+    def start(self) -> PlannerProcess:
+        # What is buffered now would be written twice, once by each process.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        context = multiprocessing.get_context("fork")
+        ours, theirs = context.Pipe()
+        self._process = context.Process(
+            target=_serve,
+            args=(self._config, theirs, ours),
+            name="purge-worker-planner",
+            daemon=True,
+        )
+        # Signals wait (in both processes) until the child ignores them: a Ctrl-C at start-up
+        # must stop the worker, not kill its planner first.
+        signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
+        try:
+            self._process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINAL_SIGNALS)
+        theirs.close()
+        self._conn = ours
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._conn is not None
+
+    def submit(self, records: list[Record]) -> None:
+        """Send a batch to be planned; its plans come back, in order, from ``collect``."""
+        try:
+            # Plain tuples: a named tuple crosses the pipe as a call to its class.
+            self._live().send([tuple(record) for record in records])
+        except OSError as exc:
+            raise self._died(exc) from None
+        self._batches.append(len(records))
+
+    def collect(self) -> list[Planned]:
+        """The plans of the oldest batch sent, in its order; waits for them."""
+        conn = self._live()
+        try:
+            reset, new, rows = conn.recv()
+        except (EOFError, OSError) as exc:
+            raise self._died(exc) from None
+        if len(rows) != self._batches.popleft():
+            raise self._died(None)
+        table = self._targets
+        if reset:
+            table.clear()
+        table.extend(new)
+        return [
+            Planned(
+                event_id,
+                event_time,
+                ledger_time,
+                skipped,
+                [table[i] for i in ids],
+                errors,
+                [table[i] for i in warm],
+                dropped,
+            )
+            for event_id, event_time, ledger_time, skipped, ids, errors, warm, dropped in rows
+        ]
+
+    def close(self) -> None:
+        """Stop the child (it exits when the pipe closes); batches not collected are dropped."""
+        self._batches.clear()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            self._process.join(CLOSE_WAIT)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(CLOSE_WAIT)
+
+    def _live(self) -> Connection:
+        if self._conn is None:
+            raise PlannerDied("the planning process is not running")
+        return self._conn
+
+    def _died(self, cause: BaseException | None) -> PlannerDied:
+        code = self._process.exitcode if self._process is not None else None
+        self.close()
+        why = f" ({type(cause).__name__})" if cause is not None else ""
+        return PlannerDied(f"the planning process ended (exit code {code}){why}")
+
+
+def _serve(config: Config, conn: Connection, workers_end: Connection) -> None:
+    """The child: plan every batch that comes, until the pipe closes."""
+    # The fork copied the worker's end of the pipe too: holding it, the child would never see
+    # the pipe close when the worker goes.
+    workers_end.close()
+    for signum in TERMINAL_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINAL_SIGNALS)
+    tune_gc()  # as in the loop: what the fork brought along is never garbage
+    planner = Planner(config)
+    use_event_time = config.coalesce.ledger.event_time == "event"
+    numbers = _Numbering()
+    # A thread takes every batch off the pipe as it comes: the worker may send the next batch
+    # while this one's plans are on their way back, and neither side must wait on the other.
+    batches: queue.SimpleQueue[list[tuple[Any, ...]] | None] = queue.SimpleQueue()
+    threading.Thread(target=_read, args=(conn, batches), daemon=True).start()
+    while (records := batches.get()) is not None:
+        reset = numbers.start_batch()
+        rows = [
+            numbers.row(Planned.of(planner.plan(Record._make(r)), use_event_time)) for r in records
+        ]
+        try:
+            conn.send((reset, numbers.take_new(), rows))
+        except OSError:
+            return
+        sys.stdout.flush()  # a line logged while planning (a plug-in's bug) shows now
+
+
+class _Numbering:
+    """Numbers for routed targets, so a plan crosses the pipe as a row of small values; a
+    target's zone, mode and form cross once, with the first plan that has it."""
+
+    def __init__(self) -> None:
+        self._numbers: dict[tuple[str, Mode, Target], int] = {}
+        self._new: list[Routed] = []
+
+    def start_batch(self) -> bool:
+        """True when the numbering starts over with this batch (memory stays bounded)."""
+        if len(self._numbers) < NUMBERED_TARGETS:
+            return False
+        self._numbers.clear()
+        return True
+
+    def row(self, plan: Planned) -> tuple[Any, ...]:
+        return (
+            plan.event_id,
+            plan.event_time,
+            plan.ledger_time,
+            plan.skipped,
+            self._number(plan.targets),
+            plan.errors,
+            self._number(plan.warm),
+            plan.dropped,
+        )
+
+    def take_new(self) -> list[Routed]:
+        new, self._new = self._new, []
+        return new
+
+    def _number(self, targets: Sequence[Routed]) -> list[int]:
+        numbers = self._numbers
+        out = []
+        for routed in targets:
+            key = (routed.zone.id, routed.mode, routed.target)
+            n = numbers.get(key)
+            if n is None:
+                n = numbers[key] = len(numbers)
+                self._new.append(routed)
+            out.append(n)
+        return out
+
+
+def _read(conn: Connection, batches: queue.SimpleQueue[list[tuple[Any, ...]] | None]) -> None:
+    while True:
+        try:
+            batches.put(conn.recv())
+        except (EOFError, OSError):
+            batches.put(None)
+            return
