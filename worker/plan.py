@@ -22,8 +22,9 @@ from worker.templates import freeze, value_at
 
 log = structlog.get_logger("worker.plan")
 
-# Targets whose zone is remembered; past it, routing starts over.
-ROUTE_CACHE_SIZE = 100_000
+# Targets whose zone is remembered; past it, routing starts over. Routing runs only for plans
+# not remembered (below), so this stays small: memory is the planning process's budget.
+ROUTE_CACHE_SIZE = 30_000
 # Plans remembered by what the rules read of an event; past it, the memory starts over.
 PLAN_CACHE_SIZE = 20_000
 

@@ -30,7 +30,7 @@ from worker.config import Config
 from worker.errors import PurgeWorkerError
 from worker.events import Record
 from worker.plan import Planned, Planner, Routed
-from worker.runtime import tune_gc
+from worker.runtime import freeze_before_fork, tune_gc_forked
 from worker.targets import Mode, Target
 
 CLOSE_WAIT = 1.0
@@ -38,7 +38,7 @@ CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 # The worker's to act on (it stops, then closes the pipe); the child ignores them.
 TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 # Routed targets numbered before the numbering starts over.
-NUMBERED_TARGETS = 200_000
+NUMBERED_TARGETS = 50_000
 
 
 def usable_cpus(cgroup: Path = CGROUP_CPU_MAX) -> float:
@@ -77,6 +77,7 @@ class PlannerProcess:
         # What is buffered now would be written twice, once by each process.
         sys.stdout.flush()
         sys.stderr.flush()
+        freeze_before_fork()
         context = multiprocessing.get_context("fork")
         ours, theirs = context.Pipe()
         self._process = context.Process(
@@ -168,7 +169,7 @@ def _serve(config: Config, conn: Connection, workers_end: Connection) -> None:
     for signum in TERMINAL_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINAL_SIGNALS)
-    tune_gc()  # as in the loop: what the fork brought along is never garbage
+    tune_gc_forked()
     planner = Planner(config)
     use_event_time = config.coalesce.ledger.event_time == "event"
     numbers = _Numbering()

@@ -25,8 +25,9 @@ from worker.schema import Section
 from worker.targets import Kind, Mode, Target, normalize_host
 from worker.templates import Template, TemplateError, freeze, lookup, value_at
 
-# Distinct inputs one rule remembers the targets of; past it, it starts over.
-RENDER_CACHE_SIZE = 20_000
+# Distinct inputs one rule remembers the targets of; past it, it starts over. The planner
+# remembers whole plans in front of this (unless a plug-in rule is in the set), so it is small.
+RENDER_CACHE_SIZE = 5_000
 # Targets one record may produce (``delivery.max_targets_per_record``).
 DEFAULT_MAX_TARGETS = 10_000
 

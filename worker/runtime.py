@@ -15,3 +15,16 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 50, 100)
+
+
+def freeze_before_fork() -> None:
+    """Before forking: everything built so far goes out of the collector's sight in both
+    processes. A collection in the child would write to every object's header and so copy
+    every page the two processes share (a forked child's memory is the parent's until written)."""
+    gc.collect()
+    gc.freeze()
+
+
+def tune_gc_forked() -> None:
+    """``tune_gc`` for a child forked after ``freeze_before_fork``: no collection first."""
+    gc.set_threshold(GC_THRESHOLD, 50, 100)
