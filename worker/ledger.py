@@ -82,18 +82,9 @@ class PurgeLedger:
             return None
         horizon = event_time + self._margin
         kind = target.kind
-        # The item itself, spelled out: this runs for every target of every record.
-        key = (zone_id, mode, kind, "" if kind is Kind.EVERYTHING else target.value, target.headers)
-        sent = self._sent.get(key)
-        if sent is not None and sent > horizon:
-            self._sent.move_to_end(key)
-            return COVERED
-        flight = self._in_flight.get(key)
-        if flight is not None and flight[0] > horizon:
-            return flight[1]
-        if kind is Kind.EVERYTHING or not self._kinds:
-            return None
-        found: _Covered | Pending | None = None
+        found = self._find(key_of(zone_id, mode, target), horizon)
+        if found is not None or kind is Kind.EVERYTHING or not self._kinds:
+            return found
         # Only kinds this zone and mode have entries of can cover the target.
         kinds = self._kinds
         if (zone_id, mode, Kind.EVERYTHING) in kinds:
