@@ -18,7 +18,7 @@ from worker.events import Event, Record, decode
 from worker.routing import Zone, ZoneRouter
 from worker.rules import RuleTarget
 from worker.targets import Mode, Target
-from worker.templates import freeze, value_at
+from worker.templates import values_at
 
 log = structlog.get_logger("worker.plan")
 
@@ -152,8 +152,7 @@ class Planner:
     def _key(self, event: Event) -> Hashable:
         """What the rules' outcome depends on: topic, type and the values they read."""
         assert self._reads is not None
-        values = tuple([freeze(value_at(event, path)) for path in self._reads])
-        return (event.topic, event.type, values)
+        return (event.topic, event.type, values_at(event, self._reads))
 
     def route_warm(self, targets: Iterable[Target], plan: Plan) -> Plan:
         """Route URLs to warm: each to its zone, once per cache-key variant. A URL on no

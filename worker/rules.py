@@ -23,7 +23,7 @@ from worker.errors import ConfigError, InvalidEvent, InvalidTarget, PermanentErr
 from worker.events import Event
 from worker.schema import Section
 from worker.targets import Kind, Mode, Target, normalize_host
-from worker.templates import Template, TemplateError, freeze, lookup, value_at
+from worker.templates import Template, TemplateError, lookup, values_at
 
 # Distinct inputs one rule remembers the targets of; past it, it starts over. The planner
 # remembers whole plans in front of this (unless a plug-in rule is in the set), so it is small.
@@ -344,7 +344,7 @@ class DeclarativeRule:
         # and in a backlog the same article comes by again and again: render each once.
         key = (
             tuple(sorted(captures.items())),
-            tuple([freeze(value_at(event, path)) for path in self._inputs]),
+            values_at(event, self._inputs),
         )
         cached = self._rendered.get(key)
         if cached is None:

@@ -227,6 +227,11 @@ def value_at(event: Event, parts: tuple[str, ...]) -> Any:
     return value
 
 
+def values_at(event: Event, paths: tuple[tuple[str, ...], ...]) -> tuple[Hashable, ...]:
+    """The values at ``paths``, frozen: a cache key for what depends on exactly these."""
+    return tuple([freeze(value_at(event, path)) for path in paths])
+
+
 def freeze(value: Any) -> Hashable:
     """A hashable stand-in for a JSON value that tells ``1``, ``1.0``, ``True`` and ``"1"``
     apart (they render differently)."""
