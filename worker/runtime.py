@@ -12,9 +12,8 @@ def tune_gc() -> None:
     it run less often. The loop makes and drops small objects by the hundred thousand a second,
     almost none of them in cycles; the default thresholds spent a sixth of a backlog's time
     scanning them."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, 50, 100)
+    freeze_before_fork()
+    tune_gc_forked()
 
 
 def freeze_before_fork() -> None:
