@@ -506,13 +506,13 @@ def naive_peer(bootstrap: str, backlog: Backlog, plan: str, seconds: float) -> d
 
 def profile_pipeline(bootstrap: str, backlog: Backlog) -> str:
     """Where the worker's time goes: the pipeline in-process under cProfile, on a smaller run."""
-    from worker import logs
     from worker.clock import SystemClock
     from worker.config import load
-    from worker.pipeline import Pipeline
-    from worker.planproc import PlannerProcess, wanted
-    from worker.source import KafkaDeadLetterSink, KafkaSource
-    from worker.wiring import Accounts
+    from worker.kafka.consumer import KafkaDeadLetterSink, KafkaSource
+    from worker.loop import Pipeline
+    from worker.observe import logs
+    from worker.planning.process import PlannerProcess, wanted
+    from worker.sending.accounts import Accounts
 
     topic, group = BACKLOG_TOPIC, "bench-profile"
     emulator = Emulator("enterprise", rate_limits=False)

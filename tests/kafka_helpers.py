@@ -17,9 +17,9 @@ from tests.conftest import TOKEN
 from tests.helpers import cloudevent, write_config
 from worker.clock import SystemClock
 from worker.config import Config
-from worker.pipeline import Pipeline
-from worker.source import KafkaDeadLetterSink, KafkaSource
-from worker.wiring import Accounts
+from worker.kafka.consumer import KafkaDeadLetterSink, KafkaSource
+from worker.loop import Pipeline
+from worker.sending.accounts import Accounts
 
 
 def produce(

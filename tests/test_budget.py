@@ -10,7 +10,10 @@ from hypothesis import strategies as st
 
 from tests.conftest import ZONE_B
 from tests.helpers import make_config
-from worker.budget import (
+from worker.clock import MockClock
+from worker.cloudflare.ratelimit import URL_SAFETY
+from worker.sending.accounts import Accounts
+from worker.sending.shares import (
     CUTOFF,
     EPOCH,
     JOINING_SHARE,
@@ -24,10 +27,7 @@ from worker.budget import (
     allocate,
     next_shares,
 )
-from worker.clock import MockClock
-from worker.cloudflare.ratelimit import URL_SAFETY
 from worker.targets import Kind
-from worker.wiring import Accounts
 
 # -- the split ------------------------------------------------------------------------------------
 

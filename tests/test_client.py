@@ -9,11 +9,11 @@ from tests.conftest import TOKEN, ZONE_A
 from worker.clock import MockClock, SystemClock
 from worker.cloudflare.auth import Credentials, Secret
 from worker.cloudflare.client import CacheSetting, CloudflareClient
-from worker.cloudflare.plans import Plan, limits_for
 from worker.cloudflare.ratelimit import AccountRateLimiter
 from worker.cloudflare.retry import RetryPolicy
+from worker.cloudflare.tiers import Plan, limits_for
 from worker.errors import ApiRejected, ApiUnavailable, RateLimited, RetriesExhausted, TransportError
-from worker.purger import Destination, Purger
+from worker.sending.purger import Destination, Purger
 from worker.targets import Kind, Mode, Target
 
 

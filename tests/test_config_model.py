@@ -159,5 +159,5 @@ def test_groups_sharing_a_token_find_each_other_without_publishing_it():
     account = key(named, TOKEN)
     assert (account.budget_key, account.share) == ("acc-1", 0.5)
     assert parse(BASE, "site.yaml", {"CLOUDFLARE_API_TOKEN": TOKEN}).kafka.budget_topic == (
-        "purge-worker.budget"
+        "purge-worker.sending.shares"
     )

@@ -7,13 +7,13 @@ import pytest
 
 from worker.clock import MockClock
 from worker.cloudflare.client import PurgeAccepted
-from worker.cloudflare.plans import PlanLimits
 from worker.cloudflare.ratelimit import URL_SAFETY, AccountRateLimiter
 from worker.cloudflare.retry import RetryPolicy
-from worker.coalescer import Coalescer
-from worker.dispatcher import Dispatcher
-from worker.ledger import COVERED, LedgerSettings, PurgeLedger
-from worker.purger import Destination, Purger
+from worker.cloudflare.tiers import PlanLimits
+from worker.pending.coalescer import Coalescer
+from worker.pending.ledger import COVERED, LedgerSettings, PurgeLedger
+from worker.sending.dispatcher import Dispatcher
+from worker.sending.purger import Destination, Purger
 from worker.targets import Kind, Mode, Target
 
 ZA, ZB = "a" * 32, "b" * 32

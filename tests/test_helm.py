@@ -305,7 +305,7 @@ def test_example_values_hold_no_secret_literals():
 
 
 def _metric_names() -> set[str]:
-    from worker import metrics
+    from worker.observe import metrics
 
     names = set()
     for family in metrics.REGISTRY.collect():

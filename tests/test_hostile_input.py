@@ -25,7 +25,7 @@ from tests.conftest import TOKEN
 from tests.helpers import config_dict, make_config, write_config
 from worker.cli import main
 from worker.events import Record
-from worker.plan import Planner
+from worker.planning.planner import Planner
 from worker.targets import Target
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,9 +97,9 @@ def test_check_online_output_never_carries_the_token(
 
 
 def test_dead_letter_headers_are_redacted_even_for_texts_from_elsewhere():
-    from worker import logs
-    from worker.deadletter import header, headers_for
     from worker.errors import ApiRejected
+    from worker.observe import logs
+    from worker.outcome.dead_letters import header, headers_for
 
     secret = "a-secret-registered-for-this-test"
     logs.register_secrets([secret])
@@ -112,7 +112,7 @@ def test_dead_letter_headers_are_redacted_even_for_texts_from_elsewhere():
 def test_stdlib_log_lines_are_json_and_redacted(capsys):
     import logging
 
-    from worker import logs
+    from worker.observe import logs
 
     logs.register_secrets(["sasl-password-for-this-test"])
     logs.configure("json", "info")

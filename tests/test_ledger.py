@@ -3,8 +3,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.coalescer import Pending, covers
-from worker.ledger import COVERED, LedgerSettings, PurgeLedger, _prefixes_covering
+from worker.pending.coalescer import Pending, covers
+from worker.pending.ledger import COVERED, LedgerSettings, PurgeLedger, _prefixes_covering
 from worker.targets import Mode, Target
 
 Z = "z" * 32

@@ -3,8 +3,8 @@
 import io
 import json
 
-from worker import logs
 from worker.config import parse
+from worker.observe import logs
 
 
 def test_sasl_password_and_token_are_redacted_everywhere():

@@ -13,7 +13,7 @@ from scripts.kafka_broker import free_port
 from tests.conftest import TOKEN
 from tests.helpers import cloudevent, purged_items, wait_for, write_config
 from tests.kafka_helpers import all_committed, produce, read_all
-from worker.deadletter import header
+from worker.outcome.dead_letters import header
 
 pytestmark = pytest.mark.kafka
 

@@ -19,7 +19,7 @@ from tests.kafka_helpers import (
     produce,
     read_all,
 )
-from worker.deadletter import header
+from worker.outcome.dead_letters import header
 
 pytestmark = pytest.mark.kafka
 

@@ -9,12 +9,12 @@ import requests
 from tests.conftest import ZONE_A
 from tests.helpers import cloudevent, make_config, purged_items, purges
 from worker.clock import SystemClock
-from worker.deadletter import header
 from worker.events import Record
-from worker.pipeline import Pipeline
-from worker.planproc import PlannerProcess
-from worker.testing import InMemorySink, InMemorySource
-from worker.wiring import Accounts
+from worker.intake.memory import InMemorySink, InMemorySource
+from worker.loop import Pipeline
+from worker.outcome.dead_letters import header
+from worker.planning.process import PlannerProcess
+from worker.sending.accounts import Accounts
 
 
 def run_until_idle(pipeline, source, max_steps=2000):

@@ -13,10 +13,10 @@ from worker.commands.explain import explain
 from worker.config import load
 from worker.errors import InvalidEvent
 from worker.events import Record, decode
-from worker.pipeline import Pipeline
-from worker.plan import Planner
-from worker.testing import InMemorySink, InMemorySource
-from worker.wiring import Accounts
+from worker.intake.memory import InMemorySink, InMemorySource
+from worker.loop import Pipeline
+from worker.planning.planner import Planner
+from worker.sending.accounts import Accounts
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = sorted((ROOT / "examples" / "events").glob("*.json"))

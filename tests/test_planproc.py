@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import cloudevent, make_config
-from worker import planproc
 from worker.events import Record
-from worker.plan import Planned, Planner
-from worker.planproc import PlannerDied, PlannerProcess, usable_cpus, wanted
+from worker.planning import process
+from worker.planning.planner import Planned, Planner
+from worker.planning.process import PlannerDied, PlannerProcess, usable_cpus, wanted
 
 RULES = [
     {
@@ -80,7 +80,7 @@ def test_the_process_plans_exactly_what_the_loop_would(config, remote):
 
 
 def test_numbering_starts_over_without_mixing_targets_up(config, monkeypatch):
-    monkeypatch.setattr(planproc, "NUMBERED_TARGETS", 5)  # the child is forked with it
+    monkeypatch.setattr(process, "NUMBERED_TARGETS", 5)  # the child is forked with it
     remote = PlannerProcess(config).start()
     try:
         planner = Planner(config)
@@ -123,7 +123,7 @@ def test_the_child_ignores_terminal_signals_and_ends_with_its_parent(tmp_path):
         import sys, time
         sys.path.insert(0, {str(Path.cwd())!r})
         from tests.helpers import make_config
-        from worker.planproc import PlannerProcess
+        from worker.planning.process import PlannerProcess
         remote = PlannerProcess(make_config("http://127.0.0.1:1")).start()
         print(remote._process.pid, flush=True)
         time.sleep(60)

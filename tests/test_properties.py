@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from tests.helpers import make_config
 from worker.clock import MockClock
-from worker.coalescer import Coalescer, bare, covers
 from worker.errors import PermanentError
 from worker.events import Record, decode
+from worker.pending.coalescer import Coalescer, bare, covers
 from worker.targets import Kind, Mode, Target
 
 HOSTS = ["a.com", "b.com", "www.a.com"]

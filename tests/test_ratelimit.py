@@ -3,8 +3,8 @@
 import pytest
 
 from worker.clock import MockClock
-from worker.cloudflare.plans import Plan, limits_for
 from worker.cloudflare.ratelimit import MAX_WAIT_STEP, SAFETY, URL_SAFETY, AccountRateLimiter
+from worker.cloudflare.tiers import Plan, limits_for
 from worker.targets import Kind
 
 

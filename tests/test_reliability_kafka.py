@@ -27,7 +27,7 @@ from tests.kafka_helpers import (
     read_all,
     worker_config,
 )
-from worker.deadletter import header
+from worker.outcome.dead_letters import header
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -188,10 +188,10 @@ def test_fifty_rejected_items_cost_about_k_log_n_requests(emulator_factory):
     from worker.clock import SystemClock
     from worker.cloudflare.auth import Credentials, Secret
     from worker.cloudflare.client import CloudflareClient
-    from worker.cloudflare.plans import Plan, limits_for
     from worker.cloudflare.ratelimit import AccountRateLimiter
     from worker.cloudflare.retry import RetryPolicy
-    from worker.purger import Destination, Purger
+    from worker.cloudflare.tiers import Plan, limits_for
+    from worker.sending.purger import Destination, Purger
     from worker.targets import Kind, Mode, Target
 
     emulator = emulator_factory(plan="enterprise", rate_limits=False)
@@ -335,9 +335,9 @@ def test_replay_interrupted_with_ctrl_c_exits_130_quickly_and_resumes(
         cloudflare__accounts={"main": {"plan": "free"}},
     )
     # Dead letters whose replay needs the free plan's slow tag budget: it takes minutes.
-    from worker.deadletter import headers_for
     from worker.errors import InvalidEvent
     from worker.events import Record
+    from worker.outcome.dead_letters import headers_for
 
     values, hdrs = [], []
     for i in range(20):

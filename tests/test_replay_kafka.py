@@ -15,7 +15,7 @@ from tests.kafka_helpers import (
     read_all,
 )
 from worker.cli import main
-from worker.deadletter import header
+from worker.outcome.dead_letters import header
 
 pytestmark = pytest.mark.kafka
 

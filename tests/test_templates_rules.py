@@ -5,10 +5,10 @@ import pytest
 
 from worker.errors import ConfigError, InvalidEvent, InvalidTarget
 from worker.events import Event
-from worker.rules import PartialTargets, RuleSet, compile_rules
-from worker.schema import Section
+from worker.planning.rules.mapping import Section
+from worker.planning.rules.ruleset import PartialTargets, RuleSet, compile_rules
+from worker.planning.templates import Template, TemplateError
 from worker.targets import Kind, Mode, Target
-from worker.templates import Template, TemplateError
 
 
 def event(data=None, type_="article.updated", topic="cms", headers=None, key="k1", offset=7):

@@ -14,8 +14,8 @@ from worker.clock import SystemClock
 from worker.commands.explain import explain
 from worker.errors import ConfigError
 from worker.events import Record
-from worker.plan import Planner
-from worker.warmer import Warmer
+from worker.outcome.warming import Warmer
+from worker.planning.planner import Planner
 
 PAGE = "https://www.example.com/a/1"
 
@@ -145,7 +145,7 @@ def test_warm_true_needs_urls_to_warm():
 
 def routed(config, *urls):
     plan = Planner(config)
-    from worker.plan import Plan
+    from worker.planning.planner import Plan
     from worker.targets import Target
 
     return plan.route_warm([Target.url(u) for u in urls], Plan()).warm

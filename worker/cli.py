@@ -11,11 +11,12 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from worker import __version__, logs
+from worker import __version__
 from worker.commands import cache, check, config_schema, emulator, explain, purge, replay, run
 from worker.commands.args import HelpFormatter
 from worker.config import Config, load
 from worker.errors import ConfigError, PermanentError, PurgeWorkerError, RetryableError, UsageError
+from worker.observe import logs
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

@@ -26,7 +26,7 @@ from worker.errors import (
     RateLimited,
     TransportError,
 )
-from worker.logs import REDACTED
+from worker.observe.logs import REDACTED
 from worker.targets import Kind, Mode
 
 RETRYABLE_STATUSES = frozenset({408, 409}) | frozenset(range(500, 600))

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from worker.clock import Clock
-from worker.cloudflare.plans import PlanLimits
+from worker.cloudflare.tiers import PlanLimits
 from worker.errors import Abandoned
 from worker.targets import Kind
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from worker.cloudflare.plans import Plan
+from worker.cloudflare.tiers import Plan
 from worker.config.model import ZONE_ID_PATTERN
 
 ZONE_ID = re.compile(ZONE_ID_PATTERN)

@@ -7,12 +7,12 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from worker import output
 from worker.clock import SystemClock
 from worker.cloudflare.client import CacheSetting
 from worker.config import Config
 from worker.errors import UnknownZone, UsageError
-from worker.wiring import Accounts
+from worker.observe import output
+from worker.sending.accounts import Accounts
 
 # setting name on the command line -> (API setting, actions it supports)
 SETTINGS: dict[str, tuple[CacheSetting, tuple[str, ...]]] = {

@@ -8,11 +8,11 @@ import argparse
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
-from worker import output
 from worker.clock import SystemClock
 from worker.config import Config
 from worker.errors import PurgeWorkerError
-from worker.wiring import Accounts
+from worker.observe import output
+from worker.sending.accounts import Accounts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from worker import output
 from worker.config.schema import config_schema, section_schema
 from worker.errors import UsageError
+from worker.observe import output
 
 SECTIONS = ("kafka", "cloudflare", "coalesce", "delivery", "observability")
 

@@ -6,14 +6,14 @@ import argparse
 import sys
 from typing import Any
 
-from worker import output
 from worker.clock import SystemClock
-from worker.coalescer import Coalescer
 from worker.config import Config
 from worker.errors import UsageError
 from worker.events import Record
-from worker.plan import Planner
-from worker.wiring import Accounts
+from worker.observe import output
+from worker.pending.coalescer import Coalescer
+from worker.planning.planner import Planner
+from worker.sending.accounts import Accounts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from worker import output
 from worker.clock import SystemClock
-from worker.coalescer import Coalescer
 from worker.config import Config
 from worker.errors import InvalidTarget, UsageError
-from worker.plan import Plan, Planner, Routed
-from worker.purger import Purger
-from worker.rules import RuleTarget
+from worker.observe import output
+from worker.outcome.warming import Warmer
+from worker.pending.coalescer import Coalescer
+from worker.planning.planner import Plan, Planner, Routed
+from worker.planning.rules.ruleset import RuleTarget
+from worker.sending.accounts import Accounts
+from worker.sending.purger import Purger
 from worker.targets import Kind, Mode, Target
-from worker.warmer import Warmer
-from worker.wiring import Accounts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

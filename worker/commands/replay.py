@@ -20,20 +20,20 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from tqdm import tqdm
 
-from worker import output
 from worker.clock import SystemClock
 from worker.config import Config
-from worker.deadletter import DeadLetterSink, DeadLetterWrite
 from worker.errors import DeadLetterGuardTripped, RetryableError, UsageError
 from worker.events import Record
-from worker.pipeline import Pipeline
-from worker.replay import DeadLetterReader, ReplayFilter, describe, parse_time
+from worker.kafka.consumer import KafkaDeadLetterSink
+from worker.kafka.reader import DeadLetterReader, ReplayFilter, describe, parse_time
+from worker.loop import Pipeline
+from worker.observe import output
+from worker.outcome.dead_letters import DeadLetterSink, DeadLetterWrite
+from worker.outcome.warming import Warmer
 from worker.runtime import tune_gc
-from worker.source import KafkaDeadLetterSink
-from worker.warmer import Warmer
-from worker.wiring import Accounts
+from worker.sending.accounts import Accounts
 
-log = structlog.get_logger("worker.replay")
+log = structlog.get_logger("worker.kafka.reader")
 PLAIN_PROGRESS_SECONDS = 5.0
 
 

@@ -17,18 +17,18 @@ from typing import Any
 import structlog
 from prometheus_client import start_http_server
 
-from worker import metrics
 from worker.clock import SystemClock
 from worker.commands import args as args_types
 from worker.config import Config
 from worker.errors import ConfigError, DeadLetterGuardTripped, PurgeWorkerError, RetryableError
-from worker.exchange import KafkaBudgetExchange
-from worker.health import STALE_AFTER_SECONDS, HealthServer
-from worker.pipeline import Pipeline
-from worker.planproc import PlannerProcess, wanted
-from worker.source import KafkaDeadLetterSink, KafkaSource, recent_dead_letters
-from worker.warmer import Warmer
-from worker.wiring import Accounts
+from worker.kafka.consumer import KafkaDeadLetterSink, KafkaSource, recent_dead_letters
+from worker.kafka.exchange import KafkaBudgetExchange
+from worker.loop import Pipeline
+from worker.observe import metrics
+from worker.observe.health import STALE_AFTER_SECONDS, HealthServer
+from worker.outcome.warming import Warmer
+from worker.planning.process import PlannerProcess, wanted
+from worker.sending.accounts import Accounts
 
 log = structlog.get_logger("worker.run")
 CONNECT_ATTEMPTS_SECONDS = 60.0
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     ports = {k: v or None for k, v in ports.items() if v is not None}
     if ports:
         config = replace(config, observability=config.observability.model_copy(update=ports))
-    # Forked first, before any thread of this process exists (see worker.planproc).
+    # Forked first, before any thread of this process exists (see worker.planning.process).
     remote = PlannerProcess(config).start() if wanted(config.delivery.planning) else None
     try:
         return _run(config, remote)

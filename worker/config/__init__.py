@@ -18,7 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from worker.cloudflare.auth import Credentials, Secret
-from worker.cloudflare.plans import Plan, PlanLimits, limits_for
+from worker.cloudflare.tiers import Plan, PlanLimits, limits_for
 from worker.config.errors import from_validation_error
 from worker.config.model import (
     DEFAULT_TOKEN_ENV,
@@ -38,8 +38,8 @@ from worker.config.model import (
     strings,
 )
 from worker.errors import ConfigError, InvalidTarget
-from worker.routing import Zone
-from worker.rules import Rule, RuleSet, compile_rules
+from worker.planning.routing import Zone
+from worker.planning.rules.ruleset import Rule, RuleSet, compile_rules
 from worker.targets import normalize_host
 
 __all__ = [

@@ -5,8 +5,8 @@ JSON Schema (and the Helm chart's schema embeds), and, for the sections that nee
 the environment, the settings objects the worker runs with. Unknown keys are errors; numbers
 must be finite; strings are never silently turned into numbers.
 
-Rules are validated by ``worker.rules`` (their language is richer than a schema), so here they
-are only "a list of mappings".
+Rules are validated by ``worker.planning.rules`` (their language is richer than a schema), so
+here they are only "a list of mappings".
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ class KafkaSection(Section):
     max_poll_records: int = Field(default=500, ge=1)
     max_record_bytes: int = Field(default=1024 * 1024, ge=1)
     event_type_field: str = "type"
-    # Where workers tell each other their demand for each account's budget (worker.budget).
+    # Where workers tell each other their demand for each account's budget (worker.sending.shares).
     # Every worker group on the cluster that spends the same Cloudflare account must use the same
     # topic. null: each replica takes its part of the partitions, as if demand were even.
-    budget_topic: str | None = Field(default="purge-worker.budget", min_length=1)
+    budget_topic: str | None = Field(default="purge-worker.sending.shares", min_length=1)
     security: KafkaSecurity = KafkaSecurity()
 
 
@@ -127,7 +127,7 @@ def check_base_url(value: str) -> str:
 
 
 class LedgerSettings(Section):
-    """The purge ledger (see ``worker.ledger``)."""
+    """The purge ledger (see ``worker.pending.ledger``)."""
 
     enabled: bool = True
     margin_seconds: float = Field(default=5.0, ge=0, le=3600)
@@ -222,8 +222,9 @@ class ObservabilitySettings(Section):
 
 
 class WarmingSettings(Section):
-    """Fetching purged URLs again through Cloudflare, for rules with ``warm`` (``worker.warmer``):
-    best effort, paced per zone, never in the way of a purge or a commit."""
+    """Fetching purged URLs again through Cloudflare, for rules with ``warm``
+    (``worker.outcome.warming``): best effort, paced per zone, never in the way of a purge or a
+    commit."""
 
     enabled: bool = True
     delay_seconds: float = Field(default=2.0, ge=0, le=300)
@@ -251,7 +252,7 @@ class ConfigFile(Section):
     delivery: DeliverySettings = DeliverySettings()
     warming: WarmingSettings = WarmingSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
-    # Validated by worker.rules when compiled: a list of rule mappings.
+    # Validated by worker.planning.rules.ruleset when compiled: a list of rule mappings.
     rules: list[dict[str, Any]] | None = None
     rules_files: Strings = []
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.clock import Clock, SystemClock
-from worker.cloudflare.plans import Plan, PlanLimits, limits_for
+from worker.cloudflare.tiers import Plan, PlanLimits, limits_for
 from worker.emulator.edge import Edge
 
 Reply = tuple[int, dict[str, Any], dict[str, str]]

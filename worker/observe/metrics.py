@@ -133,7 +133,7 @@ def status_class(status: int | None) -> str:
     return f"{status // 100}xx"
 
 
-# Warming (``worker.warmer``): requests by what the edge answered (``CF-Cache-Status``
+# Warming (``worker.outcome.warming``): requests by what the edge answered (``CF-Cache-Status``
 # lowercased; ``error`` when no answer came), HITs right after a purge (the purge did not take
 # effect), URLs waiting and URLs dropped from a full queue.
 WARM_REQUESTS = Counter(

@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from worker.logs import redact, redact_text
+from worker.observe.logs import redact, redact_text
 
 
 def line(text: str, *, err: bool = False) -> None:

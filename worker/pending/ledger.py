@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
-from worker.coalescer import Pending, bare, netloc
 from worker.config.model import LedgerSettings
+from worker.pending.coalescer import Pending, bare, netloc
 from worker.targets import Kind, Mode, Target
 
 # (zone id, mode, kind, value, cache-key headers): one purgeable item of one zone.

@@ -22,7 +22,7 @@ milliseconds of it (the loop wakes for it).
 A worker that has not yet appeared in a snapshot spends almost nothing (``JOINING_SHARE``); one
 that falls silent for ``REPORT_TTL`` is no longer counted. When the exchange cannot be reached,
 each worker falls back to its part of the partitions. The reports travel on a Kafka topic
-(``worker.exchange``); this module is the arithmetic and the bookkeeping, with no I/O.
+(``worker.kafka.exchange``); this module is the arithmetic and the bookkeeping, with no I/O.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from typing import NamedTuple, Protocol
 
 import structlog
 
-from worker import metrics
 from worker.clock import Clock
+from worker.observe import metrics
+from worker.sending.accounts import Accounts
 from worker.targets import Kind
-from worker.wiring import Accounts
 
-log = structlog.get_logger("worker.budget")
+log = structlog.get_logger("worker.sending.shares")
 
 EPOCH = 1.0
 CUTOFF = 0.4
@@ -179,7 +179,7 @@ class Board:
 
 
 class Exchange(Protocol):
-    """How reports travel between workers (``worker.exchange.KafkaBudgetExchange``)."""
+    """How reports travel between workers (``worker.kafka.exchange.KafkaBudgetExchange``)."""
 
     member: str
     board: Board

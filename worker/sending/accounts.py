@@ -9,8 +9,8 @@ from worker.cloudflare.client import CloudflareClient
 from worker.cloudflare.ratelimit import AccountRateLimiter
 from worker.config import Config
 from worker.errors import UnknownZone
-from worker.purger import Destination
-from worker.routing import Zone
+from worker.planning.routing import Zone
+from worker.sending.purger import Destination
 from worker.targets import Kind
 
 

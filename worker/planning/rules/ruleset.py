@@ -21,9 +21,9 @@ from typing import Any, NamedTuple, Protocol
 
 from worker.errors import ConfigError, InvalidEvent, InvalidTarget, PermanentError
 from worker.events import Event
-from worker.schema import Section
+from worker.planning.rules.mapping import Section
+from worker.planning.templates import Template, TemplateError, lookup, values_at
 from worker.targets import Kind, Mode, Target, normalize_host
-from worker.templates import Template, TemplateError, lookup, values_at
 
 # Distinct inputs one rule remembers the targets of; past it, it starts over. The planner
 # remembers whole plans in front of this (unless a plug-in rule is in the set), so it is small.

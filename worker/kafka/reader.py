@@ -18,11 +18,11 @@ from kafka import TopicPartition as KafkaTP
 from kafka.errors import KafkaError
 
 from worker.config import KafkaConfig
-from worker.deadletter import PREFIX, header
 from worker.errors import RetryableError, UsageError
 from worker.events import Record
-from worker.offsets import TopicPartition
-from worker.source import kafka_offsets, millis, to_record
+from worker.kafka.consumer import kafka_offsets, millis, to_record
+from worker.outcome.dead_letters import PREFIX, header
+from worker.outcome.offsets import TopicPartition
 
 
 def parse_time(text: str) -> float:

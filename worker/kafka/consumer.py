@@ -15,12 +15,12 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from worker.config import KafkaConfig
-from worker.deadletter import Failed
 from worker.errors import RetryableError
 from worker.events import Record
-from worker.offsets import TopicPartition
+from worker.outcome.dead_letters import Failed
+from worker.outcome.offsets import TopicPartition
 
-log = structlog.get_logger("worker.source")
+log = structlog.get_logger("worker.kafka.consumer")
 
 
 class Source(Protocol):
@@ -289,7 +289,7 @@ def recent_dead_letters(config: KafkaConfig, since: float, timeout: float = 5.0)
     """When records of this worker's topics were dead-lettered since ``since`` (wall seconds),
     read from the dead-letter topic itself: it is durable, so a restarted worker knows what the
     one before it did."""
-    from worker.deadletter import PREFIX, header, parse_rfc3339  # noqa: PLC0415
+    from worker.outcome.dead_letters import PREFIX, header, parse_rfc3339  # noqa: PLC0415
 
     try:
         consumer = KafkaConsumer(

@@ -18,13 +18,13 @@ import structlog
 
 from worker.clock import Clock
 from worker.cloudflare.ratelimit import Ticket
-from worker.coalescer import Batch, Coalescer
 from worker.errors import Abandoned, RetriesExhausted
-from worker.ledger import PurgeLedger
-from worker.purger import BatchResult, Destination, Purger
+from worker.pending.coalescer import Batch, Coalescer
+from worker.pending.ledger import PurgeLedger
+from worker.sending.purger import BatchResult, Destination, Purger
 from worker.targets import Kind
 
-log = structlog.get_logger("worker.dispatcher")
+log = structlog.get_logger("worker.sending.dispatcher")
 
 # How long an idle ``collect`` waits between looks when nothing is in flight.
 IDLE_STEP = 0.05

@@ -16,27 +16,32 @@ from dataclasses import dataclass
 
 import structlog
 
-from worker import metrics
-from worker.budget import Exchange, ShareKeeper
 from worker.clock import Clock
-from worker.coalescer import Batch, Coalescer, Pending
 from worker.config import Config
-from worker.deadletter import DeadLetterGuard, DeadLetterSink, DeadLetterWrite, headers_for
-from worker.dispatcher import Dispatcher
 from worker.errors import DeadLetterGuardTripped, PermanentError
 from worker.events import Record
-from worker.ledger import COVERED, PurgeLedger
-from worker.plan import Planned, Planner
-from worker.planproc import PlannerDied, PlannerProcess
-from worker.purger import BatchResult, Purger
-from worker.records import InFlight, InFlightRecords, Ref
+from worker.kafka.consumer import Source
+from worker.observe import metrics
+from worker.outcome.dead_letters import (
+    DeadLetterGuard,
+    DeadLetterSink,
+    DeadLetterWrite,
+    headers_for,
+)
+from worker.outcome.inflight import InFlight, InFlightRecords, Ref
+from worker.outcome.warming import Warmer
+from worker.pending.coalescer import Batch, Coalescer, Pending
+from worker.pending.ledger import COVERED, PurgeLedger
+from worker.planning.planner import Planned, Planner
+from worker.planning.process import PlannerDied, PlannerProcess
 from worker.runtime import tune_gc
-from worker.source import Source
+from worker.sending.accounts import Accounts
+from worker.sending.dispatcher import Dispatcher
+from worker.sending.purger import BatchResult, Purger
+from worker.sending.shares import Exchange, ShareKeeper
 from worker.targets import Kind
-from worker.warmer import Warmer
-from worker.wiring import Accounts
 
-log = structlog.get_logger("worker.pipeline")
+log = structlog.get_logger("worker.loop")
 
 LAG_INTERVAL = 5.0
 DEAD_LETTER_RETRY = 2.0
@@ -87,7 +92,7 @@ class Pipeline:
         self.accounts = accounts
         self.clock = clock
         self.planner = Planner(config)
-        # Planning in a second process (see ``worker.planproc``): the batches sent there and
+        # Planning in a second process (see ``worker.planning.process``): the batches sent there and
         # not yet planned, oldest first, as their records' refs.
         self.remote = remote
         self._unplanned: deque[list[Ref]] = deque()
@@ -509,8 +514,8 @@ class Pipeline:
 
     def _update_share_and_lag(self) -> None:
         """Spend only this worker's share of each account's budget (Cloudflare meters per
-        account, and other workers spend it too: see ``worker.budget``), and report the lag now
-        and then."""
+        account, and other workers spend it too: see ``worker.sending.shares``), and report the
+        lag now and then."""
         assigned = len(self.source.assignment())
         if assigned != self.status.assigned:
             self.status.assigned = assigned

@@ -15,12 +15,12 @@ import structlog
 from worker.config import Config
 from worker.errors import InvalidEvent, NoRuleMatched, PermanentError, UnknownZone
 from worker.events import Event, Record, decode
-from worker.routing import Zone, ZoneRouter
-from worker.rules import RuleTarget
+from worker.planning.routing import Zone, ZoneRouter
+from worker.planning.rules.ruleset import RuleTarget
+from worker.planning.templates import values_at
 from worker.targets import Mode, Target
-from worker.templates import values_at
 
-log = structlog.get_logger("worker.plan")
+log = structlog.get_logger("worker.planning.planner")
 
 # Targets whose zone is remembered; past it, routing starts over. Routing runs only for plans
 # not remembered (below), so this stays small: memory is the planning process's budget.

@@ -9,10 +9,10 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from worker.deadletter import Failed
 from worker.errors import RetryableError
 from worker.events import Record
-from worker.offsets import TopicPartition
+from worker.outcome.dead_letters import Failed
+from worker.outcome.offsets import TopicPartition
 
 
 class InMemorySource:

@@ -29,7 +29,7 @@ from typing import Any
 from worker.config import Config
 from worker.errors import PurgeWorkerError
 from worker.events import Record
-from worker.plan import Planned, Planner, Routed
+from worker.planning.planner import Planned, Planner, Routed
 from worker.runtime import freeze_before_fork, tune_gc_forked
 from worker.targets import Mode, Target
 

@@ -24,11 +24,11 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from worker.budget import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report
 from worker.clock import Clock
 from worker.config import KafkaConfig
+from worker.sending.shares import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report
 
-log = structlog.get_logger("worker.exchange")
+log = structlog.get_logger("worker.kafka.exchange")
 
 # Reports that stopped going out (or coming in) this long ago make the exchange unhealthy, so the
 # worker falls back to partition shares before the others stop counting it (``REPORT_TTL``).

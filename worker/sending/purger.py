@@ -18,15 +18,15 @@ from typing import NamedTuple
 
 import structlog
 
-from worker import metrics
 from worker.clock import Clock
 from worker.cloudflare.client import CloudflareClient
 from worker.cloudflare.ratelimit import AccountRateLimiter, Ticket
 from worker.cloudflare.retry import RetryPolicy, call_with_retries
 from worker.errors import ApiRejected, PermanentError, RateLimited, RetriesExhausted
+from worker.observe import metrics
 from worker.targets import Kind, Mode, Target
 
-log = structlog.get_logger("worker.purger")
+log = structlog.get_logger("worker.sending.purger")
 
 
 @dataclass(frozen=True)

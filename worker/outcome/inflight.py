@@ -13,12 +13,12 @@ import structlog
 
 from worker.errors import PermanentError
 from worker.events import Record
-from worker.offsets import OffsetTracker, TopicPartition
+from worker.outcome.offsets import OffsetTracker, TopicPartition
 
 if TYPE_CHECKING:
-    from worker.plan import Routed
+    from worker.planning.planner import Routed
 
-_log = structlog.get_logger("worker.pipeline")
+_log = structlog.get_logger("worker.loop")
 
 
 class Ref(NamedTuple):

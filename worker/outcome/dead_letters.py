@@ -15,7 +15,7 @@ from worker.clock import Clock
 from worker.config.model import GuardSettings
 from worker.errors import DeadLetterGuardTripped, PermanentError, RetryableError
 from worker.events import Record
-from worker.logs import redact_text
+from worker.observe.logs import redact_text
 
 PREFIX = "purge."
 MAX_MESSAGE = 2000

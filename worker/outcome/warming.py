@@ -26,12 +26,12 @@ from urllib.parse import urlsplit
 import requests
 import structlog
 
-from worker import metrics
 from worker.clock import Clock
 from worker.config import WarmingSettings
-from worker.plan import Routed
+from worker.observe import metrics
+from worker.planning.planner import Routed
 
-log = structlog.get_logger("worker.warmer")
+log = structlog.get_logger("worker.outcome.warming")
 
 # A warm request reads at most this much of the body: the edge fills its cache from the origin
 # whatever the client reads, so there is no need to download large pages.

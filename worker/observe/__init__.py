@@ -1,0 +1,1 @@
+"""Watching the worker: metrics, logs, probes, and command output, all redacted."""
