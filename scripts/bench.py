@@ -506,13 +506,13 @@ def naive_peer(bootstrap: str, backlog: Backlog, plan: str, seconds: float) -> d
 
 def profile_pipeline(bootstrap: str, backlog: Backlog) -> str:
     """Where the worker's time goes: the pipeline in-process under cProfile, on a smaller run."""
+    from worker import app
     from worker.clock import SystemClock
     from worker.config import load
-    from worker.kafka.consumer import KafkaDeadLetterSink, KafkaSource
-    from worker.loop import Pipeline
+    from worker.kafka.consumer import KafkaSource
+    from worker.kafka.dead_letters import KafkaDeadLetterSink
     from worker.observe import logs
-    from worker.planning.process import PlannerProcess, wanted
-    from worker.sending.accounts import Accounts
+    from worker.planning.process import PlanningProcess, wanted
 
     topic, group = BACKLOG_TOPIC, "bench-profile"
     emulator = Emulator("enterprise", rate_limits=False)
@@ -533,14 +533,9 @@ def profile_pipeline(bootstrap: str, backlog: Backlog) -> str:
     logs.configure("json", "warning")  # as in production: no per-record log lines
     clock = SystemClock()
     # As ``run`` does: planning in the second process, started before the Kafka client.
-    remote = PlannerProcess(cfg).start() if wanted(cfg.delivery.planning) else None
-    pipeline = Pipeline(
-        cfg,
-        KafkaSource(cfg.kafka),
-        KafkaDeadLetterSink(cfg.kafka),
-        Accounts(cfg, clock),
-        clock,
-        remote=remote,
+    process = PlanningProcess(cfg.planning).start() if wanted(cfg.delivery.planning) else None
+    pipeline = app.build_loop(
+        cfg, KafkaSource(cfg.kafka), KafkaDeadLetterSink(cfg.kafka), clock, process=process
     )
     stop = threading.Event()
     profiler = cProfile.Profile()

@@ -15,11 +15,11 @@ from kafka.errors import KafkaError
 
 from tests.conftest import TOKEN
 from tests.helpers import cloudevent, write_config
+from worker import app
 from worker.clock import SystemClock
 from worker.config import Config
-from worker.kafka.consumer import KafkaDeadLetterSink, KafkaSource
-from worker.loop import Pipeline
-from worker.sending.accounts import Accounts
+from worker.kafka.consumer import KafkaSource
+from worker.kafka.dead_letters import KafkaDeadLetterSink
 
 
 def produce(
@@ -82,27 +82,24 @@ def read_all(bootstrap: str, topic: str, timeout_s: float = 5.0) -> list[Any]:
 
 
 def kafka_config(config: Config, bootstrap: str, topic: str, dlq: str, group: str) -> Config:
-    kafka = replace(
-        config.kafka,
-        bootstrap_servers=(bootstrap,),
-        topics=(topic,),
-        dead_letter_topic=dlq,
-        group_id=group,
+    kafka = config.kafka.model_copy(
+        update={
+            "bootstrap_servers": (bootstrap,),
+            "topics": (topic,),
+            "dead_letter_topic": dlq,
+            "group_id": group,
+        }
     )
     return replace(config, kafka=kafka)
 
 
 class RunningWorker:
-    """The production pipeline with the real Kafka source and sink, on a thread."""
+    """The production loop with the real Kafka source and sink, on a thread."""
 
     def __init__(self, config: Config) -> None:
         clock = SystemClock()
-        self.pipeline = Pipeline(
-            config,
-            KafkaSource(config.kafka),
-            KafkaDeadLetterSink(config.kafka),
-            Accounts(config, clock),
-            clock,
+        self.loop = app.build_loop(
+            config, KafkaSource(config.kafka), KafkaDeadLetterSink(config.kafka), clock
         )
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
@@ -111,7 +108,7 @@ class RunningWorker:
 
     def _run(self) -> None:
         try:
-            self.pipeline.run(self.stop_event)
+            self.loop.run(self.stop_event)
         except BaseException as exc:  # surfaced by stop()
             self.error = exc
 

@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 
 from tests.conftest import ZONE_B
 from tests.helpers import make_config
+from worker import app
 from worker.clock import MockClock
 from worker.cloudflare.ratelimit import URL_SAFETY
-from worker.sending.accounts import Accounts
-from worker.sending.shares import (
+from worker.sending.shares import ShareKeeper
+from worker.sending.split import (
     CUTOFF,
     EPOCH,
     JOINING_SHARE,
@@ -22,7 +23,6 @@ from worker.sending.shares import (
     Board,
     Demand,
     Report,
-    ShareKeeper,
     Shares,
     allocate,
     next_shares,
@@ -194,8 +194,8 @@ def pro_config(**account):
 
 
 def keeper_for(clock, board, member, config=None, skew=0.0):
-    accounts = Accounts(config or pro_config(), clock)
-    key = accounts.config.accounts["main"].budget_key
+    accounts = app.accounts(config or pro_config(), clock)
+    key = accounts.settings["main"].budget_key
     exchange = FakeExchange(board, member, clock, skew)
     exchange.board_key = key
     keeper = ShareKeeper(accounts, SkewedClock(clock, skew), exchange=exchange)
@@ -253,7 +253,7 @@ def test_without_the_exchange_the_share_is_the_part_of_the_partitions():
 
 def test_a_fixed_share_never_moves():
     clock = MockClock()
-    accounts = Accounts(pro_config(), clock)
+    accounts = app.accounts(pro_config(), clock)
     keeper = ShareKeeper(accounts, clock, fixed=0.5)
     keeper.update(urls(10), 1, 1)
     assert keeper.shares()["main"] == Shares(0.5, 0.5)

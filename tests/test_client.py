@@ -11,7 +11,7 @@ from worker.cloudflare.auth import Credentials, Secret
 from worker.cloudflare.client import CacheSetting, CloudflareClient
 from worker.cloudflare.ratelimit import AccountRateLimiter
 from worker.cloudflare.retry import RetryPolicy
-from worker.cloudflare.tiers import Plan, limits_for
+from worker.cloudflare.tiers import Tier, limits_for
 from worker.errors import ApiRejected, ApiUnavailable, RateLimited, RetriesExhausted, TransportError
 from worker.sending.purger import Destination, Purger
 from worker.targets import Kind, Mode, Target
@@ -115,7 +115,7 @@ def _purger(emu, plan, clock, budget=30.0):
 @pytest.mark.parametrize("plan", ["free", "pro", "business", "enterprise"])
 def test_url_budget_per_plan_without_429(emulator_factory, plan):
     emu = emulator_factory(plan=plan)
-    purger, dest = _purger(emu, Plan(plan), SystemClock())
+    purger, dest = _purger(emu, Tier(plan), SystemClock())
     cap = 500 if plan == "enterprise" else 100
     per_s = limits_for(plan).urls_per_second
     total = int(per_s * 2.5) // cap * cap
@@ -146,7 +146,7 @@ def test_flex_budget_model_matches_the_server(emulator_factory, plan):
 
 def test_pro_flex_pacing_without_429(emulator_factory):
     emu = emulator_factory(plan="pro")
-    purger, dest = _purger(emu, Plan.PRO, SystemClock())
+    purger, dest = _purger(emu, Tier.PRO, SystemClock())
     for i in range(35):
         assert not purger.send(dest, Kind.TAGS, Mode.PURGE, [Target.tag(f"t{i}")]).failed
     statuses = [
@@ -157,7 +157,7 @@ def test_pro_flex_pacing_without_429(emulator_factory):
 
 def test_purger_retries_through_an_outage(emulator):
     requests.post(emulator.url + "/__emulator/faults", json={"status": 503, "count": 3}, timeout=5)
-    purger, dest = _purger(emulator, Plan.PRO, SystemClock())
+    purger, dest = _purger(emulator, Tier.PRO, SystemClock())
     result = purger.send(dest, Kind.TAGS, Mode.PURGE, [Target.tag("a")])
     assert result.accepted == [Target.tag("a")] and result.requests == 4
 
@@ -166,7 +166,7 @@ def test_purger_gives_up_when_budget_is_spent(emulator):
     requests.post(
         emulator.url + "/__emulator/faults", json={"status": 500, "seconds": 30}, timeout=5
     )
-    purger, dest = _purger(emulator, Plan.PRO, SystemClock(), budget=0.5)
+    purger, dest = _purger(emulator, Tier.PRO, SystemClock(), budget=0.5)
     result = purger.send(dest, Kind.TAGS, Mode.PURGE, [Target.tag("a")])
     assert isinstance(result.failed[0][1], RetriesExhausted)
 
@@ -178,7 +178,7 @@ def test_purger_bisects_a_rejected_batch(emulator):
         json={"reject_items": [bad], "reject_code": 1012},
         timeout=5,
     )
-    purger, dest = _purger(emulator, Plan.PRO, SystemClock())
+    purger, dest = _purger(emulator, Tier.PRO, SystemClock())
     targets = [Target.url(f"https://a.com/{i}") for i in range(7)] + [Target.url(bad)]
     result = purger.send(dest, Kind.FILES, Mode.PURGE, targets)
     assert [t.value for t, _ in result.failed] == [bad]
@@ -190,7 +190,7 @@ def test_purger_bisects_a_rejected_batch(emulator):
 
 def test_purger_survives_a_lowered_cap(emulator_factory):
     emu = emulator_factory(files_cap=30)
-    purger, dest = _purger(emu, Plan.ENTERPRISE, SystemClock())
+    purger, dest = _purger(emu, Tier.ENTERPRISE, SystemClock())
     targets = [Target.url(f"https://a.com/{i}") for i in range(100)]
     result = purger.send(dest, Kind.FILES, Mode.PURGE, targets)
     assert len(result.accepted) == 100 and not result.failed

@@ -11,6 +11,7 @@ from worker.config import load, parse
 from worker.config.model import CoalesceSettings, DeliverySettings, LedgerSettings
 from worker.config.schema import config_schema, section_schema
 from worker.errors import ConfigError
+from worker.kafka.client import options
 
 ENV = {"CLOUDFLARE_API_TOKEN": TOKEN}
 BASE = config_dict("http://127.0.0.1:1/client/v4")
@@ -118,13 +119,14 @@ def test_sasl_password_must_be_in_the_environment():
     )
     assert "environment variable KPW is not set" in str(error(data))
     config = parse(data, "site.yaml", {**ENV, "KPW": "hunter2-secret"})
-    assert config.kafka.client_options()["sasl_plain_password"] == "hunter2-secret"
+    assert options(config.kafka)["sasl_plain_password"] == "hunter2-secret"
     assert "hunter2-secret" in config.secrets()
 
 
 def test_port_zero_or_null_turns_a_listener_off():
     config = parse(with_("observability", {"metrics_port": 0, "health_port": None}), "s", ENV)
-    assert config.metrics_port is None and config.health_port is None
+    assert config.observability.metrics_port is None
+    assert config.observability.health_port is None
 
 
 def test_file_level_errors(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from worker.config import parse
+from worker.kafka.client import options
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "purge-worker"
@@ -267,7 +268,7 @@ def test_multi_account_tokens_each_come_from_their_own_secret_and_tls_is_mounted
         "news": ["tok-news"],
         "shop": ["tok-shop"],
     }
-    assert parsed.kafka.client_options()["ssl_certfile"] == f"{tls_dir}/tls.crt"
+    assert options(parsed.kafka)["ssl_certfile"] == f"{tls_dir}/tls.crt"
 
 
 def test_network_policy_is_closed_unless_opened():

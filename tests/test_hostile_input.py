@@ -184,7 +184,7 @@ def test_the_cap_applies_to_fan_outs_and_is_configurable():
         }
     ]
     config = make_config("http://127.0.0.1:1", rules=rules, delivery={"max_targets_per_record": 50})
-    planner = Planner(config)
+    planner = Planner(config.planning)
     body = {"type": "x", "data": {"ids": list(range(10)), "langs": ["en", "de", "fr", "it", "es"]}}
     ok = planner.plan(Record("cms", 0, 0, None, json.dumps(body).encode(), ()))
     assert not ok.errors and len(ok.targets) == 50
@@ -221,7 +221,9 @@ def _plan_example(event_type: str, data: dict) -> object:
 
     config = load(EXAMPLE, env={"CLOUDFLARE_API_TOKEN": TOKEN})
     body = {"specversion": "1.0", "id": "e", "source": "cms", "type": event_type, "data": data}
-    return Planner(config).plan(Record("cms.content", 0, 0, None, json.dumps(body).encode(), ()))
+    return Planner(config.planning).plan(
+        Record("cms.content", 0, 0, None, json.dumps(body).encode(), ())
+    )
 
 
 def test_an_alias_cannot_move_a_purge_to_another_zone_with_the_shipped_config():
@@ -259,7 +261,7 @@ def test_a_template_that_spells_its_host_keeps_it(alias, reason):
     ]
     config = make_config("http://127.0.0.1:1", rules=rules)
     body = json.dumps({"type": "x", "data": {"alias": alias}}).encode()
-    plan = Planner(config).plan(Record("cms", 0, 0, None, body, ()))
+    plan = Planner(config.planning).plan(Record("cms", 0, 0, None, body, ()))
     assert plan.targets == []
     assert plan.errors and plan.errors[0].error_class == "invalid_target"
     assert reason in str(plan.errors[0])

@@ -3,8 +3,9 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.pending.coalescer import Pending, covers
-from worker.pending.ledger import COVERED, LedgerSettings, PurgeLedger, _prefixes_covering
+from worker.pending.bucket import Pending
+from worker.pending.cover import covers, prefixes_covering
+from worker.pending.ledger import COVERED, LedgerSettings, PurgeLedger
 from worker.targets import Mode, Target
 
 Z = "z" * 32
@@ -124,5 +125,5 @@ SEG = st.sampled_from(["a", "b", "ab", ""])
 def test_prefix_enumeration_agrees_with_the_coalescers_covers(path_segs, prefix_segs, query):
     path = "h.com/" + "/".join(path_segs) + query
     prefix = "h.com/" + "/".join(prefix_segs)
-    enumerated = set(_prefixes_covering(path)) | {path}
+    enumerated = set(prefixes_covering(path)) | {path}
     assert covers(prefix, path) == (prefix in enumerated)

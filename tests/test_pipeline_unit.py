@@ -8,20 +8,20 @@ import requests
 
 from tests.conftest import ZONE_A
 from tests.helpers import cloudevent, make_config, purged_items, purges
+from worker import app
 from worker.clock import SystemClock
 from worker.events import Record
-from worker.intake.memory import InMemorySink, InMemorySource
-from worker.loop import Pipeline
+from worker.intake.memory import InMemorySource
 from worker.outcome.dead_letters import header
-from worker.planning.process import PlannerProcess
-from worker.sending.accounts import Accounts
+from worker.outcome.memory import InMemorySink
+from worker.planning.process import PlanningProcess
 
 
 def run_until_idle(pipeline, source, max_steps=2000):
     for _ in range(max_steps):
         pipeline.step()
         if pipeline.idle and all(source.positions[tp] == len(q) for tp, q in source.queues.items()):
-            pipeline.commit()
+            pipeline.outcome.commits.commit()
             return
     raise AssertionError("pipeline did not go idle")
 
@@ -31,8 +31,8 @@ def build(emulator, records, remote=False, **over):
     source = InMemorySource(records)
     sink = InMemorySink()
     clock = SystemClock()
-    planner = PlannerProcess(config).start() if remote else None
-    pipeline = Pipeline(config, source, sink, Accounts(config, clock), clock, remote=planner)
+    planner = PlanningProcess(config.planning).start() if remote else None
+    pipeline = app.build_loop(config, source, sink, clock, process=planner)
     return pipeline, source, sink
 
 
@@ -197,7 +197,7 @@ def test_dead_letter_write_failure_holds_the_offset(emulator):
     pipeline, source, sink = build(emulator, records)
     sink.fail_next = 1
     pipeline.step()
-    pipeline.commit()
+    pipeline.outcome.commits.commit()
     assert source.committed.get(("cms", 0)) is None  # record 0 not confirmed: nothing commits
     run_until_idle(pipeline, source)  # the write is tried again after a pause
     assert len(sink.records) == 1 and source.committed == {("cms", 0): 2}
@@ -285,14 +285,14 @@ def test_a_backlog_with_repeats_purges_each_target_once_and_commits_all(emulator
         kafka={"topics": ["cms"], "dead_letter_topic": "dlq", "max_poll_records": 150},
     )
     source, sink = InMemorySource(records), InMemorySink()
-    planner = PlannerProcess(config).start() if remote else None
-    pipeline = Pipeline(config, source, sink, Accounts(config, clock), clock, remote=planner)
+    planner = PlanningProcess(config.planning).start() if remote else None
+    pipeline = app.build_loop(config, source, sink, clock, process=planner)
     for _ in range(3000):
         pipeline.step()
         clock.advance(0.05)
         if pipeline.idle and all(source.positions[tp] == len(q) for tp, q in source.queues.items()):
             break
-    pipeline.commit()
+    pipeline.outcome.commits.commit()
     sent = purged_items(emulator, "files")
     assert sorted(sent) == sorted(f"https://www.example.com/{p}" for p in distinct)
     assert source.committed == {("cms", 0): 600, ("cms", 1): 600}
@@ -317,7 +317,7 @@ def test_a_backlog_with_repeats_purges_each_target_once_and_commits_all(emulator
         clock.advance(0.05)
         if pipeline.idle and source.positions[("cms", 0)] == 610:
             break
-    pipeline.commit()
+    pipeline.outcome.commits.commit()
     assert purged_items(emulator, "files").count("https://www.example.com/p1") == 2
     assert source.committed[("cms", 0)] == 610
     pipeline.drain()
@@ -335,9 +335,9 @@ def test_a_revocation_lets_requests_in_flight_end_and_offers_their_records_for_c
     requests.post(emulator.url + "/__emulator/faults", json={"latency_ms": 400}, timeout=5)
     for _ in range(100):  # a starting worker waits for its first budget
         pipeline.step()
-        if pipeline.dispatcher.in_flight:
+        if pipeline.sending.in_flight:
             break
-    assert pipeline.dispatcher.in_flight == 1
+    assert pipeline.sending.in_flight == 1
     assert source.finished_offsets == {}
 
     source.rebalancing = True
@@ -349,17 +349,17 @@ def test_a_revocation_lets_requests_in_flight_end_and_offers_their_records_for_c
     # While the loop runs, the hook touches nothing and lets the revocation go on.
     with pipeline._lock:
         assert source.settle() is True
-    assert pipeline.dispatcher.in_flight == 1
+    assert pipeline.sending.in_flight == 1
     # The revocation, as the client runs it: the hook again and again, for at most two seconds.
     deadline = time.monotonic() + 2
     while not source.settle() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert pipeline.dispatcher.in_flight == 0
+    assert pipeline.sending.in_flight == 0
     assert source.finished_offsets == {("cms", 0): 10}
     for _ in range(5):
         pipeline.step()
     assert len(purged_items(emulator)) == 10  # the records polled meanwhile wait
-    assert pipeline.coalescer.pending == 10
+    assert pipeline.pending.size == 10
 
     source.rebalancing = False
     requests.post(emulator.url + "/__emulator/faults", json={"latency_ms": 0}, timeout=5)

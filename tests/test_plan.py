@@ -8,15 +8,16 @@ import requests
 
 from tests.conftest import TOKEN
 from tests.helpers import cloudevent, make_config
+from worker import app
 from worker.clock import SystemClock
 from worker.commands.explain import explain
 from worker.config import load
 from worker.errors import InvalidEvent
-from worker.events import Record, decode
-from worker.intake.memory import InMemorySink, InMemorySource
-from worker.loop import Pipeline
+from worker.events import Record
+from worker.intake.decode import decode
+from worker.intake.memory import InMemorySource
+from worker.outcome.memory import InMemorySink
 from worker.planning.planner import Planner
-from worker.sending.accounts import Accounts
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = sorted((ROOT / "examples" / "events").glob("*.json"))
@@ -48,12 +49,12 @@ def test_explain_prints_exactly_what_run_sends(event_file, emulator_factory):
 
     source, sink = InMemorySource([record]), InMemorySink()
     clock = SystemClock()
-    pipeline = Pipeline(config, source, sink, Accounts(config, clock), clock)
+    pipeline = app.build_loop(config, source, sink, clock)
     for _ in range(400):
         pipeline.step()
         if pipeline.idle and source.positions[(record.topic, 0)] == 1:
             break
-    pipeline.commit()
+    pipeline.outcome.commits.commit()
     sent = requests.get(emulator.url + "/__emulator/purges", timeout=5).json()
     endpoint_mode = {"purge_cache": "purge", "invalidate_cache": "invalidate"}
     assert sorted(
@@ -73,7 +74,7 @@ def _article(event_id: str, **data) -> bytes:
 
 def test_events_alike_in_what_the_rules_read_get_one_plan_made_once(monkeypatch):
     config = make_config("http://127.0.0.1:1")
-    planner = Planner(config)
+    planner = Planner(config.planning)
     made = []
     evaluate = config.rules.evaluate
     monkeypatch.setattr(config.rules, "evaluate", lambda e: made.append(e.id) or evaluate(e))
@@ -97,7 +98,7 @@ def test_events_alike_in_what_the_rules_read_get_one_plan_made_once(monkeypatch)
 
 def test_a_remembered_plan_is_the_plan_made_afresh():
     config = make_config("http://127.0.0.1:1")
-    planner = Planner(config)
+    planner = Planner(config.planning)
     events = [
         cloudevent(
             "article.updated", {"id": i % 3, "slug": f"s{i % 2}", "locales": ["en"]}, f"e{i}"
@@ -106,7 +107,10 @@ def test_a_remembered_plan_is_the_plan_made_afresh():
     ]
     for offset, value in enumerate(events * 2):
         record = Record("cms", 0, offset, None, value, ())
-        kept, fresh = planner.plan(record), Planner(make_config("http://127.0.0.1:1")).plan(record)
+        kept, fresh = (
+            planner.plan(record),
+            Planner(make_config("http://127.0.0.1:1").planning).plan(record),
+        )
         assert (kept.fired, kept.targets, kept.warm) == (fresh.fired, fresh.targets, fresh.warm)
 
 

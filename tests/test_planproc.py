@@ -16,7 +16,7 @@ from tests.helpers import cloudevent, make_config
 from worker.events import Record
 from worker.planning import process
 from worker.planning.planner import Planned, Planner
-from worker.planning.process import PlannerDied, PlannerProcess, usable_cpus, wanted
+from worker.planning.process import PlannerDied, PlanningProcess, usable_cpus, wanted
 
 RULES = [
     {
@@ -60,7 +60,7 @@ def config():
 
 @pytest.fixture
 def remote(config):
-    process = PlannerProcess(config).start()
+    process = PlanningProcess(config.planning).start()
     yield process
     process.close()
 
@@ -69,7 +69,7 @@ def test_the_process_plans_exactly_what_the_loop_would(config, remote):
     batch = records(300)
     remote.submit(batch)
     remote.submit(batch[:10])  # a second batch before the first is collected
-    planner = Planner(config)
+    planner = Planner(config.planning)
     want = [Planned.of(planner.plan(r), use_event_time=False) for r in batch]
     got = remote.collect()
     assert len(got) == 300 and any(p.errors for p in got) and any(p.warm for p in got)
@@ -81,9 +81,9 @@ def test_the_process_plans_exactly_what_the_loop_would(config, remote):
 
 def test_numbering_starts_over_without_mixing_targets_up(config, monkeypatch):
     monkeypatch.setattr(process, "NUMBERED_TARGETS", 5)  # the child is forked with it
-    remote = PlannerProcess(config).start()
+    remote = PlanningProcess(config.planning).start()
     try:
-        planner = Planner(config)
+        planner = Planner(config.planning)
         for start in range(0, 400, 40):
             batch = records(40, start)
             remote.submit(batch)
@@ -123,8 +123,8 @@ def test_the_child_ignores_terminal_signals_and_ends_with_its_parent(tmp_path):
         import sys, time
         sys.path.insert(0, {str(Path.cwd())!r})
         from tests.helpers import make_config
-        from worker.planning.process import PlannerProcess
-        remote = PlannerProcess(make_config("http://127.0.0.1:1")).start()
+        from worker.planning.process import PlanningProcess
+        remote = PlanningProcess(make_config("http://127.0.0.1:1").planning).start()
         print(remote._process.pid, flush=True)
         time.sleep(60)
         """

@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 from tests.helpers import make_config
 from worker.clock import MockClock
 from worker.errors import PermanentError
-from worker.events import Record, decode
-from worker.pending.coalescer import Coalescer, bare, covers
+from worker.events import Record
+from worker.intake.decode import decode
+from worker.pending.coalescer import Coalescer
+from worker.pending.cover import bare, covers
 from worker.targets import Kind, Mode, Target
 
 HOSTS = ["a.com", "b.com", "www.a.com"]

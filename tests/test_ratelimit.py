@@ -4,13 +4,13 @@ import pytest
 
 from worker.clock import MockClock
 from worker.cloudflare.ratelimit import MAX_WAIT_STEP, SAFETY, URL_SAFETY, AccountRateLimiter
-from worker.cloudflare.tiers import Plan, limits_for
+from worker.cloudflare.tiers import Tier, limits_for
 from worker.targets import Kind
 
 
 def test_flex_bucket_allows_its_burst_then_paces_at_refill_rate():
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.PRO), clock, start_full=True)
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock, start_full=True)
     waits = [lim.acquire(Kind.TAGS, 100) for _ in range(23)]
     assert waits == [0.0] * 23  # 25 * 0.95 = 23.75 tokens to start
     before = clock.monotonic()
@@ -23,7 +23,7 @@ def test_flex_bucket_allows_its_burst_then_paces_at_refill_rate():
 
 def test_free_plan_flex_refill_is_per_minute():
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.FREE), clock, start_full=True)
+    lim = AccountRateLimiter(limits_for(Tier.FREE), clock, start_full=True)
     for _ in range(23):
         assert lim.acquire(Kind.HOSTS, 1) == 0
     lim.acquire(Kind.HOSTS, 1)
@@ -36,7 +36,7 @@ def test_a_starting_worker_assumes_the_flex_bucket_is_spent():
     # A restart after a burst: the account's bucket may be empty, so the first tag purge waits
     # one refill interval, and the bucket fills from there at the plan's rate.
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.FREE), clock)
+    lim = AccountRateLimiter(limits_for(Tier.FREE), clock)
     first = lim.acquire(Kind.TAGS, 1)
     assert first == pytest.approx(1 / (5 / 60 * SAFETY), rel=0.02)
     for _ in range(4):
@@ -47,7 +47,7 @@ def test_a_starting_worker_assumes_the_flex_bucket_is_spent():
 
 def test_after_a_429_the_full_rate_returns_within_a_minute():
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.PRO), clock)
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock)
     clock.advance(10)
     lim.on_rate_limited(Kind.TAGS, retry_after=1)
     lim.on_rate_limited(Kind.TAGS, retry_after=1)  # twice: the rate is at its floor
@@ -62,7 +62,7 @@ def test_after_a_429_the_full_rate_returns_within_a_minute():
 
 def test_url_budget_is_per_url_not_per_request():
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.FREE), clock)
+    lim = AccountRateLimiter(limits_for(Tier.FREE), clock)
     lim.acquire(Kind.FILES, 30)  # the first second counts as spent (see below)
     start = clock.monotonic()
     sent = 30
@@ -80,7 +80,7 @@ def test_a_starting_or_joining_worker_adds_no_burst():
     # What the account spent in the second before is unknown (a predecessor may have spent all
     # of it just now), so the first URL request waits for a whole window to pass.
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.PRO), clock, share=1 / 3)
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock, share=1 / 3)
     wait = lim.acquire(Kind.FILES, 30)
     assert 1.0 <= wait <= 1.0 + MAX_WAIT_STEP
     assert lim.acquire(Kind.FILES, 30) == 0  # then at the full rate
@@ -88,7 +88,7 @@ def test_a_starting_or_joining_worker_adds_no_burst():
 
 def test_share_scales_the_budget():
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.PRO), clock, share=1 / 3)
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock, share=1 / 3)
     sent = 0
     while clock.monotonic() - 1000 < 30:
         lim.acquire(Kind.FILES, 30)
@@ -100,7 +100,7 @@ def test_share_scales_the_budget():
 
 def test_429_blocks_for_retry_after_and_slows_down():
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.PRO), clock)
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock)
     lim.on_rate_limited(Kind.TAGS, retry_after=7)
     assert lim.state().blocked_for == 7
     assert lim.state().factor == 0.5
@@ -113,7 +113,7 @@ def test_429_blocks_for_retry_after_and_slows_down():
 
 def test_flex_cost_per_item_option():
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.PRO), clock, flex_cost_per_item=True, start_full=True)
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock, flex_cost_per_item=True, start_full=True)
     assert lim.acquire(Kind.TAGS, 20) == 0
     assert lim.acquire(Kind.TAGS, 20) > 0
 
@@ -136,12 +136,12 @@ def test_no_one_second_window_holds_more_than_the_budget_and_the_rate_holds():
     rng = random.Random(7)
     clock = MockClock()
     # Two workers of one account with half the budget each, one restarting half-way.
-    a = AccountRateLimiter(limits_for(Plan.PRO), clock, share=0.5)
-    b = AccountRateLimiter(limits_for(Plan.PRO), clock, share=0.5)
+    a = AccountRateLimiter(limits_for(Tier.PRO), clock, share=0.5)
+    b = AccountRateLimiter(limits_for(Tier.PRO), clock, share=0.5)
     sends = []
     while clock.monotonic() - 1000 < 20:
         if abs(clock.monotonic() - 1010) < 0.01:
-            b = AccountRateLimiter(limits_for(Plan.PRO), clock, share=0.5)  # a restart
+            b = AccountRateLimiter(limits_for(Tier.PRO), clock, share=0.5)  # a restart
         for lim in (a, b):
             n = rng.choice([1, 30, 100])
             if lim.reserve(Kind.FILES, n) == 0:
@@ -153,7 +153,7 @@ def test_no_one_second_window_holds_more_than_the_budget_and_the_rate_holds():
 
 def test_after_a_429_the_url_window_counts_as_full():
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.PRO), clock)
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock)
     clock.advance(2)
     assert lim.reserve(Kind.FILES, 100) == 0
     lim.on_rate_limited(Kind.FILES, retry_after=0.2)
@@ -165,7 +165,7 @@ def test_a_url_request_counts_from_when_it_completed():
     # A request that left late (a busy machine) may reach the server late: it counts in the
     # window from its completion, so the next second's requests cannot land beside it.
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.PRO), clock)
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock)
     clock.advance(1.0)
     wait, ticket = lim.reserve_ticket(Kind.FILES, 1400)
     assert wait == 0 and ticket is not None
@@ -177,7 +177,7 @@ def test_a_url_request_counts_from_when_it_completed():
 
 def test_budget_gained_from_a_new_share_is_spendable_a_window_later():
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.PRO), clock)
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock)
     clock.advance(5)  # constructed long before partitions arrive (a slow group join)
     lim.set_share(1 / 3)  # the first share: its budget was someone else's a moment ago
     assert lim.ready_in(Kind.FILES, 100) == pytest.approx(1.0)
@@ -193,7 +193,7 @@ def test_budget_gained_from_a_new_share_is_spendable_a_window_later():
 
 def test_room_is_offered_only_while_the_share_is_steady():
     clock = MockClock()
-    lim = AccountRateLimiter(limits_for(Plan.PRO), clock)
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock)
     clock.advance(1)
     assert lim.reserve(Kind.FILES, 1400) == 0
     assert lim.room(Kind.FILES) == int(1500 * URL_SAFETY) - 1400

@@ -190,7 +190,7 @@ def test_fifty_rejected_items_cost_about_k_log_n_requests(emulator_factory):
     from worker.cloudflare.client import CloudflareClient
     from worker.cloudflare.ratelimit import AccountRateLimiter
     from worker.cloudflare.retry import RetryPolicy
-    from worker.cloudflare.tiers import Plan, limits_for
+    from worker.cloudflare.tiers import Tier, limits_for
     from worker.sending.purger import Destination, Purger
     from worker.targets import Kind, Mode, Target
 
@@ -202,7 +202,7 @@ def test_fifty_rejected_items_cost_about_k_log_n_requests(emulator_factory):
 
     def dest(token: str) -> Destination:
         client = CloudflareClient(Credentials(token=Secret(token)), base_url=emulator.api_url)
-        limiter = AccountRateLimiter(limits_for(Plan.ENTERPRISE), SystemClock(), start_full=True)
+        limiter = AccountRateLimiter(limits_for(Tier.ENTERPRISE), SystemClock(), start_full=True)
         return Destination(ZONE_A, "example.com", client, limiter)
 
     purger = Purger(RetryPolicy(budget_seconds=5), SystemClock())

@@ -5,8 +5,9 @@ import pytest
 
 from worker.errors import ConfigError, InvalidEvent, InvalidTarget
 from worker.events import Event
-from worker.planning.rules.mapping import Section
-from worker.planning.rules.ruleset import PartialTargets, RuleSet, compile_rules
+from worker.planning.rules.mapping import StrictMapping
+from worker.planning.rules.outcome import PartialTargets
+from worker.planning.rules.ruleset import RuleSet, compile_rules
 from worker.planning.templates import Template, TemplateError
 from worker.targets import Kind, Mode, Target
 
@@ -314,7 +315,7 @@ def test_plugin_mistakes_stop_start_up(spec, message):
 
 
 def test_section_reader_names_unknown_keys():
-    s = Section({"urlz": 1}, "rules[r]", "f.yaml")
+    s = StrictMapping({"urlz": 1}, "rules[r]", "f.yaml")
     s.raw("urls", None)
     with pytest.raises(
         ConfigError, match=r"rules\[r\].urlz: unknown key \(did you mean 'urls'\?\)"

@@ -106,7 +106,7 @@ def test_warm_true_warms_each_purged_url_per_variant_and_a_list_warms_what_it_na
         },
     ]
     config = warm_config("http://127.0.0.1:9", rules)
-    plan = Planner(config).plan(record({"id": "7"}))
+    plan = Planner(config.planning).plan(record({"id": "7"}))
     warm = [(r.target.value, dict(r.target.headers)) for r in plan.warm]
     assert warm == [
         ("https://www.example.com/a/7", {"CF-Device-Type": "mobile"}),
@@ -144,11 +144,11 @@ def test_warm_true_needs_urls_to_warm():
 
 
 def routed(config, *urls):
-    plan = Planner(config)
-    from worker.planning.planner import Plan
+    plan = Planner(config.planning)
+    from worker.planning.planner import RecordPlan
     from worker.targets import Target
 
-    return plan.route_warm([Target.url(u) for u in urls], Plan()).warm
+    return plan.route_warm([Target.url(u) for u in urls], RecordPlan()).warm
 
 
 def test_the_warmer_waits_the_delay_paces_each_zone_and_reads_the_cache_status(emulator):

@@ -72,7 +72,7 @@ def _with_config(
     def run(args: argparse.Namespace) -> int:
         config = load(args.config)
         logs.register_secrets(config.secrets())
-        logs.configure(config.log_format, config.log_level)
+        logs.configure(config.observability.log_format, config.observability.log_level)
         sends = calls_api and not getattr(args, "dry_run", False)
         if sends and not config.delivery.dry_run and config.missing_credentials():
             raise UsageError(config.missing_credentials()[0])

@@ -1,9 +1,10 @@
-"""Time, injected into everything that waits, so tests never sleep."""
+"""Time, injected into everything that waits, so tests never sleep; and times written as text."""
 
 from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Protocol
 
 
@@ -66,3 +67,18 @@ class MockClock:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self._now += seconds
+
+
+def rfc3339(ts: float) -> str:
+    """Wall seconds as RFC 3339 UTC with milliseconds: ``2026-11-27T10:00:00.000Z``."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_rfc3339(text: str) -> float | None:
+    """Wall seconds from an RFC 3339 time (``Z`` or an offset); None if it is not one, a time
+    without an offset included (its moment would depend on this machine's time zone)."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment.timestamp() if moment.tzinfo is not None else None

@@ -122,9 +122,10 @@ class ApiRejected(PermanentError):
 
     @property
     def scope(self) -> str:
-        """What the rejection is about: ``item`` (some item of the batch: worth bisecting),
-        ``cap`` (too many items per request), ``auth``, ``zone``, ``body`` or ``request``
-        (nothing a smaller batch would change)."""
+        """What the rejection is about, from the status and Cloudflare's codes (never the
+        message's text): ``item`` (some item of the batch, or the batch's size: worth
+        halving), ``auth``, ``zone``, ``body`` or ``request`` (nothing a smaller batch would
+        change)."""
         codes = {e.code for e in self.errors}
         if self.status in (401, 403) or codes & AUTH_CODES:
             return "auth"
@@ -132,9 +133,6 @@ class ApiRejected(PermanentError):
             return "zone"
         if codes & BODY_CODES:
             return "body"
-        # The per-request cap rejection has no documented code, only its text.
-        if any("more than" in e.message for e in self.errors):
-            return "cap"
         return "item" if self.status == 400 else "request"
 
     def __init__(

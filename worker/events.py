@@ -1,24 +1,14 @@
-"""Decoding Kafka records into events: CloudEvents 1.0 (structured and binary) or plain JSON.
+"""The worker's vocabulary for what it reads: a Kafka record, and the event the rules see.
 
-Decoding never raises anything but ``InvalidEvent``: a record that cannot be read is one the
-worker dead-letters and moves past, never one it stops on.
+Plug-in rules receive an ``Event`` (``worker.intake.decode`` makes it from a record).
 """
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
 from typing import Any, NamedTuple
 
-import msgspec
-
-from worker.errors import InvalidEvent
-
-CE_CONTENT_TYPE = "application/cloudevents+json"
-CE_REQUIRED = ("id", "source", "specversion", "type")
-DEFAULT_MAX_BYTES = 1024 * 1024
-
-_json_decode = msgspec.json.Decoder().decode
+# A partition as the worker names it, independent of the Kafka client.
+TopicPartition = tuple[str, int]
 
 
 class Record(NamedTuple):
@@ -52,98 +42,3 @@ class Event(NamedTuple):
     key: str | None
     headers: dict[str, str]
     record_time: float | None = None  # the Kafka record's timestamp, in seconds
-
-
-def decode(
-    record: Record, *, max_bytes: int = DEFAULT_MAX_BYTES, type_field: str = "type"
-) -> Event:
-    """Raises ``InvalidEvent`` with the decoder's reason; never anything else."""
-    value = record.value
-    if value is None:
-        raise InvalidEvent("record has no value (a tombstone)")
-    if len(value) > max_bytes:
-        raise InvalidEvent(f"record value is {len(value)} bytes, over the limit of {max_bytes}")
-    headers = _headers(record.headers) if record.headers else {}
-    try:
-        parsed = _json_decode(value)  # a quarter of the standard parser's time
-    except (msgspec.DecodeError, ValueError, RecursionError):
-        # The standard parser decides (it reads what this one refuses: NaN, infinities, lone
-        # surrogates) and words the reason (bad UTF-8, bad JSON, too deep).
-        parsed = _parse(value)
-    key = _text(record.key)
-    fallback_time = record.timestamp_ms / 1000 if record.timestamp_ms else None
-    if "ce_specversion" in headers:
-        body = {k[3:]: v for k, v in headers.items() if k.startswith("ce_")}
-        body["data"] = parsed
-        fmt = "cloudevents-binary"
-    elif isinstance(parsed, dict) and (
-        headers.get("content-type", "").startswith(CE_CONTENT_TYPE) or "specversion" in parsed
-    ):
-        body = parsed
-        fmt = "cloudevents"
-    else:
-        if not isinstance(parsed, dict):
-            raise InvalidEvent(f"event must be a JSON object, got {type(parsed).__name__}")
-        body = parsed
-        fmt = "json"
-    if fmt != "json":
-        missing = [a for a in CE_REQUIRED if type(v := body.get(a)) is not str or not v]
-        if missing:
-            raise InvalidEvent(f"CloudEvent lacks required attribute(s): {', '.join(missing)}")
-        if body["specversion"] != "1.0":
-            raise InvalidEvent(f"CloudEvents specversion {body['specversion']!r} is not 1.0")
-    etype = body.get("type" if fmt != "json" else type_field)
-    eid = body.get("id")
-    if type(eid) is not str:
-        eid = str(eid) if isinstance(eid, int) and not isinstance(eid, bool) else None
-    where = record.origin or record
-    # Positional: one is made for every record read.
-    return Event(
-        body,
-        fmt,
-        eid,
-        etype if type(etype) is str else None,
-        _event_time(body.get("time")) or fallback_time,
-        where.topic,
-        where.partition,
-        where.offset,
-        key,
-        headers,
-        fallback_time,
-    )
-
-
-def _parse(value: bytes) -> Any:
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidEvent(f"record value is not UTF-8: {exc.reason} at byte {exc.start}") from None
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise InvalidEvent(f"record value is not JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidEvent("record value is JSON nested too deeply") from None
-
-
-def _headers(raw: tuple[tuple[str, bytes], ...]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in raw:
-        out[name.lower()] = value.decode("utf-8", "replace") if value is not None else ""
-    return out
-
-
-def _text(raw: bytes | None) -> str | None:
-    return raw.decode("utf-8", "replace") if raw is not None else None
-
-
-def _event_time(value: Any) -> float | None:
-    if type(value) is str:
-        try:
-            return datetime.fromisoformat(value).timestamp()  # "Z" included, since 3.11
-        except ValueError:
-            return None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        # Epoch seconds or milliseconds: anything past year 33658 in seconds is milliseconds.
-        return value / 1000 if value > 1e12 else float(value)
-    return None

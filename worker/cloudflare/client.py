@@ -1,9 +1,10 @@
-"""A small, typed client for Cloudflare's Cache API over ``requests``.
+"""A small, typed client for Cloudflare's Cache API over a one-method transport.
 
-Every method makes exactly one HTTP request and translates the outcome at this boundary: a
-``requests`` exception becomes ``TransportError``, a retryable status ``ApiUnavailable`` or
-``RateLimited``, any other 4xx ``ApiRejected``. Retrying is the caller's choice (see ``retry.py``).
-Methods block for the duration of the request.
+Every method makes exactly one request and translates the outcome at this boundary: no answer
+is ``TransportError`` (from the transport), a retryable status ``ApiUnavailable`` or
+``RateLimited``, any other 4xx ``ApiRejected``, classified by status and Cloudflare's error
+codes. Retrying is the caller's choice (see ``retry.py``). Methods block for the duration of
+the request.
 """
 
 from __future__ import annotations
@@ -14,17 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import requests
-
-from worker import __version__
 from worker.cloudflare.auth import Credentials
+from worker.cloudflare.transport import Request, RequestsTransport, Response, Transport
 from worker.config.model import DEFAULT_BASE_URL
 from worker.errors import (
     ApiErrorDetail,
     ApiRejected,
     ApiUnavailable,
     RateLimited,
-    TransportError,
 )
 from worker.observe.logs import REDACTED
 from worker.targets import Kind, Mode
@@ -83,20 +81,17 @@ class CloudflareClient:
         credentials: Credentials,
         *,
         base_url: str = DEFAULT_BASE_URL,
-        timeout: tuple[float, float] = (3.05, 30.0),
-        session: requests.Session | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self._credentials = credentials
         self.base_url = base_url.rstrip("/")
-        self._timeout = timeout
-        self._session = session or requests.Session()
-        self._session.headers["User-Agent"] = f"purge-worker/{__version__}"
+        self._transport = transport or RequestsTransport()
 
     def __repr__(self) -> str:
         return f"CloudflareClient(base_url={self.base_url!r})"
 
     def close(self) -> None:
-        self._session.close()
+        self._transport.close()
 
     # -- purge ---------------------------------------------------------------------------------
 
@@ -141,26 +136,8 @@ class CloudflareClient:
 
     def request(self, method: str, path: str, body: Any = None) -> ApiResponse:
         """One request; raises the error types of ``worker.errors`` (see module docstring)."""
-        url = self.base_url + path
-        try:
-            resp = self._session.request(
-                method, url, json=body, headers=self._credentials.headers(), timeout=self._timeout
-            )
-        except (
-            requests.exceptions.InvalidSchema,
-            requests.exceptions.InvalidURL,
-            requests.exceptions.MissingSchema,
-            requests.exceptions.InvalidHeader,
-        ) as exc:
-            # The request cannot be built: trying again in a minute cannot help.
-            raise ApiRejected(
-                0, message=f"{method} {path}: cannot send: {type(exc).__name__}"
-            ) from None
-        except requests.RequestException as exc:
-            # requests' exceptions hold the prepared request, auth headers included, so they are
-            # never chained and only their type is named.
-            raise TransportError(f"{method} {path}: {type(exc).__name__}") from None
-        return _interpret(method, path, resp, self._scrub)
+        request = Request(method, self.base_url + path, self._credentials.headers(), body)
+        return _interpret(method, path, self._transport.handle(request), self._scrub)
 
     def _scrub(self, text: str) -> str:
         """``text`` without this client's secrets: a proxy or a wrong ``base_url`` may quote the
@@ -170,9 +147,7 @@ class CloudflareClient:
         return text
 
 
-def _interpret(
-    method: str, path: str, resp: requests.Response, scrub: Callable[[str], str]
-) -> ApiResponse:
+def _interpret(method: str, path: str, resp: Response, scrub: Callable[[str], str]) -> ApiResponse:
     request_id = resp.headers.get("cf-ray") or resp.headers.get("x-request-id")
     try:
         envelope = resp.json()
@@ -185,16 +160,16 @@ def _interpret(
             for e in envelope.get("errors") or []
             if isinstance(e, dict)
         )
-    status = resp.status_code
+    status = resp.status
     if status == 429:
-        raise RateLimited(errors, _retry_after(resp.headers.get("Retry-After")))
+        raise RateLimited(errors, _retry_after(resp.headers.get("retry-after")))
     if status in RETRYABLE_STATUSES:
         raise ApiUnavailable(status, errors, "" if errors else f"{method} {path}")
     if status >= 400:
         raise ApiRejected(status, errors, "" if errors else f"{method} {path}")
     if not isinstance(envelope, dict) or not envelope.get("success", False):
         raise ApiRejected(status, errors, f"{method} {path}: response is not a success envelope")
-    remaining, reset = ratelimit_header(resp.headers.get("Ratelimit"))
+    remaining, reset = ratelimit_header(resp.headers.get("ratelimit"))
     return ApiResponse(status, envelope.get("result"), request_id, remaining, reset)
 
 

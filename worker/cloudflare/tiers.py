@@ -12,7 +12,10 @@ from dataclasses import dataclass, replace
 from worker.targets import Kind
 
 
-class Plan(enum.StrEnum):
+class Tier(enum.StrEnum):
+    """A Cloudflare plan, the price tier that sets an account's purge limits (the config's
+    ``plan`` key names one)."""
+
     FREE = "free"
     PRO = "pro"
     BUSINESS = "business"
@@ -39,13 +42,13 @@ class PlanLimits:
 
 # Files per request: 100 is documented for non-enterprise plans, but some zones still see 30, and
 # a cap that is too high fails every batch; 30 is the safe default (override per account).
-DEFAULT_LIMITS: dict[Plan, PlanLimits] = {
-    Plan.FREE: PlanLimits(5 / 60, 25, 100, 800, 30),
-    Plan.PRO: PlanLimits(5, 25, 100, 1500, 30),
-    Plan.BUSINESS: PlanLimits(10, 50, 100, 1500, 30),
-    Plan.ENTERPRISE: PlanLimits(50, 500, 100, 3000, 500),
+DEFAULT_LIMITS: dict[Tier, PlanLimits] = {
+    Tier.FREE: PlanLimits(5 / 60, 25, 100, 800, 30),
+    Tier.PRO: PlanLimits(5, 25, 100, 1500, 30),
+    Tier.BUSINESS: PlanLimits(10, 50, 100, 1500, 30),
+    Tier.ENTERPRISE: PlanLimits(50, 500, 100, 3000, 500),
 }
 
 
-def limits_for(plan: Plan | str) -> PlanLimits:
-    return DEFAULT_LIMITS[Plan(plan)]
+def limits_for(tier: Tier | str) -> PlanLimits:
+    return DEFAULT_LIMITS[Tier(tier)]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import re
 
-from worker.cloudflare.tiers import Plan
+from worker.cloudflare.tiers import Tier
 from worker.config.model import ZONE_ID_PATTERN
 
 ZONE_ID = re.compile(ZONE_ID_PATTERN)
-PLANS = tuple(p.value for p in Plan)
+PLANS = tuple(p.value for p in Tier)
 
 
 def port(text: str) -> int:

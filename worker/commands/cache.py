@@ -7,12 +7,12 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from worker import app
 from worker.clock import SystemClock
 from worker.cloudflare.client import CacheSetting
 from worker.config import Config
 from worker.errors import UnknownZone, UsageError
 from worker.observe import output
-from worker.sending.accounts import Accounts
 
 # setting name on the command line -> (API setting, actions it supports)
 SETTINGS: dict[str, tuple[CacheSetting, tuple[str, ...]]] = {
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     setting, actions = SETTINGS[args.setting]
     if args.action not in actions:
         raise UsageError(f"cache {args.setting} supports {', '.join(actions)}, not {args.action}")
-    accounts = Accounts(config, SystemClock())
+    accounts = app.accounts(config, SystemClock())
     try:
         zone = accounts.zone(args.zone)
     except UnknownZone as exc:

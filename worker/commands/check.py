@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from kafka import KafkaAdminClient
-from kafka.errors import KafkaError
-
+from worker import app
 from worker.clock import SystemClock
 from worker.config import Config
 from worker.errors import PurgeWorkerError
+from worker.kafka import admin
 from worker.observe import output
-from worker.sending.accounts import Accounts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,7 +24,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     )
     if not args.online:
         return 0
-    failures = _check_kafka(config) + _check_tokens(config)
+    failures = admin.check(config.kafka) + _check_tokens(config)
     for line in failures:
         output.line(f"FAIL {line}")
     if not failures:
@@ -34,27 +32,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     return 1 if failures else 0
 
 
-def _check_kafka(config: Config) -> list[str]:
-    try:
-        admin = KafkaAdminClient(
-            **config.kafka.client_options(), request_timeout_ms=10_000, bootstrap_timeout_ms=10_000
-        )
-    except KafkaError as exc:
-        return [
-            f"kafka: cannot reach {','.join(config.kafka.bootstrap_servers)}: {type(exc).__name__}"
-        ]
-    try:
-        existing = set(admin.list_topics())
-    except KafkaError as exc:
-        return [f"kafka: cannot list topics: {type(exc).__name__}"]
-    finally:
-        admin.close()
-    wanted = [*config.kafka.topics, config.kafka.dead_letter_topic]
-    return [f"kafka: topic {t} does not exist" for t in wanted if t not in existing]
-
-
 def _check_tokens(config: Config) -> list[str]:
-    accounts = Accounts(config, SystemClock())
+    accounts = app.accounts(config, SystemClock())
     failures = []
     for name, client in accounts.clients.items():
         try:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from worker import app
 from worker.clock import SystemClock
 from worker.config import Config
 from worker.errors import UsageError
@@ -13,7 +14,6 @@ from worker.events import Record
 from worker.observe import output
 from worker.pending.coalescer import Coalescer
 from worker.planning.planner import Planner
-from worker.sending.accounts import Accounts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,7 +69,7 @@ def explain(record: Record, config: Config) -> tuple[dict[str, Any], int]:
 
     The targets come from the same ``Planner`` that ``run`` uses, grouped into requests as the
     coalescer would group them when they are all pending at once."""
-    plan = Planner(config).plan(record)
+    plan = Planner(config.planning).plan(record)
     out: dict[str, Any] = {"event": None, "rules_fired": plan.fired, "purges": [], "errors": []}
     if plan.event is not None:
         event = plan.event
@@ -81,7 +81,7 @@ def explain(record: Record, config: Config) -> tuple[dict[str, Any], int]:
         )
     for exc in plan.dropped:
         out["errors"].append({"class": exc.error_class, "message": str(exc), "action": "drop"})
-    accounts = Accounts(config, SystemClock())
+    accounts = app.accounts(config, SystemClock())
     zones = {z.id: z for z in config.zones}
     coalescer = Coalescer(0, accounts.cap, SystemClock())
     for routed in plan.targets:

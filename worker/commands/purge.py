@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from worker import app
 from worker.clock import SystemClock
 from worker.config import Config
 from worker.errors import InvalidTarget, UsageError
 from worker.observe import output
 from worker.outcome.warming import Warmer
 from worker.pending.coalescer import Coalescer
-from worker.planning.planner import Plan, Planner, Routed
-from worker.planning.rules.ruleset import RuleTarget
-from worker.sending.accounts import Accounts
+from worker.planning.planner import Planner, RecordPlan, Routed
+from worker.planning.rules.outcome import RuleTarget
 from worker.sending.purger import Purger
 from worker.targets import Kind, Mode, Target
 
@@ -73,11 +73,13 @@ def targets_from(args: argparse.Namespace) -> list[Target]:
 def run(args: argparse.Namespace, config: Config) -> int:
     targets = targets_from(args)
     mode = Mode.INVALIDATE if args.invalidate else Mode.PURGE
-    plan = Planner(config).route((RuleTarget(t, mode, "command line") for t in targets), Plan())
+    plan = Planner(config.planning).route(
+        (RuleTarget(t, mode, "command line") for t in targets), RecordPlan()
+    )
     if plan.errors or plan.dropped:
         raise UsageError(str((plan.errors or plan.dropped)[0]))
     clock = SystemClock()
-    accounts = Accounts(config, clock)
+    accounts = app.accounts(config, clock)
     # Every target pending at once, cut into requests as the worker's coalescer cuts them.
     coalescer = Coalescer(0, accounts.cap, clock)
     for routed in plan.targets:

@@ -1,6 +1,6 @@
 """``purge-worker replay``: re-drive records from a dead-letter topic.
 
-Two modes: ``--mode purge`` (default) runs them through the pipeline again, so fixed rules take
+Two modes: ``--mode purge`` (default) runs them through the loop again, so fixed rules take
 effect, within the account's rate budget; ``--mode republish`` puts the original record back on its
 topic (or ``--to``) for the workers to take. Filters, ``--max``, ``--dry-run``; a progress bar on a
 terminal, periodic lines otherwise; a summary at the end.
@@ -16,24 +16,21 @@ from dataclasses import replace
 from typing import Any
 
 import structlog
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
 from tqdm import tqdm
 
-from worker.clock import SystemClock
+from worker import app
+from worker.clock import SystemClock, parse_rfc3339
 from worker.config import Config
 from worker.errors import DeadLetterGuardTripped, RetryableError, UsageError
 from worker.events import Record
-from worker.kafka.consumer import KafkaDeadLetterSink
-from worker.kafka.reader import DeadLetterReader, ReplayFilter, describe, parse_time
-from worker.loop import Pipeline
+from worker.kafka.dead_letters import KafkaDeadLetterSink, Republisher
+from worker.kafka.reader import DeadLetterReader
 from worker.observe import output
-from worker.outcome.dead_letters import DeadLetterSink, DeadLetterWrite
+from worker.outcome.dead_letters import DeadLetterSink, DeadLetterWrite, ReplayFilter, describe
 from worker.outcome.warming import Warmer
 from worker.runtime import tune_gc
-from worker.sending.accounts import Accounts
 
-log = structlog.get_logger("worker.kafka.reader")
+log = structlog.get_logger("worker.replay")
 PLAIN_PROGRESS_SECONDS = 5.0
 
 
@@ -152,8 +149,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         raise UsageError("--to only applies to --mode republish")
     flt = ReplayFilter(
         classes=frozenset(args.classes),
-        since=parse_time(args.since) if args.since else None,
-        until=parse_time(args.until) if args.until else None,
+        since=_time(args.since) if args.since else None,
+        until=_time(args.until) if args.until else None,
         original_topic=args.original_topic,
     )
     group = args.group or f"{config.kafka.group_id}.replay"
@@ -194,6 +191,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
     return 1 if c.failed_again else 0
 
 
+def _time(text: str) -> float:
+    """``--since``/``--until``: an RFC 3339 time, with ``Z`` or an offset."""
+    at = parse_rfc3339(text)
+    if at is None:
+        raise UsageError(f"{text!r} is not a time like 2026-11-27T10:00:00Z (with Z or an offset)")
+    return at
+
+
 def _dry_run(reader: DeadLetterReader, progress: _Progress, args: argparse.Namespace) -> None:
     while not reader.exhausted:
         for record in reader.poll(0.5, 500):
@@ -211,26 +216,18 @@ def _republish(
     to: str | None,
     stop: threading.Event,
 ) -> None:
-    producer = KafkaProducer(**config.kafka.client_options(), acks="all", linger_ms=5)
+    republisher = Republisher(config.kafka)
     try:
         while not reader.exhausted and not stop.is_set():
             for record in reader.poll(0.5, 500):
                 origin = record.origin or record
-                try:
-                    producer.send(
-                        to or origin.topic,
-                        key=record.key,
-                        value=record.value,
-                        headers=list(origin.headers),
-                    ).get(timeout=30)
-                except KafkaError as exc:
-                    raise RetryableError(f"republish failed: {exc}") from None
+                republisher.send(to or origin.topic, record.key, record.value, origin.headers)
                 reader.counts.replayed += 1
             # Everything scanned so far is either confirmed republished or filtered out.
             reader.commit_scanned()
             progress.update()
     finally:
-        producer.close(timeout=1)
+        republisher.close(timeout=1)
         reader.close(timeout=1)
 
 
@@ -246,41 +243,34 @@ def _purge(
     clock = SystemClock()
     warmer = Warmer(config.warming, clock).start() if warm and config.rules.warms else None
     # Replayed records that fail again go back to the dead-letter topic they came from.
-    kafka = replace(config.kafka, dead_letter_topic=reader.topic)
+    kafka = config.kafka.model_copy(update={"dead_letter_topic": reader.topic})
     sink = _CountingSink(KafkaDeadLetterSink(kafka), reader)
-    accounts = Accounts(config, clock)
     # The replay's share of the budget is fixed: the workers keep the rest.
-    pipeline = Pipeline(
-        replace(config, kafka=kafka),
-        reader,
-        sink,
-        accounts,
-        clock,
-        fixed_share=share,
-        warmer=warmer,
+    loop = app.build_loop(
+        replace(config, kafka=kafka), reader, sink, clock, fixed_share=share, warmer=warmer
     )
-    pipeline.status.running = True
+    loop.status.running = True
 
     counts = reader.counts
 
     def account() -> None:
         # Finished records either purged (replayed) or went back to the dead-letter topic.
-        counts.replayed = counts.matched - pipeline.pending_records - counts.failed_again
+        counts.replayed = counts.matched - len(loop.outcome.records) - counts.failed_again
 
     try:
         tune_gc()
-        while not stop.is_set() and not (reader.exhausted and pipeline.idle):
-            pipeline.step()
+        while not stop.is_set() and not (reader.exhausted and loop.idle):
+            loop.step()
             account()
             progress.update()
     except DeadLetterGuardTripped as exc:
         log.error("replay stopped: dead-letter guard tripped", reason=str(exc))
     except KeyboardInterrupt:
         # Ctrl-C means now: commit what is finished, abandon the rest (a rerun redoes it).
-        pipeline.drain(deadline_seconds=0)
+        loop.drain(deadline_seconds=0)
         account()
         raise
-    pipeline.drain()
+    loop.drain()
     account()
     if warmer is not None:
         # What was purged last is still waiting for its delay: give it that long, then stop.

@@ -3,32 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
 
 import structlog
 from prometheus_client import start_http_server
 
+from worker import app
 from worker.clock import SystemClock
 from worker.commands import args as args_types
 from worker.config import Config
-from worker.errors import ConfigError, DeadLetterGuardTripped, PurgeWorkerError, RetryableError
-from worker.kafka.consumer import KafkaDeadLetterSink, KafkaSource, recent_dead_letters
+from worker.errors import DeadLetterGuardTripped, PurgeWorkerError, RetryableError
+from worker.kafka.consumer import KafkaSource
+from worker.kafka.dead_letters import KafkaDeadLetterSink
 from worker.kafka.exchange import KafkaBudgetExchange
-from worker.loop import Pipeline
 from worker.observe import metrics
-from worker.observe.health import STALE_AFTER_SECONDS, HealthServer
 from worker.outcome.warming import Warmer
-from worker.planning.process import PlannerProcess, wanted
-from worker.sending.accounts import Accounts
+from worker.planning.process import PlanningProcess, wanted
 
 log = structlog.get_logger("worker.run")
 CONNECT_ATTEMPTS_SECONDS = 60.0
@@ -56,22 +51,22 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if ports:
         config = replace(config, observability=config.observability.model_copy(update=ports))
     # Forked first, before any thread of this process exists (see worker.planning.process).
-    remote = PlannerProcess(config).start() if wanted(config.delivery.planning) else None
+    process = PlanningProcess(config.planning).start() if wanted(config.delivery.planning) else None
     try:
-        return _run(config, remote)
+        return _run(config, process)
     finally:
-        if remote is not None:
-            remote.close()
+        if process is not None:
+            process.close()
 
 
-def _run(config: Config, remote: PlannerProcess | None) -> int:
+def _run(config: Config, process: PlanningProcess | None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    if config.metrics_port:
-        with bound(config, "metrics_port"):
+    if config.observability.metrics_port:
+        with app.bound(config, "metrics_port"):
             start_http_server(
-                config.metrics_port,
+                config.observability.metrics_port,
                 addr=config.observability.listen_address,
                 registry=metrics.REGISTRY,
             )
@@ -99,18 +94,13 @@ def _run(config: Config, remote: PlannerProcess | None) -> int:
     warmer = None
     if config.warming.enabled and config.rules.warms and not config.delivery.dry_run:
         warmer = Warmer(config.warming, clock).start()
-    pipeline = Pipeline(
-        config,
-        source,
-        sink,
-        Accounts(config, clock),
-        clock,
-        exchange=exchange,
-        warmer=warmer,
-        remote=remote,
+    loop = app.build_loop(
+        config, source, sink, clock, exchange=exchange, warmer=warmer, process=process
     )
-    seed_guard(config, pipeline, clock)
-    health = _health(config, pipeline)
+    app.seed_guard(config, loop.outcome.guard, clock)
+    health = app.health(
+        config, loop, kafka_patience=config.observability.ready_kafka_timeout_seconds
+    )
     log.info(
         "worker started",
         topics=list(config.kafka.topics),
@@ -120,7 +110,7 @@ def _run(config: Config, remote: PlannerProcess | None) -> int:
     )
     code = 0
     try:
-        pipeline.run(stop)
+        loop.run(stop)
     except DeadLetterGuardTripped as exc:
         log.error("stopping: dead-letter guard tripped", reason=str(exc))
         code = 1
@@ -130,29 +120,13 @@ def _run(config: Config, remote: PlannerProcess | None) -> int:
     # Health answers until the very end; a purge request still on the wire (its read timeout
     # is 30 s) must not hold the process past the drain deadline: its record is uncommitted and
     # will be redelivered, so the process may end without it.
-    if any(t.name.startswith("purge") and t.is_alive() for t in threading.enumerate()):
+    if loop.sending.on_the_wire:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     if health:
         health.stop()
     return code
-
-
-def seed_guard(config: Config, pipeline: Pipeline, clock: SystemClock) -> None:
-    """Teach the dead-letter guard what earlier runs dead-lettered within its window: a worker
-    restarted in a crash loop must not dead-letter another guard's worth on every start."""
-    window = config.delivery.dead_letter_guard.window_seconds
-    if config.delivery.dead_letter_guard.max_ratio >= 1.0:
-        return
-    try:
-        times = recent_dead_letters(config.kafka, clock.time() - window)
-    except PurgeWorkerError as exc:
-        log.warning("could not read the dead-letter topic's recent records", error=str(exc))
-        return
-    if times:
-        pipeline.guard.seed(times, clock.time())
-        log.info("dead-letter guard: recent dead letters from earlier runs", count=len(times))
 
 
 def _connect(
@@ -172,46 +146,3 @@ def _connect(
             stop.wait(delay)
             delay = min(delay * 2, 10.0)
     return None, None
-
-
-def _health(config: Config, pipeline: Pipeline) -> HealthServer | None:
-    if not config.health_port:
-        return None
-
-    patience = config.observability.ready_kafka_timeout_seconds
-    started = time.monotonic()
-
-    def check() -> tuple[bool, bool, dict[str, Any]]:
-        status = pipeline.status
-        fresh = time.time() - status.last_poll < STALE_AFTER_SECONDS
-        healthy = status.running and fresh
-        contact = pipeline.source.last_contact()
-        silent = time.monotonic() - (contact if contact is not None else started)
-        details = {
-            "assigned_partitions": status.assigned,
-            "last_poll": status.last_poll,
-            "last_record": status.last_record,
-            "pending_records": pipeline.pending_records,
-            "kafka_silent_seconds": round(silent, 1),
-        }
-        return healthy, healthy and silent < patience, details
-
-    with bound(config, "health_port"):
-        server = HealthServer(config.health_port, check, config.observability.listen_address)
-    return server.start()
-
-
-@contextlib.contextmanager
-def bound(config: Config, key: str) -> Iterator[None]:
-    """A port that cannot be bound is a config error naming the key, not a traceback."""
-    port = getattr(config.observability, key)
-    try:
-        yield
-    except OSError as exc:
-        address = config.observability.listen_address
-        reason = (
-            "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror}"
-        )
-        raise ConfigError(
-            config.source, f"observability.{key}", f"port {port} on {address} {reason}"
-        ) from None

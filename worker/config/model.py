@@ -16,13 +16,30 @@ import random
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 ZONE_ID_PATTERN = r"^[0-9a-f]{32}$"
 DEFAULT_TOKEN_ENV = "CLOUDFLARE_API_TOKEN"  # noqa: S105 (a variable name, not a token)
 DEFAULT_BASE_URL = "https://api.cloudflare.com/client/v4"
 Port = Annotated[int, Field(ge=1, le=65535)]
-Strings = list[str] | str
+
+
+def _listed(value: Any) -> Any:
+    """One string or a list of strings, as a tuple: a single topic or host needs no list."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    kind = "null" if value is None else type(value).__name__
+    if isinstance(value, list | tuple):
+        kind = "a list holding " + next(type(v).__name__ for v in value if not isinstance(v, str))
+    raise ValueError(f"must be a string or a list of strings, got {kind}")
+
+
+# Written as a string or a list in the file; a tuple in the settings.
+Strings = Annotated[
+    tuple[str, ...], BeforeValidator(_listed, json_schema_input_type=list[str] | str)
+]
 
 
 class Section(BaseModel):
@@ -47,7 +64,7 @@ class KafkaSecurity(Section):
 
 
 class KafkaSection(Section):
-    bootstrap_servers: Strings = ["127.0.0.1:9092"]
+    bootstrap_servers: Strings = ("127.0.0.1:9092",)
     topics: Strings = Field(description="required: the topics to consume")
     group_id: str = "purge-worker"
     dead_letter_topic: str = "purge-worker.dead-letter"
@@ -254,7 +271,7 @@ class ConfigFile(Section):
     observability: ObservabilitySettings = ObservabilitySettings()
     # Validated by worker.planning.rules.ruleset when compiled: a list of rule mappings.
     rules: list[dict[str, Any]] | None = None
-    rules_files: Strings = []
+    rules_files: Strings = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -267,8 +284,3 @@ class ConfigFile(Section):
                     obs = {**obs, key: None}
             data = {**data, "observability": obs}
         return data
-
-
-def strings(value: Strings) -> tuple[str, ...]:
-    """A string or a list of strings, as a tuple."""
-    return (value,) if isinstance(value, str) else tuple(value)

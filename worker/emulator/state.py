@@ -12,11 +12,10 @@ import secrets
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
-from worker.clock import Clock, SystemClock
-from worker.cloudflare.tiers import Plan, PlanLimits, limits_for
+from worker.clock import Clock, SystemClock, rfc3339
+from worker.cloudflare.tiers import PlanLimits, Tier, limits_for
 from worker.emulator.edge import Edge
 
 Reply = tuple[int, dict[str, Any], dict[str, str]]
@@ -29,11 +28,6 @@ SELECTORS = ("files", "tags", "hosts", "prefixes")
 NO_SELECTOR = (
     'Request must contain one of "purge_everything", "files", "tags", "hosts" or "prefixes"'
 )
-
-
-def rfc3339(ts: float) -> str:
-    moment = datetime.fromtimestamp(ts, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def envelope(result: Any = None, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -94,7 +88,7 @@ class _UrlMeter:
 
 @dataclass
 class Account:
-    plan: Plan
+    plan: Tier
     limits: PlanLimits
     clock: Clock
     flex: _Bucket = field(init=False)
@@ -139,7 +133,7 @@ class EmulatorState:
     def __init__(
         self,
         zones: dict[str, str],
-        accounts: dict[str, Plan | str],
+        accounts: dict[str, Tier | str],
         *,
         token: str | None = "emulator-token",
         email: str | None = None,
@@ -162,9 +156,9 @@ class EmulatorState:
         for name, plan in accounts.items():
             limits = limits_for(plan)
             # The documented cap is 100 URLs a request below Enterprise.
-            cap = files_cap or (500 if Plan(plan) is Plan.ENTERPRISE else 100)
+            cap = files_cap or (500 if Tier(plan) is Tier.ENTERPRISE else 100)
             self.accounts[name] = Account(
-                Plan(plan), limits.with_overrides(urls_per_request=cap), self.clock
+                Tier(plan), limits.with_overrides(urls_per_request=cap), self.clock
             )
         for zone_id, account in zones.items():
             if not ZONE_ID_RE.match(zone_id):

@@ -1,7 +1,5 @@
-"""In-memory stand-ins for the pipeline's seams, for fast tests of the logic around them.
-
-The same behaviour is proven against the real Kafka broker by the integration tests.
-"""
+"""An in-memory ``Source``, for fast tests of the logic around it. The contract tests run it
+and the Kafka source through the same cases (``tests/test_source_contract.py``)."""
 
 from __future__ import annotations
 
@@ -9,13 +7,12 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from worker.errors import RetryableError
-from worker.events import Record
-from worker.outcome.dead_letters import Failed
-from worker.outcome.offsets import TopicPartition
+from worker.events import Record, TopicPartition
 
 
 class InMemorySource:
+    """Partitions as lists; ``add`` appends, ``poll`` reads on from each position."""
+
     def __init__(self, records: list[Record] | None = None) -> None:
         self.queues: dict[TopicPartition, list[Record]] = defaultdict(list)
         self.positions: dict[TopicPartition, int] = defaultdict(int)
@@ -83,29 +80,3 @@ class InMemorySource:
 
     def close(self, timeout: float = 10.0) -> None:
         self.closed = True
-
-
-class InMemorySink:
-    def __init__(self) -> None:
-        self.records: list[tuple[Record, list[tuple[str, bytes]]]] = []
-        self.fail_next = 0
-
-    def submit(self, record: Record, headers: list[tuple[str, bytes]]) -> Failed | Done:
-        if self.fail_next:
-            self.fail_next -= 1
-            return Failed(RetryableError("in-memory sink told to fail"))
-        self.records.append((record, headers))
-        return Done()
-
-    def close(self, timeout: float = 10.0) -> None:
-        pass
-
-
-class Done:
-    """A write the in-memory sink confirmed at once."""
-
-    def done(self) -> bool:
-        return True
-
-    def error(self) -> None:
-        return None

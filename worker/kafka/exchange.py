@@ -1,11 +1,11 @@
 """The budget exchange's transport: every worker's demand reports on one Kafka topic.
 
 Each worker writes a report per account four times a second (key ``<account>|<member>``, a small
-JSON value) and reads everyone's, on a thread of its own, into a ``budget.Board``. Kafka is
-already what every worker of every group talks to, so no server of its own is needed: any group
-on the same cluster that names the same topic and account takes part. The topic keeps little
-(compacted, a minute's retention); a worker reads from the end, so old reports never count, and a
-worker that stops cleanly leaves a tombstone so others take its budget at once.
+JSON value) and reads everyone's, on a thread of its own, into a ``worker.sending.split.Board``.
+Kafka is already what every worker of every group talks to, so no server of its own is needed:
+any group on the same cluster that names the same topic and account takes part. The topic keeps
+little (compacted, a minute's retention); a worker reads from the end, so old reports never
+count, and a worker that stops cleanly leaves a tombstone so others take its budget at once.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from worker.clock import Clock
-from worker.config import KafkaConfig
-from worker.sending.shares import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report
+from worker.config import KafkaSettings
+from worker.kafka.client import options
+from worker.sending.split import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report
 
 log = structlog.get_logger("worker.kafka.exchange")
 
@@ -51,7 +52,7 @@ class KafkaBudgetExchange:
     """Publishes this worker's demand and reads everyone's. ``publish``, ``healthy`` and the
     board are safe to use from the worker's loop and never block."""
 
-    def __init__(self, config: KafkaConfig, topic: str, clock: Clock) -> None:
+    def __init__(self, config: KafkaSettings, topic: str, clock: Clock) -> None:
         self._config = config
         self._topic = topic
         self._clock = clock
@@ -131,8 +132,8 @@ class KafkaBudgetExchange:
                 self._stop.wait(REPORT_INTERVAL)
 
     def _connect(self) -> tuple[KafkaProducer, KafkaConsumer]:
-        options = self._config.client_options()
-        admin = KafkaAdminClient(**options)
+        settings = options(self._config)
+        admin = KafkaAdminClient(**settings)
         try:
             admin.create_topics([NewTopic(self._topic, 1, -1, topic_configs=dict(TOPIC_CONFIG))])
             log.info("budget topic created", topic=self._topic)
@@ -140,8 +141,8 @@ class KafkaBudgetExchange:
             pass
         finally:
             admin.close()
-        producer = KafkaProducer(**options, linger_ms=0, acks=1, max_block_ms=2000)
-        consumer = KafkaConsumer(**options, group_id=None, enable_auto_commit=False)
+        producer = KafkaProducer(**settings, linger_ms=0, acks=1, max_block_ms=2000)
+        consumer = KafkaConsumer(**settings, group_id=None, enable_auto_commit=False)
         parts = consumer.partitions_for_topic(self._topic) or {0}
         tps = [TopicPartition(self._topic, p) for p in sorted(parts)]
         consumer.assign(tps)

@@ -1,4 +1,4 @@
-"""Reading a dead-letter topic back: filters, a bounded scan, and the two ways to re-drive.
+"""Reading a dead-letter topic back for ``replay``: a bounded scan under the replay's own group.
 
 The scan stops at the end offsets seen when it started, so records dead-lettered again during a
 replay (they land on the same topic) are not picked up again in the same run. Progress is
@@ -10,87 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
 
 from kafka import KafkaConsumer
 from kafka import TopicPartition as KafkaTP
 from kafka.errors import KafkaError
 
-from worker.config import KafkaConfig
-from worker.errors import RetryableError, UsageError
-from worker.events import Record
-from worker.kafka.consumer import kafka_offsets, millis, to_record
-from worker.outcome.dead_letters import PREFIX, header
-from worker.outcome.offsets import TopicPartition
-
-
-def parse_time(text: str) -> float:
-    """An RFC 3339 / ISO 8601 time (``2026-11-27T10:00:00Z``, or a date) as epoch seconds."""
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"{text!r} is not a time like 2026-11-27T10:00:00Z") from None
-    if moment.tzinfo is None:
-        raise UsageError(f"{text!r} has no time zone: add Z for UTC")
-    return moment.timestamp()
-
-
-@dataclass(frozen=True)
-class ReplayFilter:
-    classes: frozenset[str] = frozenset()
-    since: float | None = None
-    until: float | None = None
-    original_topic: str | None = None
-
-    def accepts(self, headers: tuple[tuple[str, bytes], ...]) -> bool:
-        if self.classes and header(headers, "purge.error.class") not in self.classes:
-            return False
-        if self.original_topic and header(headers, "purge.original.topic") != self.original_topic:
-            return False
-        if self.since is not None or self.until is not None:
-            failed = header(headers, "purge.failed_at")
-            if failed is None:
-                return False
-            at = parse_time(failed)
-            if (self.since is not None and at < self.since) or (
-                self.until is not None and at >= self.until
-            ):
-                return False
-        return True
-
-
-def original(record: Record) -> Record:
-    """The record as it was before it was dead-lettered: its topic, coordinates and headers."""
-    h = record.headers
-
-    def num(name: str, default: int) -> int:
-        value = header(h, name)
-        try:
-            return int(value) if value else default
-        except ValueError:
-            return default
-
-    origin = Record(
-        header(h, "purge.original.topic") or record.topic,
-        num("purge.original.partition", record.partition),
-        num("purge.original.offset", record.offset),
-        record.key,
-        record.value,
-        tuple((k, v) for k, v in h if not k.startswith(PREFIX)),
-        num("purge.original.timestamp", record.timestamp_ms or 0) or None,
-    )
-    return Record(
-        record.topic,
-        record.partition,
-        record.offset,
-        record.key,
-        record.value,
-        origin.headers,
-        record.timestamp_ms,
-        origin=origin,
-        attempts=num("purge.attempts", 1),
-    )
+from worker.config import KafkaSettings
+from worker.errors import UsageError
+from worker.events import Record, TopicPartition
+from worker.kafka.client import kafka_offsets, millis, options, to_record, unavailable
+from worker.outcome.dead_letters import ReplayFilter, header, original
 
 
 @dataclass
@@ -104,12 +33,13 @@ class Counts:
 
 
 class DeadLetterReader:
-    """A ``Source`` over a dead-letter topic: yields matching records (as ``original()`` makes
-    them) until the end offsets seen at start, or ``max_records`` matches."""
+    """A ``worker.intake.source.Source`` over a dead-letter topic: yields matching records (as
+    ``original()`` makes them) until the end offsets seen at start, or ``max_records``
+    matches."""
 
     def __init__(
         self,
-        config: KafkaConfig,
+        config: KafkaSettings,
         topic: str,
         group: str,
         flt: ReplayFilter,
@@ -121,14 +51,14 @@ class DeadLetterReader:
         self.counts = Counts()
         try:
             self._consumer = KafkaConsumer(
-                **config.client_options(),
+                **options(config),
                 group_id=group,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
             )
             parts = self._consumer.partitions_for_topic(topic)
         except KafkaError as exc:
-            raise RetryableError(f"cannot read {topic}: {type(exc).__name__}: {exc}") from None
+            raise unavailable(f"cannot read {topic}", exc) from None
         if not parts:
             raise UsageError(f"topic {topic} does not exist")
         self._tps = [KafkaTP(topic, p) for p in sorted(parts)]
@@ -223,14 +153,3 @@ class DeadLetterReader:
 
     def close(self, timeout: float = 10.0) -> None:
         self._consumer.close(autocommit=False, timeout_ms=millis(timeout))
-
-
-def describe(record: Record) -> dict[str, Any]:
-    """A JSON-able line for ``--dry-run`` and logs."""
-    origin = record.origin or record
-    return {
-        "dead_letter": f"{record.topic}[{record.partition}]@{record.offset}",
-        "original": f"{origin.topic}[{origin.partition}]@{origin.offset}",
-        "attempts": record.attempts,
-        "key": record.key.decode("utf-8", "replace") if record.key else None,
-    }

@@ -6,6 +6,8 @@ configuration (topic, zone name): never from event content, never a secret.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -152,3 +154,10 @@ WARM_QUEUE = Gauge(_P + "warm_queue", "URLs waiting to be warmed", registry=REGI
 WARM_DROPPED = Counter(
     _P + "warm_dropped_total", "URLs dropped from a full warm queue", ["zone"], registry=REGISTRY
 )
+
+
+def forget_lag(topic: str, partition: int) -> None:
+    """Remove a partition's lag series once it is another worker's: a stale value would read as
+    lag that never moves (and sums of the series would count it twice)."""
+    with contextlib.suppress(KeyError):  # never reported
+        CONSUMER_LAG.remove(topic, str(partition))

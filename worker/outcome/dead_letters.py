@@ -1,19 +1,15 @@
-"""Dead-letter records: the original record unchanged, plus ``purge.*`` headers saying why.
-
-Also the guard that stops the worker when too large a share of records is being dead-lettered:
-after a bad deploy, stopping beats emptying the whole topic into the dead-letter topic.
-"""
+"""Dead-letter records: the original record unchanged, plus ``purge.*`` headers saying why; how
+a dead letter is read back (its original coordinates, the replay's filters); and the interface
+of what writes them (``DeadLetterSink``, on Kafka in ``worker.kafka.dead_letters``)."""
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from worker.clock import Clock
-from worker.config.model import GuardSettings
-from worker.errors import DeadLetterGuardTripped, PermanentError, RetryableError
+from worker.clock import parse_rfc3339, rfc3339
+from worker.errors import PermanentError, RetryableError
 from worker.events import Record
 from worker.observe.logs import redact_text
 
@@ -31,6 +27,9 @@ class DeadLetterWrite(Protocol):
 
 
 class DeadLetterSink(Protocol):
+    """Where dead letters are written (``worker.kafka.dead_letters.KafkaDeadLetterSink``;
+    ``worker.outcome.memory.InMemorySink`` in tests)."""
+
     def submit(self, record: Record, headers: list[tuple[str, bytes]]) -> DeadLetterWrite:
         """Start writing one dead-letter record; never blocks for long. The record counts as
         dead-lettered only once the write is done without error."""
@@ -49,10 +48,6 @@ class Failed:
 
     def error(self) -> RetryableError | None:
         return self._error
-
-
-def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def headers_for(
@@ -92,14 +87,6 @@ def headers_for(
     return kept + [(k, redact_text(v).encode("utf-8")) for k, v in added.items()]
 
 
-def parse_rfc3339(text: str) -> float | None:
-    """Wall seconds from a ``purge.failed_at`` value; None if it is not one."""
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def header(headers: Sequence[tuple[str, bytes]], name: str) -> str | None:
     for key, value in headers:
         if key == name:
@@ -107,50 +94,70 @@ def header(headers: Sequence[tuple[str, bytes]], name: str) -> str | None:
     return None
 
 
-class DeadLetterGuard:
-    """Counts finished records in a sliding window; ``check`` raises before a write that would
-    push the dead-lettered share over the limit."""
+def original(record: Record) -> Record:
+    """The record as it was before it was dead-lettered: its topic, coordinates and headers."""
+    h = record.headers
 
-    def __init__(self, config: GuardSettings, clock: Clock) -> None:
-        self._config = config
-        self._clock = clock
-        self._all: deque[float] = deque()
-        self._dead: deque[float] = deque()
+    def num(name: str, default: int) -> int:
+        value = header(h, name)
+        try:
+            return int(value) if value else default
+        except ValueError:
+            return default
 
-    def _trim(self, now: float) -> None:
-        horizon = now - self._config.window_seconds
-        for q in (self._all, self._dead):
-            while q and q[0] < horizon:
-                q.popleft()
+    origin = Record(
+        header(h, "purge.original.topic") or record.topic,
+        num("purge.original.partition", record.partition),
+        num("purge.original.offset", record.offset),
+        record.key,
+        record.value,
+        tuple((k, v) for k, v in h if not k.startswith(PREFIX)),
+        num("purge.original.timestamp", record.timestamp_ms or 0) or None,
+    )
+    return Record(
+        record.topic,
+        record.partition,
+        record.offset,
+        record.key,
+        record.value,
+        origin.headers,
+        record.timestamp_ms,
+        origin=origin,
+        attempts=num("purge.attempts", 1),
+    )
 
-    def seed(self, failed_at: Sequence[float], now_wall: float) -> None:
-        """Count dead letters written by earlier runs (wall times) as if this run wrote them:
-        the guard's window then spans restarts."""
-        now = self._clock.monotonic()
-        for t in sorted(failed_at):
-            at = now - max(0.0, now_wall - t)
-            self._all.append(at)
-            self._dead.append(at)
 
-    def record_ok(self) -> None:
-        self._all.append(self._clock.monotonic())
+@dataclass(frozen=True)
+class ReplayFilter:
+    """Which dead letters a replay takes: by class, failure time and original topic."""
 
-    def check(self) -> None:
-        """Call before a dead-letter write. Raises ``DeadLetterGuardTripped``."""
-        if self._config.max_ratio >= 1.0:
-            return
-        now = self._clock.monotonic()
-        self._trim(now)
-        total = len(self._all) + 1
-        dead = len(self._dead) + 1
-        if total >= self._config.min_records and dead / total > self._config.max_ratio:
-            raise DeadLetterGuardTripped(
-                f"{dead} of the last {total} records within {self._config.window_seconds:.0f}s "
-                f"would be dead-lettered (limit {self._config.max_ratio:.0%}): stopping instead. "
-                "Check the rules, the zones and the token; tune delivery.dead_letter_guard."
-            )
+    classes: frozenset[str] = frozenset()
+    since: float | None = None
+    until: float | None = None
+    original_topic: str | None = None
 
-    def record_dead(self) -> None:
-        now = self._clock.monotonic()
-        self._all.append(now)
-        self._dead.append(now)
+    def accepts(self, headers: tuple[tuple[str, bytes], ...]) -> bool:
+        if self.classes and header(headers, "purge.error.class") not in self.classes:
+            return False
+        if self.original_topic and header(headers, "purge.original.topic") != self.original_topic:
+            return False
+        if self.since is not None or self.until is not None:
+            at = parse_rfc3339(header(headers, "purge.failed_at") or "")
+            if at is None:
+                return False
+            if (self.since is not None and at < self.since) or (
+                self.until is not None and at >= self.until
+            ):
+                return False
+        return True
+
+
+def describe(record: Record) -> dict[str, Any]:
+    """A JSON-able line for ``--dry-run`` and logs."""
+    origin = record.origin or record
+    return {
+        "dead_letter": f"{record.topic}[{record.partition}]@{record.offset}",
+        "original": f"{origin.topic}[{origin.partition}]@{origin.offset}",
+        "attempts": record.attempts,
+        "key": record.key.decode("utf-8", "replace") if record.key else None,
+    }

@@ -1,7 +1,7 @@
 """Records in flight: how many targets each still waits for, what failed, and which offsets may
 be committed because every record at or below them is finished (purged or dead-lettered).
 
-Not thread-safe: only the pipeline's loop touches it.
+Not thread-safe: only the loop's thread touches it.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import structlog
 
 from worker.errors import PermanentError
-from worker.events import Record
-from worker.outcome.offsets import OffsetTracker, TopicPartition
+from worker.events import Record, TopicPartition
+from worker.outcome.offsets import OffsetTracker
 
 if TYPE_CHECKING:
     from worker.planning.planner import Routed
 
-_log = structlog.get_logger("worker.loop")
+_log = structlog.get_logger("worker.outcome")
 
 
 class Ref(NamedTuple):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 
-TopicPartition = tuple[str, int]
+from worker.events import TopicPartition
 
 
 class _Partition:
@@ -18,7 +18,7 @@ class _Partition:
 
 
 class OffsetTracker:
-    """Not thread-safe; owned by the pipeline's loop."""
+    """Not thread-safe; owned by the loop's thread."""
 
     def __init__(self) -> None:
         self._parts: dict[TopicPartition, _Partition] = {}

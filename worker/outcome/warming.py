@@ -27,7 +27,7 @@ import requests
 import structlog
 
 from worker.clock import Clock
-from worker.config import WarmingSettings
+from worker.config.model import WarmingSettings
 from worker.observe import metrics
 from worker.planning.planner import Routed
 

@@ -1,41 +1,22 @@
-"""The pending set: targets gathered per zone and mode, deduplicated and subsumed, until the
-dispatcher takes them out in request-sized batches.
+"""The pending set: targets gathered per zone and mode (``ZoneBucket``: deduplicated and
+subsumed) until the dispatcher takes them out in request-sized batches.
 
-Duplicates collapse, and so do targets another pending target already covers:
-- a pending ``everything`` for a zone swallows everything else for it;
-- a host swallows the URLs and prefixes on that host;
-- a prefix swallows the URLs and longer prefixes under it (on a path boundary: ``a.com/bar``
-  covers ``a.com/bar/x`` and ``a.com/bar?x``, never ``a.com/barn``).
-
-Every pending item remembers which records it stands for, and how many of each record's targets
-(``owners``), so the pipeline can tell when a record is fully purged. A kind is *due* once a
-request's worth of it is pending or the window since the first pending target has ended; what
-is due leaves only when the dispatcher takes it (when the budget can send it), so under a
-backlog targets keep collapsing here instead of going out again and again. Not thread-safe: only
-the pipeline's loop touches it. Time comes from the injected clock.
+A kind is *due* once a request's worth of it is pending or the window since the first pending
+target has ended; what is due leaves only when the dispatcher takes it (when the budget can
+send it), so under a backlog targets keep collapsing here instead of going out again and again.
+Not thread-safe: only the loop's thread touches it. Time comes from the injected clock.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from worker.clock import Clock
+from worker.pending.bucket import Owner, Pending, ZoneBucket
 from worker.targets import Kind, Mode, Target
 
-Owner = Hashable
-
-
-@dataclass(slots=True)
-class Pending:
-    target: Target
-    owners: dict[Owner, int] = field(default_factory=dict)
-
-    def absorb(self, other: Pending) -> None:
-        for owner, count in other.owners.items():
-            self.owners[owner] = self.owners.get(owner, 0) + count
+__all__ = ["Batch", "Coalescer", "Due", "Owner", "Pending"]
 
 
 @dataclass
@@ -50,189 +31,6 @@ class Batch:
     @property
     def targets(self) -> list[Target]:
         return [p.target for p in self.items]
-
-
-def bare(url: str) -> str:
-    """``https://a.com/x?y`` -> ``a.com/x?y``: the form prefixes are written in."""
-    return url.split("://", 1)[1]
-
-
-def covers(prefix: str, path: str) -> bool:
-    """Whether ``prefix`` covers ``path`` (a bare URL or prefix), on a path boundary."""
-    if not path.startswith(prefix):
-        return False
-    if len(path) == len(prefix) or prefix.endswith("/"):
-        return True
-    return path[len(prefix)] in "/?"
-
-
-def netloc(path: str) -> str:
-    return path.split("/", 1)[0]
-
-
-class _ZoneBucket:
-    def __init__(self, first_at: float) -> None:
-        self.first_at = first_at
-        self.everything: Pending | None = None
-        self.hosts: dict[str, Pending] = {}
-        # Prefixes and URLs indexed by host (with port, as written) for subsumption look-ups.
-        self.prefixes: dict[str, dict[str, Pending]] = {}
-        self.files: dict[str, dict[Target, Pending]] = {}
-        self.tags: dict[str, Pending] = {}
-        self.size = 0
-
-    def count(self, kind: Kind) -> int:
-        if kind is Kind.FILES:
-            return sum(len(v) for v in self.files.values())
-        if kind is Kind.PREFIXES:
-            return sum(len(v) for v in self.prefixes.values())
-        if kind is Kind.HOSTS:
-            return len(self.hosts)
-        if kind is Kind.TAGS:
-            return len(self.tags)
-        return 1 if self.everything else 0
-
-    def add(self, target: Target, owner: Owner) -> None:
-        """Add one target for ``owner``, merged into whatever pending item covers it."""
-        item = Pending(target, {owner: 1})
-        if self.everything is not None:
-            self.everything.absorb(item)
-            return
-        kind = target.kind
-        if kind is Kind.EVERYTHING:
-            self._add_everything(item)
-        elif kind is Kind.HOSTS:
-            self._add_host(item)
-        elif kind is Kind.PREFIXES:
-            self._add_prefix(item)
-        elif kind is Kind.FILES:
-            self._add_file(item)
-        else:
-            self._merge(self.tags, target.value, item)
-
-    def _merge(
-        self, table: dict[str, Pending] | dict[Target, Pending], key: object, item: Pending
-    ) -> None:
-        existing = table.get(key)  # type: ignore[call-overload]
-        if existing is None:
-            table[key] = item  # type: ignore[index]
-            self.size += 1
-        else:
-            existing.absorb(item)
-
-    def _add_everything(self, item: Pending) -> None:
-        for pending in self._all():
-            item.absorb(pending)
-        self.hosts.clear()
-        self.prefixes.clear()
-        self.files.clear()
-        self.tags.clear()
-        self.everything = item
-        self.size = 1
-
-    def _add_host(self, item: Pending) -> None:
-        host = item.target.value
-        self._merge(self.hosts, host, item)
-        keeper = self.hosts[host]
-        for table in (self.prefixes, self.files):
-            swallowed = table.pop(host, None)
-            if swallowed:
-                for pending in swallowed.values():
-                    keeper.absorb(pending)
-                self.size -= len(swallowed)
-
-    def _add_prefix(self, item: Pending) -> None:
-        prefix = item.target.value
-        host_key = netloc(prefix)
-        host = self.hosts.get(host_key)
-        if host is not None:
-            host.absorb(item)
-            return
-        on_host = self.prefixes.setdefault(host_key, {})
-        cover = next((p for key, p in on_host.items() if covers(key, prefix)), None)
-        if cover is not None:
-            cover.absorb(item)
-            return
-        for key in [k for k in on_host if covers(prefix, k)]:
-            item.absorb(on_host.pop(key))
-            self.size -= 1
-        files = self.files.get(host_key, {})
-        for t in [t for t in files if covers(prefix, bare(t.value))]:
-            item.absorb(files.pop(t))
-            self.size -= 1
-        on_host[prefix] = item
-        self.size += 1
-
-    def _add_file(self, item: Pending) -> None:
-        path = bare(item.target.value)
-        host_key = netloc(path)
-        host = self.hosts.get(host_key)
-        if host is not None:
-            host.absorb(item)
-            return
-        for key, cover in self.prefixes.get(host_key, {}).items():
-            if covers(key, path):
-                cover.absorb(item)
-                return
-        self._merge(self.files.setdefault(host_key, {}), item.target, item)
-
-    def _all(self) -> Iterator[Pending]:
-        if self.everything:
-            yield self.everything
-        yield from self.hosts.values()
-        for table in self.prefixes.values():
-            yield from table.values()
-        for files in self.files.values():
-            yield from files.values()
-        yield from self.tags.values()
-
-    def discard(self, drop: Callable[[Owner], bool]) -> int:
-        """Remove owners for which ``drop`` is true; items left with no owner go. Returns how
-        many items went."""
-        removed = 0
-        tables: list[dict[Any, Pending]] = [self.hosts, self.tags]
-        tables += list(self.prefixes.values()) + list(self.files.values())
-        for table in tables:
-            for key in list(table):
-                pending = table[key]
-                pending.owners = {o: c for o, c in pending.owners.items() if not drop(o)}
-                if not pending.owners:
-                    del table[key]
-                    removed += 1
-        if self.everything is not None:
-            self.everything.owners = {
-                o: c for o, c in self.everything.owners.items() if not drop(o)
-            }
-            if not self.everything.owners:
-                self.everything = None
-                removed += 1
-        for nested in (self.prefixes, self.files):
-            for netloc in [n for n, t in nested.items() if not t]:
-                del nested[netloc]
-        self.size -= removed
-        return removed
-
-    def take(self, kind: Kind, limit: int | None = None) -> list[Pending]:
-        """Remove and return up to ``limit`` pending items of ``kind`` (all when None)."""
-        out: list[Pending] = []
-        if kind is Kind.EVERYTHING:
-            if self.everything:
-                out, self.everything = [self.everything], None
-        elif kind in (Kind.HOSTS, Kind.TAGS):
-            table = self.hosts if kind is Kind.HOSTS else self.tags
-            for key in list(itertools.islice(table, limit)):
-                out.append(table.pop(key))
-        else:
-            nested = self.files if kind is Kind.FILES else self.prefixes
-            for netloc in list(nested):
-                inner: dict[object, Pending] = nested[netloc]  # type: ignore[assignment]
-                room = None if limit is None else limit - len(out)
-                for item_key in list(itertools.islice(inner, room)):
-                    out.append(inner.pop(item_key))
-                if not inner:
-                    del nested[netloc]
-        self.size -= len(out)
-        return out
 
 
 @dataclass(frozen=True)
@@ -254,7 +52,7 @@ class Coalescer:
         self._window = window_seconds
         self._cap = cap
         self._clock = clock
-        self._buckets: dict[tuple[str, Mode], _ZoneBucket] = {}
+        self._buckets: dict[tuple[str, Mode], ZoneBucket] = {}
 
     @property
     def pending(self) -> int:
@@ -273,7 +71,7 @@ class Coalescer:
         key = (zone_id, mode)
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = _ZoneBucket(self._clock.monotonic())
+            bucket = self._buckets[key] = ZoneBucket(self._clock.monotonic())
         bucket.add(target, owner)
 
     def next_due(self) -> float | None:

@@ -4,22 +4,24 @@ A change is visible at the origin before its event is produced. So a purge *sent
 covers every event produced before S: the cache cannot hold content older than the purge. A
 target whose record's event time E satisfies ``E < S - margin`` is already purged, and its record's
 share of it finishes without a request. The margin absorbs clock skew between producers and this
-worker. Covering purges count: everything ⊃ host ⊃ prefix ⊃ URL (the coalescer's rule).
+worker. Covering purges count: everything ⊃ host ⊃ prefix ⊃ URL (``worker.pending.cover``).
 
 While a covering purge is still in flight, the target joins it and shares its outcome instead of
 being sent again. Memory is bounded (least recently used entries go first). Forgetting an entry,
 or a restart, only ever means purging again, never skipping.
 
-Not thread-safe: only the pipeline's loop touches it.
+Not thread-safe: only the loop's thread touches it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from worker.config.model import LedgerSettings
-from worker.pending.coalescer import Pending, bare, netloc
+from worker.observe import metrics
+from worker.pending.bucket import Pending
+from worker.pending.cover import bare, netloc, prefixes_covering
 from worker.targets import Kind, Mode, Target
 
 # (zone id, mode, kind, value, cache-key headers): one purgeable item of one zone.
@@ -35,24 +37,6 @@ class _Covered:
 
 
 COVERED = _Covered()
-
-
-def _prefixes_covering(path: str) -> Iterator[str]:
-    """Every prefix (``host/…``) that covers ``path`` (a bare URL or a prefix) on a path boundary,
-    as the coalescer's ``covers`` decides: ``a.com/x`` and ``a.com/x/`` cover ``a.com/x/y?q``."""
-    end = path.find("?")
-    end = len(path) if end < 0 else end
-    start = path.find("/")
-    if start < 0:
-        return
-    yield path[:end]
-    slash = start
-    while 0 <= slash < end:
-        if slash > start:
-            yield path[:slash]  # followed by "/"
-        if slash + 1 < end:
-            yield path[: slash + 1]  # ends with "/"
-        slash = path.find("/", slash + 1)
 
 
 def key_of(zone_id: str, mode: Mode, target: Target) -> Key:
@@ -94,7 +78,7 @@ class PurgeLedger:
             if (zone_id, mode, Kind.HOSTS) in kinds:
                 found = self._find((zone_id, mode, Kind.HOSTS, netloc(path), ()), horizon)
             if found is None and (zone_id, mode, Kind.PREFIXES) in kinds:
-                for prefix in _prefixes_covering(path):
+                for prefix in prefixes_covering(path):
                     if prefix != target.value:
                         found = self._find((zone_id, mode, Kind.PREFIXES, prefix, ()), horizon)
                         if found is not None:
@@ -140,6 +124,7 @@ class PurgeLedger:
                 self._count(key, -1)
             if item.target in accepted:
                 self._remember(key, sent_at)
+        metrics.LEDGER_ENTRIES.set(len(self._sent))
 
     def _remember(self, key: Key, sent_at: float) -> None:
         previous = self._sent.get(key)

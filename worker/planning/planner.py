@@ -2,6 +2,7 @@
 
 ``Planner.plan`` is the single answer to "what does this record purge"; ``run``, ``replay``,
 ``explain`` and ``purge`` all ask it, so ``explain`` can never drift from what ``run`` sends.
+Its ``RecordPlan`` keeps the event (for ``explain``); ``Planned`` is what the loop keeps of it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from typing import NamedTuple
 
 import structlog
 
-from worker.config import Config
 from worker.errors import InvalidEvent, NoRuleMatched, PermanentError, UnknownZone
-from worker.events import Event, Record, decode
+from worker.events import Event, Record
+from worker.intake.decode import DEFAULT_MAX_BYTES, decode
 from worker.planning.routing import Zone, ZoneRouter
-from worker.planning.rules.ruleset import RuleTarget
+from worker.planning.rules.outcome import RuleTarget
+from worker.planning.rules.ruleset import RuleSet
 from worker.planning.templates import values_at
 from worker.targets import Mode, Target
 
@@ -37,8 +39,22 @@ class Routed(NamedTuple):
     target: Target
 
 
+@dataclass(frozen=True)
+class PlanningSettings:
+    """What planning a record needs: the rules, the zones, how records are read, and what to do
+    with targets for no zone and records no rule matched."""
+
+    rules: RuleSet
+    zones: tuple[Zone, ...]
+    max_record_bytes: int = DEFAULT_MAX_BYTES
+    event_type_field: str = "type"
+    unknown_zone: str = "dead_letter"  # or "drop"
+    no_rule_matched: str = "skip"  # or "dead_letter"
+    use_event_time: bool = False  # the ledger goes by the event's time, not the record's
+
+
 @dataclass
-class Plan:
+class RecordPlan:
     event: Event | None = None
     fired: list[str] = field(default_factory=list)
     targets: list[Routed] = field(default_factory=list)
@@ -68,7 +84,7 @@ class Planned(NamedTuple):
     dropped: list[UnknownZone]
 
     @staticmethod
-    def of(plan: Plan, use_event_time: bool) -> Planned:
+    def of(plan: RecordPlan, use_event_time: bool) -> Planned:
         event = plan.event
         if event is None:
             event_id = event_time = ledger_time = None
@@ -97,24 +113,24 @@ class _Known(NamedTuple):
 
 
 class Planner:
-    def __init__(self, config: Config) -> None:
-        self._config = config
-        self._router = ZoneRouter(config.zones)
+    def __init__(self, settings: PlanningSettings) -> None:
+        self.settings = settings
+        self._router = ZoneRouter(settings.zones)
         self._routes: dict[Target, tuple[Zone, tuple[Target, ...]] | UnknownZone] = {}
         # In a backlog the same article comes by again and again, each time as a new event
         # (its own id and time): events alike in everything the rules read get one plan, made
         # once. Not with plug-in rules, which may read anything.
-        self._reads = config.rules.reads
+        self._reads = settings.rules.reads
         self._plans: dict[Hashable, _Known] = {}
 
-    def plan(self, record: Record) -> Plan:
-        """The plan for one record. Never raises: failures are in ``Plan.errors``."""
-        plan = Plan()
-        kafka = self._config.kafka
+    def plan(self, record: Record) -> RecordPlan:
+        """The plan for one record. Never raises: failures are in ``RecordPlan.errors``."""
+        plan = RecordPlan()
+        settings = self.settings
         key: Hashable | None = None
         try:
             event = plan.event = decode(
-                record, max_bytes=kafka.max_record_bytes, type_field=kafka.event_type_field
+                record, max_bytes=settings.max_record_bytes, type_field=settings.event_type_field
             )
             if self._reads is not None:
                 key = self._key(event)
@@ -124,7 +140,7 @@ class Planner:
                     plan.targets = list(known.targets)
                     plan.warm = list(known.warm)
                     return plan
-            rules = self._config.rules.evaluate(event)
+            rules = settings.rules.evaluate(event)
         except PermanentError as exc:
             plan.errors.append(exc)
             return plan
@@ -135,7 +151,7 @@ class Planner:
             return plan
         plan.fired = rules.fired
         plan.errors.extend(rules.errors)
-        if not rules.fired and self._config.delivery.no_rule_matched == "dead_letter":
+        if not rules.fired and settings.no_rule_matched == "dead_letter":
             event = plan.event
             plan.errors.append(
                 NoRuleMatched(f"no rule matched event type {event.type!r} on {event.topic}")
@@ -154,7 +170,7 @@ class Planner:
         assert self._reads is not None
         return (event.topic, event.type, values_at(event, self._reads))
 
-    def route_warm(self, targets: Iterable[Target], plan: Plan) -> Plan:
+    def route_warm(self, targets: Iterable[Target], plan: RecordPlan) -> RecordPlan:
         """Route URLs to warm: each to its zone, once per cache-key variant. A URL on no
         configured zone is not warmed (there is no zone to pace it by)."""
         seen = {(r.zone.id, r.target) for r in plan.warm}
@@ -169,7 +185,7 @@ class Planner:
                     plan.warm.append(Routed(zone, Mode.PURGE, variant))
         return plan
 
-    def route(self, targets: Iterable[RuleTarget], plan: Plan) -> Plan:
+    def route(self, targets: Iterable[RuleTarget], plan: RecordPlan) -> RecordPlan:
         """Route ``targets`` into ``plan``: each to its zone, URLs repeated per the zone's
         cache-key variants, duplicates once."""
         seen: set[tuple[str, Mode, Target]] = set()
@@ -178,7 +194,7 @@ class Planner:
             if routed is None:
                 routed = self._route(rt.target)
             if isinstance(routed, UnknownZone):
-                if self._config.delivery.unknown_zone == "drop":
+                if self.settings.unknown_zone == "drop":
                     plan.dropped.append(routed)
                 else:
                     plan.errors.append(routed)

@@ -26,10 +26,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from worker.config import Config
 from worker.errors import PurgeWorkerError
 from worker.events import Record
-from worker.planning.planner import Planned, Planner, Routed
+from worker.planning.planner import Planned, Planner, PlanningSettings, Routed
 from worker.runtime import freeze_before_fork, tune_gc_forked
 from worker.targets import Mode, Target
 
@@ -64,16 +63,18 @@ class PlannerDied(PurgeWorkerError):
     """The planning process ended: the worker stops (its unfinished records are redelivered)."""
 
 
-class PlannerProcess:
-    def __init__(self, config: Config) -> None:
-        self._config = config
+class PlanningProcess:
+    """The planning process, from the worker's side: batches of records out, plans back."""
+
+    def __init__(self, settings: PlanningSettings) -> None:
+        self._settings = settings
         self._conn: Connection | None = None
         self._process: Any = None
         self._batches: deque[int] = deque()  # sizes of the batches sent and not yet answered
         # Routed targets by number, as the child numbered them: each crosses the pipe once.
         self._targets: list[Routed] = []
 
-    def start(self) -> PlannerProcess:
+    def start(self) -> PlanningProcess:
         # What is buffered now would be written twice, once by each process.
         sys.stdout.flush()
         sys.stderr.flush()
@@ -82,7 +83,7 @@ class PlannerProcess:
         ours, theirs = context.Pipe()
         self._process = context.Process(
             target=_serve,
-            args=(self._config, theirs, ours),
+            args=(self._settings, theirs, ours),
             name="purge-worker-planner",
             daemon=True,
         )
@@ -161,7 +162,7 @@ class PlannerProcess:
         return PlannerDied(f"the planning process ended (exit code {code}){why}")
 
 
-def _serve(config: Config, conn: Connection, workers_end: Connection) -> None:
+def _serve(settings: PlanningSettings, conn: Connection, workers_end: Connection) -> None:
     """The child: plan every batch that comes, until the pipe closes."""
     # The fork copied the worker's end of the pipe too: holding it, the child would never see
     # the pipe close when the worker goes.
@@ -170,8 +171,8 @@ def _serve(config: Config, conn: Connection, workers_end: Connection) -> None:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINAL_SIGNALS)
     tune_gc_forked()
-    planner = Planner(config)
-    use_event_time = config.coalesce.ledger.event_time == "event"
+    planner = Planner(settings)
+    use_event_time = settings.use_event_time
     numbers = _Numbering()
     # A thread takes every batch off the pipe as it comes: the worker may send the next batch
     # while this one's plans are on their way back, and neither side must wait on the other.

@@ -6,7 +6,7 @@ first, and a kind without budget is passed over, so tags waiting minutes for the
 bucket never hold back URLs. The budget is reserved at the moment of cutting and the request
 goes at once on a free thread, so reservations never pile up into a burst.
 
-Not thread-safe: only the pipeline's loop calls it. Requests run on a small thread pool.
+Not thread-safe: only the loop's thread calls it. Requests run on a small thread pool.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import structlog
 
 from worker.clock import Clock
-from worker.cloudflare.ratelimit import Ticket
+from worker.cloudflare.meters import Ticket
 from worker.errors import Abandoned, RetriesExhausted
 from worker.pending.coalescer import Batch, Coalescer
 from worker.pending.ledger import PurgeLedger
@@ -44,7 +44,6 @@ class Dispatcher:
         *,
         cap: Callable[[str, Kind], int],
         concurrency: int,
-        dry_run: bool = False,
     ) -> None:
         self._coalescer = coalescer
         self._destinations = destinations
@@ -53,7 +52,6 @@ class Dispatcher:
         self._ledger = ledger
         self._clock = clock
         self._concurrency = concurrency
-        self._dry_run = dry_run
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="purge")
         self._futures: dict[Future[BatchResult], Batch] = {}
         self._budget_at: float | None = None
@@ -78,15 +76,13 @@ class Dispatcher:
             dest = self._destinations[due.zone_id]
             cap = self._cap(due.zone_id, due.kind)
             # A small share of the URL budget sends smaller requests, never one above its second.
-            largest = cap if self._dry_run else min(cap, dest.limiter.largest(due.kind))
+            largest = min(cap, dest.limiter.largest(due.kind))
             while len(self._futures) < self._concurrency:
                 count = self._coalescer.count(due.zone_id, due.mode, due.kind)
                 size = min(count, largest)
                 if not size or (size < largest and not due.whole):
                     break  # what is left waits for its window
-                wait, ticket = (
-                    (0.0, None) if self._dry_run else dest.limiter.reserve_ticket(due.kind, size)
-                )
+                wait, ticket = dest.limiter.reserve_ticket(due.kind, size)
                 if wait > 0 and size == largest:
                     # A full request does not fit, but a smaller one may: a second's budget is
                     # rarely a whole number of requests (760 URLs on free, 100 a request), and
@@ -143,6 +139,11 @@ class Dispatcher:
             self._ledger.settled(batch.zone_id, batch.mode, batch.items, batch.sent_at, accepted)
             out.append((batch, result))
         return out
+
+    @property
+    def on_the_wire(self) -> bool:
+        """A request is still running (after ``close``: one that ends with the process)."""
+        return any(not f.done() for f in self._futures)
 
     def close(self) -> None:
         """Stop taking work; requests under way are abandoned (their records are redelivered):

@@ -1,10 +1,11 @@
 """Send one batch of same-kind targets to one zone: rate-limited, retried, bisected on rejection.
 
-A rejection about an item (a 400 that is not about the token, the zone, the body or the cap)
-is bisected: halving the batch until the bad items stand alone purges everything else and pins
+A rejection about an item (a 400 that is not about the token, the zone or the body) is
+bisected: halving the batch until the bad items stand alone purges everything else and pins
 the rejection on the records that produced them, k bad items in n costing about k·log2(n)
-requests. A cap rejection (the API lowered its per-request cap) halves the batch once and the
-account remembers the smaller cap. Any other rejection fails the batch as it is: no smaller
+requests. When both halves of a refused batch are accepted, no item was bad: the batch was too
+large for the API (its per-request cap went down, which it says with no documented code), and
+the account remembers the smaller size. Any other rejection fails the batch as it is: no smaller
 request would fare better.
 """
 
@@ -20,7 +21,8 @@ import structlog
 
 from worker.clock import Clock
 from worker.cloudflare.client import CloudflareClient
-from worker.cloudflare.ratelimit import AccountRateLimiter, Ticket
+from worker.cloudflare.meters import Ticket
+from worker.cloudflare.ratelimit import AccountRateLimiter
 from worker.cloudflare.retry import RetryPolicy, call_with_retries
 from worker.errors import ApiRejected, PermanentError, RateLimited, RetriesExhausted
 from worker.observe import metrics
@@ -63,16 +65,9 @@ class BatchResult:
 class Purger:
     """Thread-safe if the clients and limiters are (they are). ``send`` blocks until done."""
 
-    def __init__(
-        self,
-        policy: RetryPolicy,
-        clock: Clock,
-        *,
-        dry_run: bool = False,
-    ) -> None:
+    def __init__(self, policy: RetryPolicy, clock: Clock) -> None:
         self._policy = policy
         self._clock = clock
-        self._dry_run = dry_run
         self._cancel = threading.Event()
 
     def abandon(self) -> None:
@@ -102,34 +97,39 @@ class Purger:
         targets: list[Target],
         out: BatchResult,
         reserved: _Reserved | None = None,
-    ) -> None:
+    ) -> bool:
+        """Send ``targets``, halving on an item rejection; True if all were accepted."""
         try:
             self._send_with_retries(req, targets, out, reserved)
             out.accepted.extend(targets)
+            return True
         except ApiRejected as exc:
-            scope = exc.scope
-            if scope == "cap" and len(targets) > 1:
-                size = (len(targets) + 1) // 2
-                req.dest.limiter.learn_cap(req.kind, size)
-                metrics.CAP_REJECTED.labels(req.kind.value).inc()
-                log.error(
-                    "per-request cap rejected: sending smaller requests from now on",
-                    zone=req.dest.zone_name,
-                    kind=req.kind.value,
-                    items=len(targets),
-                    new_cap=size,
-                    error=str(exc),
-                )
-                for start in range(0, len(targets), size):
-                    self._send(req, targets[start : start + size], out)
-            elif scope == "item" and len(targets) > 1:
-                mid = len(targets) // 2
-                self._send(req, targets[:mid], out)
-                self._send(req, targets[mid:], out)
-            else:
+            if exc.scope != "item" or len(targets) < 2:
                 out.failed.extend((t, exc) for t in targets)
+                return False
+            mid = len(targets) // 2
+            first = self._send(req, targets[:mid], out)
+            second = self._send(req, targets[mid:], out)
+            if first and second:
+                self._learn_cap(req, len(targets), mid + len(targets) % 2, exc)
+            return False
         except (RetriesExhausted, PermanentError) as exc:
             out.failed.extend((t, exc) for t in targets)
+            return False
+
+    def _learn_cap(self, req: _Request, refused: int, size: int, exc: ApiRejected) -> None:
+        """A batch of ``refused`` items was refused and its halves accepted: the API's cap is
+        below it. Cut no request that large again for this account."""
+        req.dest.limiter.learn_cap(req.kind, size)
+        metrics.CAP_REJECTED.labels(req.kind.value).inc()
+        log.error(
+            "per-request cap rejected: sending smaller requests from now on",
+            zone=req.dest.zone_name,
+            kind=req.kind.value,
+            items=refused,
+            new_cap=size,
+            error=str(exc),
+        )
 
     def _send_with_retries(
         self,
@@ -170,15 +170,6 @@ class Purger:
         call_with_retries(attempt, self._policy, self._clock, on_retry, self._cancel)
 
     def _attempt(self, dest: Destination, kind: Kind, mode: Mode, items: Sequence[object]) -> None:
-        if self._dry_run:
-            log.info(
-                "dry run: purge not sent",
-                zone=dest.zone_name,
-                kind=kind.value,
-                mode=mode.value,
-                items=len(items),
-            )
-            return
         started = time.perf_counter()
         status: int | None = None
         try:

@@ -22,160 +22,40 @@ milliseconds of it (the loop wakes for it).
 A worker that has not yet appeared in a snapshot spends almost nothing (``JOINING_SHARE``); one
 that falls silent for ``REPORT_TTL`` is no longer counted. When the exchange cannot be reached,
 each worker falls back to its part of the partitions. The reports travel on a Kafka topic
-(``worker.kafka.exchange``); this module is the arithmetic and the bookkeeping, with no I/O.
+(``worker.kafka.exchange``); the arithmetic is in ``worker.sending.split``. This module
+decides this worker's share and gives it to the rate limiters.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from collections import deque
 from collections.abc import Callable, Mapping
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import structlog
 
 from worker.clock import Clock
 from worker.observe import metrics
 from worker.sending.accounts import Accounts
+from worker.sending.split import (
+    CUTOFF,
+    EPOCH,
+    FLOOR,
+    JOINING_EPOCH,
+    JOINING_SHARE,
+    MAX_FLOORS,
+    REPORT_INTERVAL,
+    REPORT_TTL,
+    Board,
+    Demand,
+    Report,
+    Shares,
+    allocate,
+    next_shares,
+)
 from worker.targets import Kind
 
-log = structlog.get_logger("worker.sending.shares")
-
-EPOCH = 1.0
-CUTOFF = 0.4
-REPORT_INTERVAL = 0.25
-REPORT_TTL = 3.0
-# What a worker absent from the snapshot may spend: it is not yet in anyone's split.
-JOINING_SHARE = 0.001
-# Each member's floor, so a new burst starts at once; together never more than MAX_FLOORS.
-FLOOR = 0.01
-MAX_FLOORS = 0.05
-# A member that wants w of the budget is given up to w * HEADROOM, so a steady stream keeps
-# its pace while its rate wobbles.
-HEADROOM = 1.25
-# Shares are cut to this grain (down, so they never sum above 1).
-QUANTUM = 0.001
-# The epoch a joining member reports: it has been allowed JOINING_SHARE since it started.
-JOINING_EPOCH = -1
-# Flex use is measured over a longer span: a flex request is rare and the bucket is long.
-FLEX_SPAN = 10.0
-
-
-class Demand(NamedTuple):
-    """What one worker wants of an account's budgets, as fractions of each (may exceed 1)."""
-
-    urls: float
-    flex: float
-
-
-class Shares(NamedTuple):
-    urls: float
-    flex: float
-
-
-class Report(NamedTuple):
-    """One member's report for one account."""
-
-    at: float  # wall-clock time it was sent
-    demand: Demand
-    # The epoch whose split the member applied last (None: not split by demand) and the share of
-    # URLs it has been allowed since.
-    epoch: int | None
-    allowed: float
-    left: bool = False  # the member stopped (cleanly): its last report
-
-
-def allocate(wants: Mapping[str, float]) -> dict[str, float]:
-    """Each member's share of one budget from what each wants: max-min fair (a member wanting
-    less than an even split gets what it wants, the rest split evenly among the others), every
-    member at least a floor, and what nobody wants spread evenly. The same input gives the same
-    output on every worker (members in sorted order); the shares never sum above 1."""
-    members = sorted(wants)
-    if not members:
-        return {}
-    floor = min(FLOOR, MAX_FLOORS / len(members))
-    need = {m: max(floor, wants[m] * HEADROOM) if wants[m] > 0 else floor for m in members}
-    out: dict[str, float] = {}
-    left = 1.0
-    open_ = members
-    while open_:
-        even = left / len(open_)
-        small = [m for m in open_ if need[m] <= even]
-        if not small:
-            out.update(dict.fromkeys(open_, even))
-            left = 0.0
-            break
-        for m in small:
-            out[m] = need[m]
-            left -= need[m]
-        open_ = [m for m in open_ if need[m] > even]
-    spread = max(0.0, left) / len(members)
-    return {m: math.floor((out[m] + spread) / QUANTUM) * QUANTUM for m in members}
-
-
-def next_shares(
-    targets: Mapping[str, float],
-    allowed: Mapping[str, float | None],
-    gone: float = 0.0,
-) -> dict[str, float]:
-    """The URL shares for an epoch, from this epoch's ``targets`` (``allocate``) and what each
-    member's report says it was allowed in the epoch now ending (None: the report does not say,
-    e.g. it was sent before the member applied the last split). ``gone``: what members that
-    stopped within the last second were allowed.
-
-    A share that falls falls at once: the member's requests of the last second are within its
-    old share anyway. A share that rises takes only what nobody was allowed last epoch, split in
-    proportion to the rises; while any member's last share is unknown, none rises. So a second
-    that straddles the boundary holds at most each member's larger share, and those add up to at
-    most the budget. (For a member whose last share is unknown the result is its target: that
-    member itself must take no more than it had.)"""
-    known = [a for a in allowed.values() if a is not None]
-    free = 1.0 - sum(known) - gone if len(known) == len(allowed) else 0.0
-    base = {m: targets[m] if a is None else min(targets[m], a) for m, a in allowed.items()}
-    gaps = {m: targets[m] - base[m] for m in targets if targets[m] > base[m]}
-    scale = min(1.0, max(0.0, free) / sum(gaps.values())) if gaps else 0.0
-    return {
-        m: math.floor((base[m] + gaps.get(m, 0.0) * scale) / QUANTUM + 1e-9) * QUANTUM
-        for m in targets
-    }
-
-
-class Board:
-    """Every member's recent reports per account; thread-safe (the exchange writes, the loop
-    reads)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        # account key -> member -> its reports, oldest first
-        self._reports: dict[str, dict[str, deque[Report]]] = {}
-
-    def record(self, account: str, member: str, report: Report) -> None:
-        with self._lock:
-            history = self._reports.setdefault(account, {}).setdefault(member, deque())
-            if history and report.at <= history[-1].at:
-                return  # out of order or repeated
-            history.append(report)
-            # Keep what a snapshot of the next boundaries may still need.
-            while len(history) > 1 and history[1].at <= report.at - CUTOFF - EPOCH:
-                history.popleft()
-
-    def snapshot(self, account: str, boundary: float) -> dict[str, Report]:
-        """Each member's latest report sent at least ``CUTOFF`` before ``boundary`` and less
-        than ``REPORT_TTL`` before it (a member silent that long is presumed gone)."""
-        out: dict[str, Report] = {}
-        with self._lock:
-            members = self._reports.get(account, {})
-            for member, history in list(members.items()):
-                latest = None
-                for report in history:
-                    if report.at <= boundary - CUTOFF:
-                        latest = report
-                if latest is not None and latest.at > boundary - REPORT_TTL:
-                    out[member] = latest
-                elif history[-1].at <= boundary - REPORT_TTL:
-                    del members[member]
-        return out
+log = structlog.get_logger("worker.sending")
 
 
 class Exchange(Protocol):
@@ -195,35 +75,6 @@ class Exchange(Protocol):
 
     def close(self, timeout: float) -> None:
         """Stop; tell the others this worker is gone (its last reports, marked ``left``)."""
-
-
-def wants(
-    accounts: Accounts, pending: Mapping[tuple[str, Kind], int], now: float
-) -> dict[str, Demand]:
-    """What this worker wants of each account's budgets: the URLs waiting and sent in the last
-    second over the URL rate; the flex requests waiting over the bucket, plus the flex rate used
-    over the refill rate."""
-    urls: dict[str, float] = dict.fromkeys(accounts.limiters, 0.0)
-    flex: dict[str, float] = dict.fromkeys(accounts.limiters, 0.0)
-    for (zone_id, kind), items in pending.items():
-        name = accounts.account_of(zone_id)
-        if kind.metered_per_item:
-            urls[name] += items
-        else:
-            flex[name] += math.ceil(items / accounts.cap(zone_id, kind))
-    out = {}
-    for name, limiter in accounts.limiters.items():
-        limits = accounts.config.accounts[name].limits
-        sent_urls, sent_flex = limiter.used(now, FLEX_SPAN)
-        out[name] = Demand(
-            round((urls[name] + sent_urls) / limits.urls_per_second, 4),
-            round(
-                flex[name] / limits.flex_bucket
-                + sent_flex / FLEX_SPAN / limits.flex_refill_per_second,
-                4,
-            ),
-        )
-    return out
 
 
 class ShareKeeper:
@@ -333,7 +184,7 @@ class ShareKeeper:
             self._publish(exchange)
 
     def _report(self, exchange: Exchange, pending: Mapping[tuple[str, Kind], int]) -> None:
-        self._demand = wants(self._accounts, pending, self._clock.monotonic())
+        self._demand = self._accounts.demand(pending, self._clock.monotonic())
         for name, d in self._demand.items():
             metrics.BUDGET_DEMAND.labels(name, "urls").set(d.urls)
             metrics.BUDGET_DEMAND.labels(name, "flex").set(d.flex)
@@ -354,7 +205,7 @@ class ShareKeeper:
             return
         self._allowed[name] = (self._allowed[name][0], floor)
         applied = self._applied[name]
-        cap = self._accounts.config.accounts[name].share
+        cap = self._accounts.settings[name].share
         self._applied[name] = Shares(floor * cap, applied.flex)
         self._accounts.limiters[name].set_share(floor * cap, applied.flex, hold=False)
         metrics.BUDGET_SHARE.labels(name, "urls").set(floor * cap)
@@ -370,7 +221,7 @@ class ShareKeeper:
         )
 
     def _keys(self) -> dict[str, str]:
-        return {name: a.budget_key for name, a in self._accounts.config.accounts.items()}
+        return {name: a.budget_key for name, a in self._accounts.settings.items()}
 
     def _by_demand(self, exchange: Exchange, epoch: int) -> None:
         boundary = epoch * EPOCH
@@ -409,7 +260,7 @@ class ShareKeeper:
         """Give the limiter ``shares`` (capped by the group's ``share``). ``hold``: URL budget
         gained is spendable only a window later (see ``set_share``); the demand split needs no
         hold, since it gives a worker only what nobody was allowed in the last second."""
-        cap = self._accounts.config.accounts[name].share
+        cap = self._accounts.settings[name].share
         shares = Shares(min(1.0, shares.urls) * cap, min(1.0, shares.flex) * cap)
         if self._applied.get(name) == shares:
             return

@@ -1,4 +1,6 @@
-"""Strict reading of YAML mappings: unknown keys and wrong types are errors naming file and key."""
+"""Strict reading of a rule's YAML mapping, key by key: unknown keys and wrong types are errors
+naming the file and the key. (The rest of the file is checked by the config model; a rule's
+language is richer than a schema.)"""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ T = TypeVar("T")
 _MISSING: Any = object()
 
 
-class Section:
+class StrictMapping:
     """A mapping read key by key; ``done()`` rejects whatever keys were not read."""
 
     def __init__(self, data: Any, path: str, source: str) -> None:
@@ -82,8 +84,8 @@ class Section:
             raise self.error(name, f"must be a string or a list of strings, got {_kind(value)}")
         return tuple(value)
 
-    def section(self, name: str) -> Section:
-        return Section(self.raw(name, {}), self.key(name), self.source)
+    def section(self, name: str) -> StrictMapping:
+        return StrictMapping(self.raw(name, {}), self.key(name), self.source)
 
     def done(self) -> None:
         unknown = sorted(set(self.data) - self._read)

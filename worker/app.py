@@ -1,0 +1,162 @@
+"""Builds the running worker from the settings: the stages of the loop, the Kafka clients, the
+budget exchange, warming, metrics and probes. The only module besides the commands that knows
+every piece.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import structlog
+
+from worker.clock import Clock
+from worker.cloudflare.transport import RequestsTransport, Transport, dry_run
+from worker.config import Config
+from worker.errors import ConfigError, PurgeWorkerError
+from worker.intake.source import Source
+from worker.intake.stage import Intake
+from worker.kafka.dead_letters import recent_dead_letters
+from worker.loop import Loop
+from worker.observe.health import STALE_AFTER_SECONDS, HealthServer
+from worker.outcome.commit import CommitPolicy
+from worker.outcome.dead_letters import DeadLetterSink
+from worker.outcome.guard import DeadLetterGuard
+from worker.outcome.inflight import InFlightRecords
+from worker.outcome.stage import Outcome
+from worker.outcome.warming import Warmer
+from worker.pending.coalescer import Coalescer
+from worker.pending.ledger import PurgeLedger
+from worker.pending.stage import PendingTargets
+from worker.planning.planner import Planner
+from worker.planning.process import PlanningProcess
+from worker.planning.stage import Planning
+from worker.sending.accounts import Accounts
+from worker.sending.dispatcher import Dispatcher
+from worker.sending.purger import Purger
+from worker.sending.shares import Exchange, ShareKeeper
+from worker.sending.stage import Sending
+
+log = structlog.get_logger("worker.app")
+
+
+def accounts(config: Config, clock: Clock, *, shadow: bool = False) -> Accounts:
+    """Each account's client and rate limiter; ``shadow``: no request leaves the process (every
+    purge is answered as accepted), for dry runs."""
+    transport: Callable[[], Transport] = dry_run if shadow else RequestsTransport
+    return Accounts(
+        config.accounts, config.zones, clock, base_url=config.base_url, transport=transport
+    )
+
+
+def build_loop(
+    config: Config,
+    source: Source,
+    sink: DeadLetterSink,
+    clock: Clock,
+    *,
+    cloudflare: Accounts | None = None,
+    exchange: Exchange | None = None,
+    fixed_share: float | None = None,
+    warmer: Warmer | None = None,
+    process: PlanningProcess | None = None,
+) -> Loop:
+    """The loop over ``source``, its stages built from ``config``. ``fixed_share``: this
+    worker's part of each account's budget, whatever others do (replay); else it follows
+    demand through ``exchange``, or the partitions."""
+    cloudflare = cloudflare or accounts(config, clock, shadow=config.delivery.dry_run)
+    delivery, coalesce = config.delivery, config.coalesce
+    records = InFlightRecords()
+    coalescer = Coalescer(coalesce.window_seconds, cloudflare.cap, clock)
+    ledger = PurgeLedger(coalesce.ledger)
+    dispatcher = Dispatcher(
+        coalescer,
+        cloudflare.destinations,
+        Purger(delivery.retry, clock),
+        ledger,
+        clock,
+        cap=cloudflare.cap,
+        concurrency=delivery.concurrency,
+    )
+    shares = ShareKeeper(cloudflare, clock, exchange=exchange, fixed=fixed_share)
+    planner = None if process is not None else Planner(config.planning)
+    return Loop(
+        Intake(source, coalesce, clock, max_poll_records=config.kafka.max_poll_records),
+        Planning(planner, process),
+        PendingTargets(coalescer, ledger),
+        Sending(dispatcher, shares),
+        Outcome(
+            records,
+            CommitPolicy(records, source, clock, delivery.commit_interval_seconds),
+            sink,
+            DeadLetterGuard(delivery.dead_letter_guard, clock),
+            clock,
+            warmer=warmer,
+            debug=config.observability.log_level == "debug",
+        ),
+        clock,
+        drain_deadline=delivery.drain_deadline_seconds,
+    )
+
+
+def seed_guard(config: Config, guard: DeadLetterGuard, clock: Clock) -> None:
+    """Teach the dead-letter guard what earlier runs dead-lettered within its window: a worker
+    restarted in a crash loop must not dead-letter another guard's worth on every start."""
+    settings = config.delivery.dead_letter_guard
+    if settings.max_ratio >= 1.0:
+        return
+    try:
+        times = recent_dead_letters(config.kafka, clock.time() - settings.window_seconds)
+    except PurgeWorkerError as exc:
+        log.warning("could not read the dead-letter topic's recent records", error=str(exc))
+        return
+    if times:
+        guard.seed(times, clock.time())
+        log.info("dead-letter guard: recent dead letters from earlier runs", count=len(times))
+
+
+def health(config: Config, loop: Loop, *, kafka_patience: float) -> HealthServer | None:
+    """The probes: ``/healthz`` while the loop polls, ``/readyz`` while Kafka is heard from too."""
+    port = config.observability.health_port
+    if not port:
+        return None
+    started = time.monotonic()
+    source = loop.intake.source
+
+    def check() -> tuple[bool, bool, dict[str, Any]]:
+        status = loop.status
+        fresh = time.time() - status.last_poll < STALE_AFTER_SECONDS
+        healthy = status.running and fresh
+        contact = source.last_contact()
+        silent = time.monotonic() - (contact if contact is not None else started)
+        details = {
+            "assigned_partitions": status.assigned,
+            "last_poll": status.last_poll,
+            "last_record": status.last_record,
+            "pending_records": len(loop.outcome.records),
+            "kafka_silent_seconds": round(silent, 1),
+        }
+        return healthy, healthy and silent < kafka_patience, details
+
+    with bound(config, "health_port"):
+        server = HealthServer(port, check, config.observability.listen_address)
+    return server.start()
+
+
+@contextlib.contextmanager
+def bound(config: Config, key: str) -> Iterator[None]:
+    """A port that cannot be bound is a config error naming the key, not a traceback."""
+    port = getattr(config.observability, key)
+    try:
+        yield
+    except OSError as exc:
+        address = config.observability.listen_address
+        reason = (
+            "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror}"
+        )
+        raise ConfigError(
+            config.source, f"observability.{key}", f"port {port} on {address} {reason}"
+        ) from None

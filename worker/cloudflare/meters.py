@@ -1,0 +1,112 @@
+"""The two meters an account's budget is kept on: a token bucket (tag, host, prefix and
+everything requests) and a one-second window (URLs, which Cloudflare meters per moving second).
+Both are plain arithmetic on times the caller passes in; ``ratelimit.py`` holds the lock and the
+clock."""
+
+from __future__ import annotations
+
+from collections import deque
+
+MIN_WAIT_STEP = 1e-4
+WINDOW = 1.0
+# A URL request's entry in the window, restamped when the request completes.
+Ticket = list[float]
+
+
+class Bucket:
+    """A token bucket: ``rate`` tokens a second, at most ``capacity``."""
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.updated = now
+
+    def refill(self, now: float) -> None:
+        if now > self.updated:
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def wait_for(self, cost: float, now: float) -> float:
+        """Seconds until ``cost`` tokens exist (0 if now); takes nothing.
+
+        A request larger than the whole bucket may go once the bucket is full, into debt."""
+        self.refill(now)
+        if self.tokens >= cost or self.tokens >= self.capacity:
+            return 0.0
+        return (min(cost, self.capacity) - self.tokens) / self.rate
+
+    def take(self, cost: float, now: float) -> float:
+        """Take ``cost`` tokens if they exist (0 returned); else the seconds until they would."""
+        wait = self.wait_for(cost, now)
+        if wait == 0:
+            self.tokens -= cost
+        return wait
+
+
+class Window:
+    """What was sent in the last second; a send fits while that total stays within ``limit``.
+
+    It starts full, as if the whole limit had just been spent: a worker that starts, restarts
+    or joins others cannot know what the account spent in the second before (a predecessor may
+    have spent all of it just now), and one second of waiting is the price of never adding a
+    burst on top."""
+
+    def __init__(self, limit: float, now: float) -> None:
+        self.limit = limit
+        # [when, URLs]: lists, so a request's entry can be restamped when it has completed.
+        self.sent: deque[list[float]] = deque([[now, limit]])
+        self.total = limit
+
+    def _expire(self, now: float) -> None:
+        while self.sent and self.sent[0][0] <= now - WINDOW:
+            self.total -= self.sent.popleft()[1]
+        if not self.sent:
+            self.total = 0.0  # no float residue
+
+    def wait_for(self, cost: float, now: float) -> float:
+        """Seconds until ``cost`` fits in the window (0 if now). A request larger than the whole
+        limit goes alone, once the window is empty."""
+        self._expire(now)
+        if self.total + cost <= self.limit + 1e-9 or not self.sent:
+            return 0.0
+        must_expire = self.total + min(cost, self.limit) - self.limit - 1e-9
+        freed = 0.0
+        for at, amount in self.sent:
+            freed += amount
+            if freed >= must_expire:
+                return max(at + WINDOW - now, MIN_WAIT_STEP)
+        return max(self.sent[-1][0] + WINDOW - now, MIN_WAIT_STEP)
+
+    def take(self, cost: float, now: float) -> tuple[float, list[float] | None]:
+        """Take ``cost`` if it fits (0 and the entry, to restamp later), else the wait."""
+        wait = self.wait_for(cost, now)
+        if wait > 0:
+            return wait, None
+        entry = [now, cost]
+        self.sent.append(entry)
+        self.total += cost
+        return 0.0, entry
+
+    def restamp(self, entry: list[float], now: float) -> None:
+        """Count ``entry`` from ``now``: the request it stands for has completed, so the server
+        had it by then. Counting from the reservation instead would let requests that left
+        late (a busy machine) reach the server bunched into one second."""
+        try:
+            self.sent.remove(entry)
+        except ValueError:  # it had already left the window: count it again, from now
+            self.total += entry[1]
+        entry[0] = now
+        self.sent.append(entry)
+
+    def hold(self, amount: float, now: float) -> None:
+        """Count ``amount`` as spent now."""
+        self.sent.append([now, amount])
+        self.total += amount
+
+    def spend_all(self, now: float) -> None:
+        """Count the whole limit as spent now (after a 429: the server's window is full)."""
+        self._expire(now)
+        extra = max(0.0, self.limit - self.total)
+        self.sent.append([now, extra])
+        self.total += extra

@@ -1,0 +1,177 @@
+"""The outcome stage: a record is in flight until every target it produced has ended, then it is
+finished: a purged one at once, a failed one once its dead letter is confirmed. Offsets are
+committed only behind finished records (``CommitPolicy``).
+
+The dead-letter guard is asked before each dead letter; a record whose dead letter cannot be
+written yet is held and offered again after a pause. Warming starts once a record is purged
+and never holds it back. Not thread-safe: only the loop's thread touches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Set
+
+import structlog
+
+from worker.clock import Clock
+from worker.errors import DeadLetterGuardTripped
+from worker.events import Record, TopicPartition
+from worker.observe import metrics
+from worker.outcome.commit import CommitPolicy
+from worker.outcome.dead_letters import DeadLetterSink, DeadLetterWrite, headers_for
+from worker.outcome.guard import DeadLetterGuard
+from worker.outcome.inflight import InFlight, InFlightRecords, Ref
+from worker.outcome.warming import Warmer
+from worker.planning.planner import Planned
+from worker.sending.stage import Ended
+
+log = structlog.get_logger("worker.outcome")
+
+# A dead-letter write that failed is tried again after this pause.
+DEAD_LETTER_RETRY = 2.0
+
+
+class Outcome:
+    def __init__(
+        self,
+        records: InFlightRecords,
+        commits: CommitPolicy,
+        sink: DeadLetterSink,
+        guard: DeadLetterGuard,
+        clock: Clock,
+        *,
+        warmer: Warmer | None = None,
+        debug: bool = False,
+    ) -> None:
+        self.records = records
+        self.commits = commits
+        self.sink = sink
+        self.guard = guard
+        self._clock = clock
+        self._warmer = warmer
+        self._debug = debug
+        self.tripped = False
+        self.last_record = 0.0  # wall-clock time a record was last finished
+        self._retry_at = 0.0
+        # Dead-letter writes under way: their records finish once the broker confirms.
+        self._writes: dict[Ref, tuple[InFlight, DeadLetterWrite]] = {}
+
+    @property
+    def writing(self) -> int:
+        """Dead-letter writes not yet confirmed."""
+        return len(self._writes)
+
+    def open(self, record: Record) -> Ref | None:
+        """Track ``record`` until it is finished. None if its partition is being read again
+        from an earlier position: ``forget`` it first."""
+        return self.records.open(record)
+
+    def planned(self, ref: Ref, plan: Planned, waiting: int) -> None:
+        """``ref``'s plan is known and it waits for ``waiting`` target outcomes."""
+        state = self.records.state(ref)
+        state.event_id, state.event_time = plan.event_id, plan.event_time
+        state.skipped = plan.skipped
+        if plan.errors:
+            state.failures.extend(plan.errors)
+        if plan.warm and self._warmer is not None:
+            state.warm = list(plan.warm)
+        for dropped in plan.dropped:
+            state.log.warning("target dropped: unknown zone", error=str(dropped))
+        if self._debug:  # builds nothing per record unless asked for
+            state.log.debug("record planned", targets=len(plan.targets), failures=len(plan.errors))
+        if waiting:
+            self.records.expect(ref, waiting)
+        self.records.planned(ref)
+
+    def settle(self, ended: Iterable[Ended]) -> None:
+        """Targets whose requests ended: each owner's share of them is done (or failed)."""
+        settle = self.records.settle
+        for owners, error in ended:
+            for owner, count in owners.items():
+                settle(owner, count, error)  # type: ignore[arg-type]
+
+    def finish(self, *, final: bool = False) -> None:
+        """Finish every ready record: purged ones at once, failed ones by starting their
+        dead-letter write (``final``: none is started, the worker is stopping); finish those
+        whose write was confirmed. Raises ``DeadLetterGuardTripped``."""
+        self._confirm()
+        ready = self.records.take_ready()
+        if ready:
+            self._finish(ready, final)
+        self.commits.offer()
+
+    def _finish(self, ready: list[tuple[Ref, InFlight]], final: bool) -> None:
+        now, now_wall = self._clock.monotonic(), self._clock.time()
+        finished: dict[tuple[str, str], int] = {}
+        for ref, state in ready:
+            if state.failures:
+                if self.tripped or final or now < self._retry_at:
+                    self.records.hold(ref)
+                else:
+                    self._dead_letter(ref, state)
+                continue
+            self.guard.record_ok()
+            outcome = "skipped" if state.skipped else "purged"
+            finished[(ref.topic, outcome)] = finished.get((ref.topic, outcome), 0) + 1
+            if not state.skipped and state.event_time:
+                metrics.EVENT_AGE.observe(max(0.0, now_wall - state.event_time))
+            if state.warm and self._warmer is not None:
+                self._warmer.submit(state.warm)  # never blocks, never fails the record
+            self.records.finish(ref)
+            self.last_record = now_wall
+        for (topic, outcome), n in finished.items():
+            metrics.child(metrics.RECORDS, topic, outcome).inc(n)
+        metrics.LAST_RECORD_TIME.set(self.last_record)
+
+    def _dead_letter(self, ref: Ref, state: InFlight) -> None:
+        try:
+            self.guard.check()
+        except DeadLetterGuardTripped:
+            # No more dead letters from here on: the draining that follows only commits what
+            # finished cleanly, and the unfinished records wait on Kafka for a fixed deploy.
+            self.tripped = True
+            raise
+        record = state.record
+        headers = headers_for(
+            record,
+            state.failures,
+            failed_at=self._clock.time(),
+            attempts=record.attempts + 1,
+            original=record.origin,
+        )
+        # Counted as dead-lettered now, so the guard sees writes still under way.
+        self.guard.record_dead()
+        self._writes[ref] = (state, self.sink.submit(record, headers))
+
+    def _confirm(self) -> None:
+        """Finish the records whose dead-letter write the broker confirmed; offer the others
+        again after a pause. Never waits."""
+        if not self._writes:
+            return
+        for ref, (state, write) in list(self._writes.items()):
+            if not write.done():
+                continue
+            del self._writes[ref]
+            if ref not in self.records:
+                continue  # its partition was revoked meanwhile: the new owner redoes it
+            error = write.error()
+            if error is not None:
+                state.log.warning("dead-letter write failed; will retry", error=str(error))
+                self._retry_at = self._clock.monotonic() + DEAD_LETTER_RETRY
+                self.records.hold(ref)
+                continue
+            first = state.failures[0]
+            metrics.DEAD_LETTERS.labels(first.error_class).inc()
+            metrics.child(metrics.RECORDS, ref.topic, "dead_lettered").inc()
+            state.log.warning(
+                "record dead-lettered", error_class=first.error_class, error=str(first)
+            )
+            self.records.finish(ref)
+            self.last_record = self._clock.time()
+
+    def forget(self, tps: Set[TopicPartition]) -> set[Ref]:
+        """Drop every record of ``tps`` (their new owner, or a re-read, redoes them)."""
+        return self.records.forget(set(tps))
+
+    def close(self, timeout: float) -> None:
+        self.sink.close(timeout=timeout)

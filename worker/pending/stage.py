@@ -1,0 +1,67 @@
+"""The pending stage: each planned record's targets meet the purge ledger, and what it does not
+already cover waits in the pending set.
+
+A target is one of three things: already purged by an accepted purge sent after its event
+(its share of the record is done at once), joining a purge of it still in flight (the record
+shares that purge's outcome), or pending (``Coalescer``). Only this stage writes the pending
+items it owns. Not thread-safe: only the loop's thread touches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+from worker.observe import metrics
+from worker.pending.bucket import Owner, Pending
+from worker.pending.coalescer import Coalescer
+from worker.pending.ledger import COVERED, PurgeLedger
+from worker.planning.planner import Planned
+from worker.targets import Kind
+
+
+class PendingTargets:
+    def __init__(self, coalescer: Coalescer, ledger: PurgeLedger) -> None:
+        self.coalescer = coalescer
+        self.ledger = ledger
+        # Targets counted per step, not per target: the loop handles thousands a second.
+        self._tally: dict[tuple[Kind, str], int] = {}
+
+    @property
+    def size(self) -> int:
+        """Items pending (after deduplication and subsumption)."""
+        return self.coalescer.pending
+
+    def add(self, owner: Hashable, plan: Planned) -> int:
+        """Take ``plan``'s targets for ``owner``; returns how many of them it must wait for
+        (the ones the ledger finds already purged are done now). Never blocks."""
+        event_time = plan.ledger_time
+        check, add, tally = self.ledger.check, self.coalescer.add, self._tally
+        waiting = 0
+        for zone, mode, target in plan.targets:
+            verdict = check(zone.id, mode, target, event_time)
+            if verdict is COVERED:
+                how = "sent"
+            else:
+                waiting += 1
+                if isinstance(verdict, Pending):
+                    verdict.join(owner)
+                    how = "in_flight"
+                else:
+                    add(zone.id, mode, target, owner)
+                    how = ""
+            key = (target.kind, how)
+            tally[key] = tally.get(key, 0) + 1
+        return waiting
+
+    def discard(self, drop: Callable[[Owner], bool]) -> int:
+        """Forget the pending work of owners for which ``drop`` is true (their partitions are
+        gone: the work would only be done again by their new owner). Returns the items gone."""
+        return self.coalescer.discard(drop)
+
+    def flush_metrics(self) -> None:
+        """Count the targets taken since the last call."""
+        for (kind, how), n in self._tally.items():
+            metrics.child(metrics.TARGETS, kind.value).inc(n)
+            if how:
+                metrics.child(metrics.TARGETS_ALREADY_PURGED, kind.value, how).inc(n)
+        self._tally.clear()

@@ -1,0 +1,90 @@
+"""The planning stage: records in, their plans out, in the order they came.
+
+Inline, each record is planned when it is submitted. With the planning process
+(``worker.planning.process``), a poll's batch goes there whole; a large batch is left to be
+planned while the loop goes on (a backlog: the two run side by side), and the batch before it,
+and any small one, is taken at once (a trickle waits no longer than the child takes).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Generic, TypeVar
+
+import structlog
+
+from worker.events import Record
+from worker.planning.planner import Planned, Planner
+from worker.planning.process import PlannerDied, PlanningProcess
+
+log = structlog.get_logger("worker.planning")
+
+# A poll's batch at least this large is planned in the planning process while the loop goes on.
+OVERLAP_BATCH = 100
+
+R = TypeVar("R", bound=Hashable)
+
+
+class Planning(Generic[R]):
+    """Plans records for the loop; ``R`` is what the loop names a record by."""
+
+    def __init__(self, planner: Planner | None, process: PlanningProcess | None = None) -> None:
+        """Plans with ``process`` when given, else with ``planner``."""
+        if planner is None and process is None:
+            raise ValueError("planning needs a planner or a planning process")
+        self._planner = planner
+        self._process = process
+        # Batches sent to the process and not yet planned, oldest first, as their refs.
+        self._out: deque[Sequence[R]] = deque()
+        self._ready: list[tuple[R, Planned]] = []
+
+    @property
+    def waiting(self) -> bool:
+        """Plans are on their way from the planning process."""
+        return bool(self._out)
+
+    def submit(self, refs: Sequence[R], records: Sequence[Record]) -> None:
+        """Plan ``records`` (one ``ref`` each, handed back with its plan). Raises
+        ``PlannerDied`` if the planning process has ended."""
+        if self._process is None:
+            assert self._planner is not None
+            plan = self._planner.plan
+            use_event_time = self._planner.settings.use_event_time
+            self._ready += [
+                (ref, Planned.of(plan(record), use_event_time))
+                for ref, record in zip(refs, records, strict=True)
+            ]
+            return
+        if records:
+            self._process.submit(list(records))
+            self._out.append(refs)
+        keep = 1 if len(records) >= OVERLAP_BATCH else 0
+        while len(self._out) > keep:
+            self._take()
+
+    def poll(self) -> list[tuple[R, Planned]]:
+        """The plans ready now, in the order their records came. Never blocks long."""
+        ready, self._ready = self._ready, []
+        return ready
+
+    def join(self) -> Iterator[tuple[R, Planned]]:
+        """Every plan still to come (shutdown), while the planning process answers."""
+        yield from self.poll()
+        try:
+            while self._out and self._process is not None and self._process.alive:
+                self._take()
+                yield from self.poll()
+        except PlannerDied as exc:
+            log.error("unplanned records will be redelivered", error=str(exc))
+
+    def close(self) -> None:
+        self._out.clear()
+        if self._process is not None:
+            self._process.close()
+
+    def _take(self) -> None:
+        """The plans of the oldest batch in the planning process (waits for them)."""
+        assert self._process is not None
+        refs = self._out.popleft()
+        self._ready += zip(refs, self._process.collect(), strict=True)

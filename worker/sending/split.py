@@ -1,0 +1,148 @@
+"""The arithmetic of sharing an account's budget by demand: what each worker reports, the
+max-min fair split every worker computes alike (``allocate``), the step from one epoch's split
+to the next that never lets a second hold more than the budget (``next_shares``), and the board
+of every member's recent reports. No I/O and no clock: ``worker.sending.shares`` drives it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Mapping
+from typing import NamedTuple
+
+EPOCH = 1.0
+CUTOFF = 0.4
+REPORT_INTERVAL = 0.25
+REPORT_TTL = 3.0
+# What a worker absent from the snapshot may spend: it is not yet in anyone's split.
+JOINING_SHARE = 0.001
+# Each member's floor, so a new burst starts at once; together never more than MAX_FLOORS.
+FLOOR = 0.01
+MAX_FLOORS = 0.05
+# A member that wants w of the budget is given up to w * HEADROOM, so a steady stream keeps
+# its pace while its rate wobbles.
+HEADROOM = 1.25
+# Shares are cut to this grain (down, so they never sum above 1).
+QUANTUM = 0.001
+# The epoch a joining member reports: it has been allowed JOINING_SHARE since it started.
+JOINING_EPOCH = -1
+# Flex use is measured over a longer span: a flex request is rare and the bucket is long.
+FLEX_SPAN = 10.0
+
+
+class Demand(NamedTuple):
+    """What one worker wants of an account's budgets, as fractions of each (may exceed 1)."""
+
+    urls: float
+    flex: float
+
+
+class Shares(NamedTuple):
+    urls: float
+    flex: float
+
+
+class Report(NamedTuple):
+    """One member's report for one account."""
+
+    at: float  # wall-clock time it was sent
+    demand: Demand
+    # The epoch whose split the member applied last (None: not split by demand) and the share of
+    # URLs it has been allowed since.
+    epoch: int | None
+    allowed: float
+    left: bool = False  # the member stopped (cleanly): its last report
+
+
+def allocate(wants: Mapping[str, float]) -> dict[str, float]:
+    """Each member's share of one budget from what each wants: max-min fair (a member wanting
+    less than an even split gets what it wants, the rest split evenly among the others), every
+    member at least a floor, and what nobody wants spread evenly. The same input gives the same
+    output on every worker (members in sorted order); the shares never sum above 1."""
+    members = sorted(wants)
+    if not members:
+        return {}
+    floor = min(FLOOR, MAX_FLOORS / len(members))
+    need = {m: max(floor, wants[m] * HEADROOM) if wants[m] > 0 else floor for m in members}
+    out: dict[str, float] = {}
+    left = 1.0
+    open_ = members
+    while open_:
+        even = left / len(open_)
+        small = [m for m in open_ if need[m] <= even]
+        if not small:
+            out.update(dict.fromkeys(open_, even))
+            left = 0.0
+            break
+        for m in small:
+            out[m] = need[m]
+            left -= need[m]
+        open_ = [m for m in open_ if need[m] > even]
+    spread = max(0.0, left) / len(members)
+    return {m: math.floor((out[m] + spread) / QUANTUM) * QUANTUM for m in members}
+
+
+def next_shares(
+    targets: Mapping[str, float],
+    allowed: Mapping[str, float | None],
+    gone: float = 0.0,
+) -> dict[str, float]:
+    """The URL shares for an epoch, from this epoch's ``targets`` (``allocate``) and what each
+    member's report says it was allowed in the epoch now ending (None: the report does not say,
+    e.g. it was sent before the member applied the last split). ``gone``: what members that
+    stopped within the last second were allowed.
+
+    A share that falls falls at once: the member's requests of the last second are within its
+    old share anyway. A share that rises takes only what nobody was allowed last epoch, split in
+    proportion to the rises; while any member's last share is unknown, none rises. So a second
+    that straddles the boundary holds at most each member's larger share, and those add up to at
+    most the budget. (For a member whose last share is unknown the result is its target: that
+    member itself must take no more than it had.)"""
+    known = [a for a in allowed.values() if a is not None]
+    free = 1.0 - sum(known) - gone if len(known) == len(allowed) else 0.0
+    base = {m: targets[m] if a is None else min(targets[m], a) for m, a in allowed.items()}
+    gaps = {m: targets[m] - base[m] for m in targets if targets[m] > base[m]}
+    scale = min(1.0, max(0.0, free) / sum(gaps.values())) if gaps else 0.0
+    return {
+        m: math.floor((base[m] + gaps.get(m, 0.0) * scale) / QUANTUM + 1e-9) * QUANTUM
+        for m in targets
+    }
+
+
+class Board:
+    """Every member's recent reports per account; thread-safe (the exchange writes, the loop
+    reads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # account key -> member -> its reports, oldest first
+        self._reports: dict[str, dict[str, deque[Report]]] = {}
+
+    def record(self, account: str, member: str, report: Report) -> None:
+        with self._lock:
+            history = self._reports.setdefault(account, {}).setdefault(member, deque())
+            if history and report.at <= history[-1].at:
+                return  # out of order or repeated
+            history.append(report)
+            # Keep what a snapshot of the next boundaries may still need.
+            while len(history) > 1 and history[1].at <= report.at - CUTOFF - EPOCH:
+                history.popleft()
+
+    def snapshot(self, account: str, boundary: float) -> dict[str, Report]:
+        """Each member's latest report sent at least ``CUTOFF`` before ``boundary`` and less
+        than ``REPORT_TTL`` before it (a member silent that long is presumed gone)."""
+        out: dict[str, Report] = {}
+        with self._lock:
+            members = self._reports.get(account, {})
+            for member, history in list(members.items()):
+                latest = None
+                for report in history:
+                    if report.at <= boundary - CUTOFF:
+                        latest = report
+                if latest is not None and latest.at > boundary - REPORT_TTL:
+                    out[member] = latest
+                elif history[-1].at <= boundary - REPORT_TTL:
+                    del members[member]
+        return out

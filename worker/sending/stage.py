@@ -1,0 +1,69 @@
+"""The sending stage: what is due leaves the pending set when this worker's share of the
+account's budget can send it (``Dispatcher``, on a small thread pool), and what ended comes back
+as each item's owners and its failure, if any.
+
+The share itself moves with the demand of every worker spending the account (``ShareKeeper``);
+the loop tells this stage what is pending and which partitions are this worker's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from worker.errors import PermanentError
+from worker.pending.bucket import Owner
+from worker.sending.dispatcher import Dispatcher
+from worker.sending.shares import ShareKeeper
+from worker.targets import Kind
+
+# One pending item's outcome: the owners it stood for (and how many of each one's targets),
+# and why it failed (None: purged).
+Ended = tuple[Mapping[Owner, int], PermanentError | None]
+
+
+class Sending:
+    def __init__(self, dispatcher: Dispatcher, shares: ShareKeeper) -> None:
+        self.dispatcher = dispatcher
+        self.shares = shares
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent whose outcome has not been collected."""
+        return self.dispatcher.in_flight
+
+    def wake_at(self) -> tuple[float | None, float | None]:
+        """When the loop should look again: the monotonic time budget refused by the last send
+        is back, and the wall-clock time shares may next change (None: not known)."""
+        return self.dispatcher.budget_at, self.shares.next_change()
+
+    def send(self, *, drain: bool = False) -> int:
+        """Send what is due and has budget, while threads are free; ``drain`` makes everything
+        pending due. Never blocks. Returns the requests sent."""
+        return self.dispatcher.dispatch(drain=drain)
+
+    def collect(self, timeout: float = 0.0) -> list[Ended]:
+        """The items of every request that ended, waiting up to ``timeout`` for the first."""
+        ended: list[Ended] = []
+        for batch, result in self.dispatcher.collect(timeout):
+            errors: dict[object, PermanentError] = dict(result.failed)
+            ended += [(item.owners, errors.get(item.target)) for item in batch.items]
+        return ended
+
+    def update_shares(
+        self, pending: Callable[[], Mapping[tuple[str, Kind], int]], assigned: int, total: int
+    ) -> None:
+        """Follow the demand (``pending()``: items per zone and kind) and this worker's
+        ``assigned`` of ``total`` partitions. Cheap when nothing is due."""
+        self.shares.update(pending, assigned, total)
+
+    @property
+    def on_the_wire(self) -> bool:
+        """After ``close``: a request still runs (its read timeout is 30 s); its record is
+        uncommitted, so the process may end without it."""
+        return self.dispatcher.on_the_wire
+
+    def close(self, timeout: float) -> None:
+        """Send nothing more and leave the budget to the others. Requests under way are
+        abandoned (their records are redelivered)."""
+        self.dispatcher.close()
+        self.shares.close(timeout)
