@@ -508,7 +508,7 @@ def profile_pipeline(bootstrap: str, backlog: Backlog) -> str:
     """Where the worker's time goes: the pipeline in-process under cProfile, on a smaller run."""
     from worker import app
     from worker.clock import SystemClock
-    from worker.config import load
+    from worker.config.load import load
     from worker.kafka.consumer import KafkaSource
     from worker.kafka.dead_letters import KafkaDeadLetterSink
     from worker.observe import logs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -10,7 +11,8 @@ import requests
 import yaml
 
 from tests.conftest import TOKEN, ZONE_A, ZONE_B
-from worker.config import Config, parse
+from worker.config.load import parse
+from worker.config.settings import Config
 
 
 def config_dict(api_url: str, **over: Any) -> dict[str, Any]:
@@ -95,13 +97,57 @@ def purges(emu) -> list[dict[str, Any]]:
     return requests.get(emu.url + "/__emulator/purges", timeout=5).json()
 
 
-def purged_items(emu, kind: str | None = None) -> list[Any]:
+def items_of(recorded: list[dict[str, Any]], kind: str | None = None) -> list[Any]:
+    """Every item of ``recorded`` purges (of ``kind``), a URL with headers as sorted JSON."""
     return [
         json.dumps(i, sort_keys=True) if isinstance(i, dict) else i
-        for p in purges(emu)
+        for p in recorded
         if kind in (None, p["kind"])
         for i in p["items"]
     ]
+
+
+def purged_items(emu, kind: str | None = None) -> list[Any]:
+    return items_of(purges(emu), kind)
+
+
+class MemoryApi:
+    """The emulator's model of the API on the test's clock, answered in memory: the worker's
+    client reaches it through a ``MockTransport``, no socket and no wall-clock wait. Close
+    ``gate`` to hold every request until it opens again."""
+
+    URL = "http://api.invalid/client/v4"
+
+    def __init__(self, clock, plan: str = "pro", **kwargs: Any) -> None:
+        from worker.cloudflare.transport import MockTransport
+        from worker.emulator import api
+        from worker.emulator.state import EmulatorState
+
+        self.state = EmulatorState(
+            {ZONE_A: "acc", ZONE_B: "acc"}, {"acc": plan}, token=TOKEN, clock=clock, **kwargs
+        )
+        self.gate = threading.Event()
+        self.gate.set()
+        inner = api.transport(self.state)
+
+        def answer(request):
+            self.gate.wait()
+            return inner.handle(request)
+
+        self.transport = MockTransport(answer)
+
+    def purges(self) -> list[dict[str, Any]]:
+        return self.state.snapshot()[0]
+
+    def items(self, kind: str | None = None) -> list[Any]:
+        return items_of(self.purges(), kind)
+
+    def statuses(self) -> list[int]:
+        return [r["status"] for r in self.state.snapshot()[1]]
+
+    def fault(self, **spec: Any) -> None:
+        status, _, _ = self.state.set_faults(spec)
+        assert status == 200, spec
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):

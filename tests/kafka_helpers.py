@@ -17,7 +17,7 @@ from tests.conftest import TOKEN
 from tests.helpers import cloudevent, write_config
 from worker import app
 from worker.clock import SystemClock
-from worker.config import Config
+from worker.config.settings import Config
 from worker.kafka.consumer import KafkaSource
 from worker.kafka.dead_letters import KafkaDeadLetterSink
 

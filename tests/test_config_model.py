@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import TOKEN
 from tests.helpers import config_dict
-from worker.config import load, parse
+from worker.config.load import load, parse
 from worker.config.model import CoalesceSettings, DeliverySettings, LedgerSettings
 from worker.config.schema import config_schema, section_schema
 from worker.errors import ConfigError

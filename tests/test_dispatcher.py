@@ -48,7 +48,6 @@ def build(*, urls_per_second=100.0, flex_bucket=10, flex_refill=1.0, cap=10, con
         Purger(RetryPolicy(), clock),
         ledger,
         clock,
-        cap=lambda zone, kind: cap,
         concurrency=concurrency,
     )
     return clock, coalescer, dispatcher, client, ledger

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from worker.config import parse
+from worker.config.load import parse
 from worker.kafka.client import options
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -217,7 +217,7 @@ def test_oversized_targets_are_invalid(make, message):
 
 
 def _plan_example(event_type: str, data: dict) -> object:
-    from worker.config import load
+    from worker.config.load import load
 
     config = load(EXAMPLE, env={"CLOUDFLARE_API_TOKEN": TOKEN})
     body = {"specversion": "1.0", "id": "e", "source": "cms", "type": event_type, "data": data}
@@ -442,7 +442,7 @@ def test_a_module_next_to_the_config_never_shadows_the_standard_library(tmp_path
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(data))
     code = (
-        "import sys\nfrom worker.config import load\n"
+        "import sys\nfrom worker.config.load import load\n"
         f"load({str(cfg)!r}, env={{'CLOUDFLARE_API_TOKEN': 't'}})\n"
         "import netrc\nprint(netrc.__file__)\n"
     )

@@ -3,7 +3,7 @@
 import io
 import json
 
-from worker.config import parse
+from worker.config.load import parse
 from worker.observe import logs
 
 

@@ -11,7 +11,7 @@ from tests.helpers import cloudevent, make_config
 from worker import app
 from worker.clock import SystemClock
 from worker.commands.explain import explain
-from worker.config import load
+from worker.config.load import load
 from worker.errors import InvalidEvent
 from worker.events import Record
 from worker.intake.decode import decode

@@ -60,7 +60,7 @@ def dead_lettered(emulator, make_topic, kafka_bootstrap, unique, tmp_path, monke
         for i in range(5)
     ]
     produce(kafka_bootstrap, topic, images + articles, key=None, headers=[("tenant", b"news")])
-    from worker.config import load
+    from worker.config.load import load
 
     worker = RunningWorker(load(broken))
     try:

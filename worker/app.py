@@ -15,7 +15,7 @@ import structlog
 
 from worker.clock import Clock
 from worker.cloudflare.transport import RequestsTransport, Transport, dry_run
-from worker.config import Config
+from worker.config.settings import Config
 from worker.errors import ConfigError, PurgeWorkerError
 from worker.intake.source import Source
 from worker.intake.stage import Intake
@@ -78,7 +78,6 @@ def build_loop(
         Purger(delivery.retry, clock),
         ledger,
         clock,
-        cap=cloudflare.cap,
         concurrency=delivery.concurrency,
     )
     shares = ShareKeeper(cloudflare, clock, exchange=exchange, fixed=fixed_share)
@@ -98,7 +97,7 @@ def build_loop(
             debug=config.observability.log_level == "debug",
         ),
         clock,
-        drain_deadline=delivery.drain_deadline_seconds,
+        delivery.drain_deadline_seconds,
     )
 
 

@@ -14,7 +14,8 @@ from typing import NoReturn
 from worker import __version__
 from worker.commands import cache, check, config_schema, emulator, explain, purge, replay, run
 from worker.commands.args import HelpFormatter
-from worker.config import Config, load
+from worker.config.load import load
+from worker.config.settings import Config
 from worker.errors import ConfigError, PermanentError, PurgeWorkerError, RetryableError, UsageError
 from worker.observe import logs
 

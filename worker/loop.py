@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -39,6 +39,7 @@ BUSY_POLL = 0.05
 IDLE_POLL = 0.5
 # After the drain deadline: the last commit and closing the clients, within the +2 s allowed.
 FINAL_COMMIT_WAIT = 1.0
+# Closing a Kafka client or the budget exchange at shutdown (each).
 CLOSE_WAIT = 0.4
 
 
@@ -54,31 +55,24 @@ class Status:
     draining: bool = False
 
 
+@dataclass(eq=False)
 class Loop:
-    def __init__(  # noqa: PLR0917 (the five stages, in the order a record meets them)
-        self,
-        intake: Intake,
-        planning: Planning[Ref],
-        pending: PendingTargets,
-        sending: Sending,
-        outcome: Outcome,
-        clock: Clock,
-        *,
-        drain_deadline: float,
-    ) -> None:
-        self.intake = intake
-        self.planning = planning
-        self.pending = pending
-        self.sending = sending
-        self.outcome = outcome
-        self.clock = clock
-        self.drain_deadline = drain_deadline
-        self.status = Status()
-        # Held by the loop except while it waits inside ``poll``: a revocation (which the Kafka
-        # client runs on its own thread while ``poll`` waits) settles records only while it
-        # holds it.
-        self._lock = threading.Lock()
-        intake.on_revoke(self._settle_for_handover)
+    """The stages, in the order a record meets them, and what the loop keeps of its own."""
+
+    intake: Intake
+    planning: Planning[Ref]
+    pending: PendingTargets
+    sending: Sending
+    outcome: Outcome
+    clock: Clock
+    drain_deadline: float
+    status: Status = field(init=False, default_factory=Status)
+    # Held by the loop except while it waits inside ``poll``: a revocation (which the Kafka
+    # client runs on its own thread while ``poll`` waits) settles records only while it holds it.
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.intake.on_revoke(self._settle_for_handover)
 
     # -- the loop ---------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from typing import Any
 from worker import app
 from worker.clock import SystemClock
 from worker.cloudflare.client import CacheSetting
-from worker.config import Config
+from worker.config.settings import Config
 from worker.errors import UnknownZone, UsageError
 from worker.observe import output
 

@@ -7,7 +7,7 @@ import argparse
 
 from worker import app
 from worker.clock import SystemClock
-from worker.config import Config
+from worker.config.settings import Config
 from worker.errors import PurgeWorkerError
 from worker.kafka import admin
 from worker.observe import output

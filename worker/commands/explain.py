@@ -8,7 +8,7 @@ from typing import Any
 
 from worker import app
 from worker.clock import SystemClock
-from worker.config import Config
+from worker.config.settings import Config
 from worker.errors import UsageError
 from worker.events import Record
 from worker.observe import output

@@ -7,7 +7,7 @@ from typing import Any
 
 from worker import app
 from worker.clock import SystemClock
-from worker.config import Config
+from worker.config.settings import Config
 from worker.errors import InvalidTarget, UsageError
 from worker.observe import output
 from worker.outcome.warming import Warmer

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from worker import app
 from worker.clock import SystemClock, parse_rfc3339
-from worker.config import Config
+from worker.config.settings import Config
 from worker.errors import DeadLetterGuardTripped, RetryableError, UsageError
 from worker.events import Record
 from worker.kafka.dead_letters import KafkaDeadLetterSink, Republisher

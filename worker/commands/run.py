@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 from worker import app
 from worker.clock import SystemClock
 from worker.commands import args as args_types
-from worker.config import Config
+from worker.config.settings import Config
 from worker.errors import DeadLetterGuardTripped, PurgeWorkerError, RetryableError
 from worker.kafka.consumer import KafkaSource
 from worker.kafka.dead_letters import KafkaDeadLetterSink

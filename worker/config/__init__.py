@@ -1,6 +1,2 @@
-"""The configuration: the file's model, reading it, and the settings the worker runs with."""
-
-from worker.config.load import load, parse
-from worker.config.settings import AccountConfig, Config, KafkaSettings
-
-__all__ = ["AccountConfig", "Config", "KafkaSettings", "load", "parse"]
+"""The configuration: the file's model (``model``), reading it (``load``), and the settings the
+worker runs with (``settings``)."""

@@ -21,6 +21,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 ZONE_ID_PATTERN = r"^[0-9a-f]{32}$"
 DEFAULT_TOKEN_ENV = "CLOUDFLARE_API_TOKEN"  # noqa: S105 (a variable name, not a token)
 DEFAULT_BASE_URL = "https://api.cloudflare.com/client/v4"
+# Defaults other modules share (decoding, rules): written here once.
+MAX_RECORD_BYTES = 1024 * 1024
+EVENT_TYPE_FIELD = "type"
+MAX_TARGETS_PER_RECORD = 10_000
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -71,8 +75,8 @@ class KafkaSection(Section):
     client_id: str = "purge-worker"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     max_poll_records: int = Field(default=500, ge=1)
-    max_record_bytes: int = Field(default=1024 * 1024, ge=1)
-    event_type_field: str = "type"
+    max_record_bytes: int = Field(default=MAX_RECORD_BYTES, ge=1)
+    event_type_field: str = EVENT_TYPE_FIELD
     # Where workers tell each other their demand for each account's budget (worker.sending.shares).
     # Every worker group on the cluster that spends the same Cloudflare account must use the same
     # topic. null: each replica takes its part of the partitions, as if demand were even.
@@ -201,7 +205,7 @@ class DeliverySettings(Section):
     allow_everything: bool = False
     # What one record may purge, counted before zone variants: a plug-in or a fan-out gone wrong
     # dead-letters its record in bounded time and memory instead of spending the budget.
-    max_targets_per_record: int = Field(default=10_000, ge=1, le=1_000_000)
+    max_targets_per_record: int = Field(default=MAX_TARGETS_PER_RECORD, ge=1, le=1_000_000)
     dry_run: bool = False
     drain_deadline_seconds: float = Field(default=20.0, ge=0)
     commit_interval_seconds: float = Field(default=1.0, gt=0)

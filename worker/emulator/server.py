@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from worker.emulator.state import EmulatorState, Reply, envelope, error
+from worker.emulator import api
+from worker.emulator.state import EmulatorState, error
 
-_PURGE = re.compile(r"^/client/v4/zones/([^/]+)/(purge_cache|invalidate_cache)$")
-_SETTING = re.compile(r"^/client/v4/zones/([^/]+)/cache/([a-z_]+)$")
-_VERIFY = "/client/v4/user/tokens/verify"
 MAX_BODY = 10 * 1024 * 1024
 
 
@@ -54,41 +50,8 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and not path.startswith("/client/"):
             self._edge(self.headers.get("Host", ""), self.path, headers)
             return
-        status, body, extra = self._api(state, method, path, raw, headers)
-        if status >= 400 and state.faults.echo_headers:
-            echoed = "; ".join(f"{k}: {v}" for k, v in headers.items())
-            for err in body.get("errors") or []:
-                err["message"] = f"{err.get('message', '')} (request headers: {echoed})"
+        status, body, extra = api.handle(state, method, path, raw, headers)
         self._send(status, body, extra, record=(method, path))
-
-    def _api(
-        self, state: EmulatorState, method: str, path: str, raw: bytes, headers: dict[str, str]
-    ) -> Reply:
-        latency_ms, fault = state.injected_fault()
-        if latency_ms:
-            time.sleep(latency_ms / 1000)
-        if fault is not None:
-            return fault
-        denied = state.authenticate(headers)
-        if denied is not None:
-            return denied
-        if path == _VERIFY and method == "GET":
-            return 200, envelope({"id": "0" * 32, "status": "active"}), {}
-        body: Any = None
-        if raw:
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                return error(400, 6007, "Malformed JSON in request body")
-        m = _PURGE.match(path)
-        if m:
-            if method != "POST":
-                return error(405, 10405, "Method not allowed")
-            return state.zone(m.group(1)) or state.purge(m.group(1), m.group(2), body)
-        m = _SETTING.match(path)
-        if m:
-            return state.zone(m.group(1)) or state.setting(m.group(1), m.group(2), method, body)
-        return error(404, 7000, "No route for that URI")
 
     def _edge(self, host: str, path: str, headers: dict[str, str]) -> None:
         """A GET for a zone's page, served as Cloudflare's edge would (``edge.py``)."""

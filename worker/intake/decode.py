@@ -12,18 +12,18 @@ from typing import Any
 
 import msgspec
 
+from worker.config.model import EVENT_TYPE_FIELD, MAX_RECORD_BYTES
 from worker.errors import InvalidEvent
 from worker.events import Event, Record
 
 CE_CONTENT_TYPE = "application/cloudevents+json"
 CE_REQUIRED = ("id", "source", "specversion", "type")
-DEFAULT_MAX_BYTES = 1024 * 1024
 
 _json_decode = msgspec.json.Decoder().decode
 
 
 def decode(
-    record: Record, *, max_bytes: int = DEFAULT_MAX_BYTES, type_field: str = "type"
+    record: Record, *, max_bytes: int = MAX_RECORD_BYTES, type_field: str = EVENT_TYPE_FIELD
 ) -> Event:
     """Raises ``InvalidEvent`` with the decoder's reason; never anything else."""
     value = record.value

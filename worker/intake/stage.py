@@ -75,22 +75,13 @@ class Intake:
         )
         over = pending_targets >= most_targets or pending_records >= most_records
         under = pending_targets < most_targets * 0.8 and pending_records < most_records * 0.8
-        if over and not self._paused:
-            # The pending set keeps going out as fast as the budget allows meanwhile.
-            self.source.pause()
-            self._paused = True
-            metrics.PAUSED.set(1)
+        if over != self._paused and (over or under):
+            # While paused the pending set keeps going out as fast as the budget allows.
+            (self.source.pause if over else self.source.resume)()
+            self._paused = over
+            metrics.PAUSED.set(int(over))
             log.info(
-                "consumption paused: backlog",
-                pending_targets=pending_targets,
-                pending_records=pending_records,
-            )
-        elif self._paused and under:
-            self.source.resume()
-            self._paused = False
-            metrics.PAUSED.set(0)
-            log.info(
-                "consumption resumed",
+                "consumption paused: backlog" if over else "consumption resumed",
                 pending_targets=pending_targets,
                 pending_records=pending_records,
             )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
-from worker.config import KafkaSettings
+from worker.config.settings import KafkaSettings
 from worker.kafka.client import options
 
 WAIT_MS = 10_000

@@ -12,7 +12,7 @@ from kafka import TopicPartition as KafkaTP
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from worker.config import KafkaSettings
+from worker.config.settings import KafkaSettings
 from worker.errors import RetryableError
 from worker.events import Record, TopicPartition
 

@@ -14,7 +14,7 @@ from kafka import AsyncConsumerRebalanceListener, KafkaConsumer
 from kafka import TopicPartition as KafkaTP
 from kafka.errors import CommitFailedError, KafkaError
 
-from worker.config import KafkaSettings
+from worker.config.settings import KafkaSettings
 from worker.events import Record, TopicPartition
 from worker.kafka.client import kafka_offsets, millis, options, to_record, unavailable
 

@@ -11,7 +11,7 @@ from kafka import TopicPartition as KafkaTP
 from kafka.errors import KafkaError
 
 from worker.clock import parse_rfc3339
-from worker.config import KafkaSettings
+from worker.config.settings import KafkaSettings
 from worker.errors import RetryableError
 from worker.events import Record
 from worker.kafka.client import options, unavailable

@@ -25,7 +25,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from worker.clock import Clock
-from worker.config import KafkaSettings
+from worker.config.settings import KafkaSettings
 from worker.kafka.client import options
 from worker.sending.split import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report
 

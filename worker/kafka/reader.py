@@ -15,7 +15,7 @@ from kafka import KafkaConsumer
 from kafka import TopicPartition as KafkaTP
 from kafka.errors import KafkaError
 
-from worker.config import KafkaSettings
+from worker.config.settings import KafkaSettings
 from worker.errors import UsageError
 from worker.events import Record, TopicPartition
 from worker.kafka.client import kafka_offsets, millis, options, to_record, unavailable

@@ -10,6 +10,7 @@ and never holds it back. Not thread-safe: only the loop's thread touches it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Set
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -31,30 +32,22 @@ log = structlog.get_logger("worker.outcome")
 DEAD_LETTER_RETRY = 2.0
 
 
+@dataclass(eq=False)
 class Outcome:
-    def __init__(
-        self,
-        records: InFlightRecords,
-        commits: CommitPolicy,
-        sink: DeadLetterSink,
-        guard: DeadLetterGuard,
-        clock: Clock,
-        *,
-        warmer: Warmer | None = None,
-        debug: bool = False,
-    ) -> None:
-        self.records = records
-        self.commits = commits
-        self.sink = sink
-        self.guard = guard
-        self._clock = clock
-        self._warmer = warmer
-        self._debug = debug
-        self.tripped = False
-        self.last_record = 0.0  # wall-clock time a record was last finished
-        self._retry_at = 0.0
-        # Dead-letter writes under way: their records finish once the broker confirms.
-        self._writes: dict[Ref, tuple[InFlight, DeadLetterWrite]] = {}
+    """Records in flight, their dead letters (asked of the guard first), and their commits."""
+
+    records: InFlightRecords
+    commits: CommitPolicy
+    sink: DeadLetterSink
+    guard: DeadLetterGuard
+    clock: Clock
+    warmer: Warmer | None = None
+    debug: bool = False
+    tripped: bool = field(init=False, default=False)
+    last_record: float = field(init=False, default=0.0)  # wall-clock time of the last finish
+    _retry_at: float = field(init=False, default=0.0)
+    # Dead-letter writes under way: their records finish once the broker confirms.
+    _writes: dict[Ref, tuple[InFlight, DeadLetterWrite]] = field(init=False, default_factory=dict)
 
     @property
     def writing(self) -> int:
@@ -73,11 +66,11 @@ class Outcome:
         state.skipped = plan.skipped
         if plan.errors:
             state.failures.extend(plan.errors)
-        if plan.warm and self._warmer is not None:
+        if plan.warm and self.warmer is not None:
             state.warm = list(plan.warm)
         for dropped in plan.dropped:
             state.log.warning("target dropped: unknown zone", error=str(dropped))
-        if self._debug:  # builds nothing per record unless asked for
+        if self.debug:  # builds nothing per record unless asked for
             state.log.debug("record planned", targets=len(plan.targets), failures=len(plan.errors))
         if waiting:
             self.records.expect(ref, waiting)
@@ -101,7 +94,7 @@ class Outcome:
         self.commits.offer()
 
     def _finish(self, ready: list[tuple[Ref, InFlight]], final: bool) -> None:
-        now, now_wall = self._clock.monotonic(), self._clock.time()
+        now, now_wall = self.clock.monotonic(), self.clock.time()
         finished: dict[tuple[str, str], int] = {}
         for ref, state in ready:
             if state.failures:
@@ -115,8 +108,8 @@ class Outcome:
             finished[(ref.topic, outcome)] = finished.get((ref.topic, outcome), 0) + 1
             if not state.skipped and state.event_time:
                 metrics.EVENT_AGE.observe(max(0.0, now_wall - state.event_time))
-            if state.warm and self._warmer is not None:
-                self._warmer.submit(state.warm)  # never blocks, never fails the record
+            if state.warm and self.warmer is not None:
+                self.warmer.submit(state.warm)  # never blocks, never fails the record
             self.records.finish(ref)
             self.last_record = now_wall
         for (topic, outcome), n in finished.items():
@@ -135,7 +128,7 @@ class Outcome:
         headers = headers_for(
             record,
             state.failures,
-            failed_at=self._clock.time(),
+            failed_at=self.clock.time(),
             attempts=record.attempts + 1,
             original=record.origin,
         )
@@ -157,7 +150,7 @@ class Outcome:
             error = write.error()
             if error is not None:
                 state.log.warning("dead-letter write failed; will retry", error=str(error))
-                self._retry_at = self._clock.monotonic() + DEAD_LETTER_RETRY
+                self._retry_at = self.clock.monotonic() + DEAD_LETTER_RETRY
                 self.records.hold(ref)
                 continue
             first = state.failures[0]
@@ -167,7 +160,7 @@ class Outcome:
                 "record dead-lettered", error_class=first.error_class, error=str(first)
             )
             self.records.finish(ref)
-            self.last_record = self._clock.time()
+            self.last_record = self.clock.time()
 
     def forget(self, tps: Set[TopicPartition]) -> set[Ref]:
         """Drop every record of ``tps`` (their new owner, or a re-read, redoes them)."""

@@ -13,9 +13,10 @@ from typing import NamedTuple
 
 import structlog
 
+from worker.config.model import EVENT_TYPE_FIELD, MAX_RECORD_BYTES
 from worker.errors import InvalidEvent, NoRuleMatched, PermanentError, UnknownZone
 from worker.events import Event, Record
-from worker.intake.decode import DEFAULT_MAX_BYTES, decode
+from worker.intake.decode import decode
 from worker.planning.routing import Zone, ZoneRouter
 from worker.planning.rules.outcome import RuleTarget
 from worker.planning.rules.ruleset import RuleSet
@@ -46,8 +47,8 @@ class PlanningSettings:
 
     rules: RuleSet
     zones: tuple[Zone, ...]
-    max_record_bytes: int = DEFAULT_MAX_BYTES
-    event_type_field: str = "type"
+    max_record_bytes: int = MAX_RECORD_BYTES
+    event_type_field: str = EVENT_TYPE_FIELD
     unknown_zone: str = "dead_letter"  # or "drop"
     no_rule_matched: str = "skip"  # or "dead_letter"
     use_event_time: bool = False  # the ledger goes by the event's time, not the record's

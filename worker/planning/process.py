@@ -32,7 +32,8 @@ from worker.planning.planner import Planned, Planner, PlanningSettings, Routed
 from worker.runtime import freeze_before_fork, tune_gc_forked
 from worker.targets import Mode, Target
 
-CLOSE_WAIT = 1.0
+# How long the child may take to exit once its pipe is closed, before it is killed.
+EXIT_WAIT = 1.0
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 # The worker's to act on (it stops, then closes the pipe); the child ignores them.
 TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -145,10 +146,10 @@ class PlanningProcess:
             self._conn.close()
             self._conn = None
         if self._process is not None:
-            self._process.join(CLOSE_WAIT)
+            self._process.join(EXIT_WAIT)
             if self._process.is_alive():
                 self._process.kill()
-                self._process.join(CLOSE_WAIT)
+                self._process.join(EXIT_WAIT)
 
     def _live(self) -> Connection:
         if self._conn is None:

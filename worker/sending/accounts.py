@@ -10,7 +10,7 @@ from worker.clock import Clock
 from worker.cloudflare.client import CloudflareClient
 from worker.cloudflare.ratelimit import AccountRateLimiter
 from worker.cloudflare.transport import RequestsTransport, Transport
-from worker.config import AccountConfig
+from worker.config.settings import AccountConfig
 from worker.errors import UnknownZone
 from worker.planning.routing import Zone
 from worker.sending.purger import Destination

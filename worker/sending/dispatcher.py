@@ -11,7 +11,7 @@ Not thread-safe: only the loop's thread calls it. Requests run on a small thread
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import structlog
@@ -22,7 +22,6 @@ from worker.errors import Abandoned, RetriesExhausted
 from worker.pending.coalescer import Batch, Coalescer
 from worker.pending.ledger import PurgeLedger
 from worker.sending.purger import BatchResult, Destination, Purger
-from worker.targets import Kind
 
 log = structlog.get_logger("worker.sending.dispatcher")
 
@@ -42,12 +41,10 @@ class Dispatcher:
         ledger: PurgeLedger,
         clock: Clock,
         *,
-        cap: Callable[[str, Kind], int],
         concurrency: int,
     ) -> None:
         self._coalescer = coalescer
         self._destinations = destinations
-        self._cap = cap
         self._purger = purger
         self._ledger = ledger
         self._clock = clock
@@ -74,7 +71,7 @@ class Dispatcher:
         self._budget_at = None
         for due in self._coalescer.ready(drain=drain):
             dest = self._destinations[due.zone_id]
-            cap = self._cap(due.zone_id, due.kind)
+            cap = dest.limiter.cap(due.kind)
             # A small share of the URL budget sends smaller requests, never one above its second.
             largest = min(cap, dest.limiter.largest(due.kind))
             while len(self._futures) < self._concurrency:

@@ -7,12 +7,12 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+from worker.config.model import MAX_TARGETS_PER_RECORD
 from worker.errors import InvalidEvent, InvalidTarget, PermanentError
 from worker.events import Event
 from worker.planning.rules.mapping import StrictMapping
 from worker.planning.rules.match import Match
 from worker.planning.rules.outcome import (
-    DEFAULT_MAX_TARGETS,
     PURGE,
     PURGE_AND_WARM,
     WARM_ONLY,
@@ -72,7 +72,7 @@ class DeclarativeRule:
         section: StrictMapping,
         *,
         allow_everything: bool,
-        max_targets: int = DEFAULT_MAX_TARGETS,
+        max_targets: int = MAX_TARGETS_PER_RECORD,
     ) -> None:
         self.max_targets = max_targets
         self.name = section.get("name", str)

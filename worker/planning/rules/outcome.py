@@ -11,10 +11,6 @@ from worker.errors import InvalidTarget, PermanentError
 from worker.events import Event
 from worker.targets import Mode, Target
 
-# Targets one record may produce (``delivery.max_targets_per_record``).
-DEFAULT_MAX_TARGETS = 10_000
-
-
 # What a rule asks of a target besides purging it (``RuleTarget.warm``).
 PURGE, PURGE_AND_WARM, WARM_ONLY = 0, 1, 2
 

@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from worker.config.model import MAX_TARGETS_PER_RECORD
 from worker.errors import InvalidEvent, InvalidTarget, PermanentError
 from worker.events import Event
 from worker.planning.rules.mapping import StrictMapping
 from worker.planning.rules.match import Match
 from worker.planning.rules.outcome import (
-    DEFAULT_MAX_TARGETS,
     PartialTargets,
     RuleTarget,
     too_many,
@@ -34,7 +34,7 @@ class PluginRule:
         self,
         section: StrictMapping,
         search_path: str | None = None,
-        max_targets: int = DEFAULT_MAX_TARGETS,
+        max_targets: int = MAX_TARGETS_PER_RECORD,
     ) -> None:
         self.max_targets = max_targets
         self.name = section.get("name", str)

@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from worker.config.model import MAX_TARGETS_PER_RECORD
 from worker.errors import ConfigError, InvalidEvent, InvalidTarget, PermanentError
 from worker.events import Event
 from worker.planning.rules.declarative import DeclarativeRule
 from worker.planning.rules.mapping import StrictMapping
 from worker.planning.rules.outcome import (
-    DEFAULT_MAX_TARGETS,
     PartialTargets,
     Rule,
     RuleOutcome,
@@ -37,7 +37,7 @@ def _named(rule: str, exc: PermanentError) -> PermanentError:
 
 
 class RuleSet:
-    def __init__(self, rules: Sequence[Rule], max_targets: int = DEFAULT_MAX_TARGETS) -> None:
+    def __init__(self, rules: Sequence[Rule], max_targets: int = MAX_TARGETS_PER_RECORD) -> None:
         self.rules = list(rules)
         self.max_targets = max_targets
 
@@ -89,7 +89,7 @@ def compile_rules(
     allow_everything: bool,
     plugin_path: str | None = None,
     taken: set[str] | None = None,
-    max_targets: int = DEFAULT_MAX_TARGETS,
+    max_targets: int = MAX_TARGETS_PER_RECORD,
 ) -> list[Rule]:
     """Compile a list of rule mappings from ``source``. ``taken``: rule names already used
     (by other rule files); every name must be unique across them. Raises ``ConfigError``."""

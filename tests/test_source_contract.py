@@ -1,0 +1,173 @@
+"""One contract, two sources: the in-memory ``Source`` the fast tests use and the Kafka source
+production uses go through the same cases, so what the fast tests assume of the one holds for
+the other."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from tests.kafka_helpers import produce
+from worker.config.load import parse
+from worker.events import Record
+from worker.intake.memory import InMemorySource
+from worker.kafka.consumer import KafkaSource
+
+PARTITIONS = 2
+PER_PARTITION = 5
+
+
+class Memory:
+    """Records written to lists; a source of the same group starts where the last committed."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.committed: dict[tuple[str, int], int] = {}
+        self.live: InMemorySource | None = None
+
+    def write(self, topic: str, values: list[bytes]) -> None:
+        for i, value in enumerate(values):
+            p = i % PARTITIONS
+            offset = sum(1 for r in self.records if r.partition == p)
+            record = Record(topic, p, offset, b"k", value, (), 1)
+            self.records.append(record)
+            if self.live is not None:
+                self.live.add(record)
+
+    def open(self, topic: str, group: str):
+        self.live = InMemorySource(self.records, committed=self.committed)
+        return self.live
+
+    def closed(self, source) -> None:
+        self.committed = dict(source.committed)
+
+
+class Kafka:
+    def __init__(self, bootstrap: str, make_topic) -> None:
+        self.bootstrap = bootstrap
+        self.make_topic = make_topic
+
+    def write(self, topic: str, values: list[bytes]) -> None:
+        produce(self.bootstrap, topic, values, key=None, spread=PARTITIONS)
+
+    def open(self, topic: str, group: str):
+        config = parse(
+            {
+                "kafka": {
+                    "bootstrap_servers": [self.bootstrap],
+                    "topics": [topic],
+                    "group_id": group,
+                    "dead_letter_topic": f"{topic}.dlq",
+                },
+                "cloudflare": {
+                    "accounts": {"a": {}},
+                    "zones": [{"id": "0" * 32, "hosts": ["example.com"]}],
+                },
+            },
+            "contract.yaml",
+            {},
+        )
+        return KafkaSource(config.kafka)
+
+    def closed(self, source) -> None:
+        pass
+
+
+@pytest.fixture(params=["memory", "kafka"])
+def world(request):
+    if request.param == "memory":
+        return Memory(), "contract"
+    bootstrap = request.getfixturevalue("kafka_bootstrap")
+    make_topic = request.getfixturevalue("make_topic")
+    return Kafka(bootstrap, make_topic), make_topic("contract", PARTITIONS)
+
+
+def values(n: int, tag: str = "v") -> list[bytes]:
+    return [f"{tag}{i}".encode() for i in range(n)]
+
+
+def poll_until(source, want: int, seconds: float = 30.0, max_records: int = 500) -> list[Record]:
+    """Poll until ``want`` records came (a Kafka consumer first joins its group)."""
+    got: list[Record] = []
+    deadline = time.monotonic() + seconds
+    while len(got) < want and time.monotonic() < deadline:
+        got += source.poll(0.2, max_records)
+    return got
+
+
+def test_every_record_once_in_offset_order_per_partition(world):
+    w, topic = world
+    w.write(topic, values(PARTITIONS * PER_PARTITION))
+    source = w.open(topic, f"g-{uuid.uuid4().hex[:8]}")
+    try:
+        got = poll_until(source, PARTITIONS * PER_PARTITION)
+        assert sorted(r.value for r in got) == sorted(values(PARTITIONS * PER_PARTITION))
+        for p in range(PARTITIONS):
+            offsets = [r.offset for r in got if r.partition == p]
+            assert offsets == list(range(PER_PARTITION))
+        assert all(r.topic == topic for r in got)
+        assert source.poll(0.2, 500) == []  # nothing twice
+        assert source.assignment() == {(topic, p) for p in range(PARTITIONS)}
+        assert source.total_partitions() == PARTITIONS
+    finally:
+        source.close(1.0)
+
+
+def test_a_poll_takes_at_most_max_records_and_an_empty_one_waits_its_timeout(world):
+    w, topic = world
+    w.write(topic, values(8))
+    source = w.open(topic, f"g-{uuid.uuid4().hex[:8]}")
+    try:
+        got = poll_until(source, 8, max_records=3)
+        assert len(got) == 8
+        started = time.monotonic()
+        assert source.poll(0.3, 3) == []
+        assert time.monotonic() - started >= 0.25
+    finally:
+        source.close(1.0)
+
+
+def test_paused_polls_return_nothing_until_resumed(world):
+    w, topic = world
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    w.write(topic, values(4, "first"))
+    source = w.open(topic, group)
+    try:
+        assert len(poll_until(source, 4)) == 4
+        source.pause()
+        w.write(topic, values(4, "second"))
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            assert source.poll(0.2, 500) == []
+        source.resume()
+        assert sorted(r.value for r in poll_until(source, 4)) == sorted(values(4, "second"))
+    finally:
+        source.close(1.0)
+
+
+def test_a_member_of_the_group_starts_after_what_was_committed(world):
+    w, topic = world
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    w.write(topic, values(PARTITIONS * PER_PARTITION))
+    source = w.open(topic, group)
+    try:
+        got = poll_until(source, PARTITIONS * PER_PARTITION)
+        # Two records of each partition are done: the next member begins at the third.
+        assert source.commit({(topic, p): 2 for p in range(PARTITIONS)}, timeout=5.0) is True
+        source.finished({(topic, p): 2 for p in range(PARTITIONS)})  # never blocks
+        assert source.take_revoked() == set()
+        lag = source.lag({(r.topic, r.partition): r.offset for r in got})
+        assert lag == {(topic, p): 0 for p in range(PARTITIONS)}
+    finally:
+        source.close(1.0)
+        w.closed(source)
+    again = w.open(topic, group)
+    try:
+        rest = poll_until(again, PARTITIONS * (PER_PARTITION - 2))
+        assert sorted((r.partition, r.offset) for r in rest) == sorted(
+            (p, o) for p in range(PARTITIONS) for o in range(2, PER_PARTITION)
+        )
+    finally:
+        again.close(1.0)
