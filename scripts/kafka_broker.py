@@ -71,15 +71,30 @@ class Broker:
     """One KRaft node on loopback. ``start()`` blocks until it answers; ``stop()`` is idempotent."""
 
     def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        # Two ports asked for one after the other can be the same one (each socket is closed
-        # before the next is bound), and the broker then refuses to start.
-        self.controller_port = free_port()
-        while self.controller_port == self.port:
-            self.controller_port = free_port()
+        # Ports asked for one after the other can repeat (each socket is closed before the next
+        # is bound), and the broker then refuses to start: ask until they differ.
+        ports: list[int] = [port] if port else []
+        while len(ports) < 1 + len(self.extra_listeners()) + 1:
+            candidate = free_port()
+            if candidate not in ports:
+                ports.append(candidate)
+        self.port, self.controller_port = ports[0], ports[-1]
+        self.ports = dict(zip(self.extra_listeners(), ports[1:-1], strict=True))
         self.workdir = Path(tempfile.mkdtemp(prefix="purge-worker-kafka-"))
         self.log_path = self.workdir / "broker.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def extra_listeners(self) -> dict[str, str]:
+        """Listeners besides PLAINTEXT and CONTROLLER: name -> security protocol."""
+        return {}
+
+    def extra_properties(self) -> str:
+        """Broker properties besides the listeners (a secured broker adds its own)."""
+        return ""
+
+    def format_arguments(self) -> list[str]:
+        """Arguments for formatting the storage besides the config (SCRAM users, say)."""
+        return []
 
     @property
     def bootstrap(self) -> str:
@@ -87,14 +102,19 @@ class Broker:
 
     def _write_config(self) -> Path:
         data = self.workdir / "data"
+        names = {"PLAINTEXT": ("PLAINTEXT", self.port)}
+        names |= {n: (proto, self.ports[n]) for n, proto in self.extra_listeners().items()}
+        names["CONTROLLER"] = ("PLAINTEXT", self.controller_port)
+        listeners = ",".join(f"{n}://127.0.0.1:{port}" for n, (_, port) in names.items())
+        protocols = ",".join(f"{n}:{proto}" for n, (proto, _) in names.items())
         props = f"""process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}
-listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}
+listeners={listeners}
+advertised.listeners={listeners}
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map={protocols}
 log.dirs={data}
 num.partitions=1
 offsets.topic.replication.factor=1
@@ -106,7 +126,7 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 log.flush.interval.messages=9223372036854775807
-"""
+""" + self.extra_properties()
         path = self.workdir / "server.properties"
         path.write_text(props)
         log4j = self.workdir / "log4j2.properties"
@@ -115,6 +135,8 @@ log.flush.interval.messages=9223372036854775807
             "appender.f.type=Console\nappender.f.name=F\n"
             "appender.f.layout.type=PatternLayout\nappender.f.layout.pattern=[%d] %p %m (%c)%n\n"
             "logger.kafka.name=kafka\nlogger.kafka.level=INFO\n"
+            # Every operation the authorizer denies, for the security tests to count.
+            "logger.authorizer.name=kafka.authorizer.logger\nlogger.authorizer.level=INFO\n"
         )
         return path
 
@@ -143,6 +165,7 @@ log.flush.interval.messages=9223372036854775807
                 cluster_id,
                 "-c",
                 str(config),
+                *self.format_arguments(),
             ],
             capture_output=True,
             text=True,

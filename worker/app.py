@@ -19,7 +19,7 @@ from worker.config.settings import Config
 from worker.errors import ConfigError, PurgeWorkerError
 from worker.intake.source import Source
 from worker.intake.stage import Intake
-from worker.kafka.dead_letters import recent_dead_letters
+from worker.kafka.reader import recent_dead_letters
 from worker.loop import Loop
 from worker.observe.health import STALE_AFTER_SECONDS, HealthServer
 from worker.outcome.commit import CommitPolicy
@@ -118,7 +118,8 @@ def seed_guard(config: Config, guard: DeadLetterGuard, clock: Clock) -> None:
 
 
 def health(config: Config, loop: Loop, *, kafka_patience: float) -> HealthServer | None:
-    """The probes: ``/healthz`` while the loop polls, ``/readyz`` while Kafka is heard from too."""
+    """The probes: ``/healthz`` while the loop polls; ``/readyz`` while, besides, Kafka is heard
+    from and dead letters can be written."""
     port = config.observability.health_port
     if not port:
         return None
@@ -131,14 +132,16 @@ def health(config: Config, loop: Loop, *, kafka_patience: float) -> HealthServer
         healthy = status.running and fresh
         contact = source.last_contact()
         silent = time.monotonic() - (contact if contact is not None else started)
+        writing = not loop.outcome.writes_failing
         details = {
             "assigned_partitions": status.assigned,
             "last_poll": status.last_poll,
             "last_record": status.last_record,
             "pending_records": len(loop.outcome.records),
             "kafka_silent_seconds": round(silent, 1),
+            "dead_letters_writable": writing,
         }
-        return healthy, healthy and silent < kafka_patience, details
+        return healthy, healthy and silent < kafka_patience and writing, details
 
     with bound(config, "health_port"):
         server = HealthServer(port, check, config.observability.listen_address)

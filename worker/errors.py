@@ -14,6 +14,7 @@
     │   ├── UnknownZone          a target for a host in no configured zone
     │   ├── ApiRejected          other 4xx, with Cloudflare's error codes
     │   └── RetriesExhausted     the retry budget ran out
+    ├── AccessError              Kafka refused us (credentials, TLS, an ACL): an operator must act
     ├── DeadLetterGuardTripped   too many records dead-lettered: stop rather than drain the topic
     └── Abandoned                work given up at shutdown; its records are redelivered
 
@@ -155,6 +156,12 @@ class RetriesExhausted(PermanentError):
         self.attempts = attempts
         self.code = getattr(last, "code", None)
         super().__init__(f"gave up after {attempts} attempts: {last}")
+
+
+class AccessError(PurgeWorkerError):
+    """Kafka refused the worker: authentication failed, TLS did not verify, or an ACL denies an
+    operation. Neither retryable (nothing changes by waiting) nor about a record: the worker
+    stops and says which setting or ACL to fix."""
 
 
 class DeadLetterGuardTripped(PurgeWorkerError):

@@ -24,11 +24,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
     )
     if not args.online:
         return 0
-    failures = admin.check(config.kafka) + _check_tokens(config)
+    try:
+        kafka = admin.check(config.kafka)
+    except PurgeWorkerError as exc:
+        kafka = [f"kafka: {exc}"]
+    failures = kafka + _check_tokens(config)
     for line in failures:
         output.line(f"FAIL {line}")
     if not failures:
-        output.line("online: Kafka reachable, topics exist, every API token is active")
+        output.line(
+            "online: Kafka reachable, topics exist and the ACLs allow what the worker does; "
+            "every API token is active"
+        )
     return 1 if failures else 0
 
 

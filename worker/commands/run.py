@@ -17,7 +17,8 @@ from worker import app
 from worker.clock import SystemClock
 from worker.commands import args as args_types
 from worker.config.settings import Config
-from worker.errors import DeadLetterGuardTripped, PurgeWorkerError, RetryableError
+from worker.errors import AccessError, DeadLetterGuardTripped, PurgeWorkerError, RetryableError
+from worker.kafka import admin
 from worker.kafka.consumer import KafkaSource
 from worker.kafka.dead_letters import KafkaDeadLetterSink
 from worker.kafka.exchange import KafkaBudgetExchange
@@ -75,22 +76,24 @@ def _run(config: Config, process: PlanningProcess | None) -> int:
     if config.kafka.budget_topic and not config.delivery.dry_run:
         # Started first: it connects while the consumer does, so the budget is there sooner.
         exchange = KafkaBudgetExchange(config.kafka, config.kafka.budget_topic, clock).start()
-    source, sink = _connect(config, stop)
+    try:
+        source, sink = _connect(config, stop)
+    except PurgeWorkerError:
+        if exchange is not None:
+            exchange.close()
+        raise
     if source is None or sink is None:
         if exchange is not None:
             exchange.close()
         return 0 if stop.is_set() else 1
-    missing = source.missing_topics([*config.kafka.topics, config.kafka.dead_letter_topic])
-    if missing:
+    try:
+        _verify_access(config)
+    except PurgeWorkerError:
         source.close(timeout=1.0)
         sink.close(timeout=1.0)
         if exchange is not None:
             exchange.close()
-        raise PurgeWorkerError(
-            f"kafka topic {', '.join(missing)} does not exist on "
-            f"{','.join(config.kafka.bootstrap_servers)} (create it; see kafka.topics and "
-            "kafka.dead_letter_topic)"
-        )
+        raise
     warmer = None
     if config.warming.enabled and config.rules.warms and not config.delivery.dry_run:
         warmer = Warmer(config.warming, clock).start()
@@ -127,6 +130,21 @@ def _run(config: Config, process: PlanningProcess | None) -> int:
     if health:
         health.stop()
     return code
+
+
+def _verify_access(config: Config) -> None:
+    """Stop now, naming the topic and the ACL, when the worker cannot work on this cluster; warn
+    about what it can work without (the guard's memory, the budget exchange)."""
+    problems = admin.verify(config.kafka)
+    for problem in problems:
+        if not problem.fatal:
+            log.warning("kafka access", problem=problem.line)
+    fatal = [p.line for p in problems if p.fatal]
+    if fatal:
+        for line in fatal[1:]:
+            log.error("kafka access", problem=line)
+        servers = ",".join(config.kafka.bootstrap_servers)
+        raise AccessError(f"{fatal[0]} (on {servers})")
 
 
 def _connect(

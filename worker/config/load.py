@@ -18,15 +18,15 @@ from pydantic import ValidationError
 
 from worker.cloudflare.auth import Credentials, Secret
 from worker.cloudflare.tiers import Tier, limits_for
+from worker.config import kafka
 from worker.config.errors import from_validation_error
 from worker.config.model import (
     AccountSection,
     ConfigFile,
-    KafkaSection,
     ZoneSection,
     check_base_url,
 )
-from worker.config.settings import AccountConfig, Config, KafkaSettings
+from worker.config.settings import AccountConfig, Config
 from worker.errors import ConfigError, InvalidTarget
 from worker.planning.routing import Zone
 from worker.planning.rules.ruleset import Rule, RuleSet, compile_rules
@@ -93,7 +93,7 @@ def parse(data: Any, source: str, env: Mapping[str, str]) -> Config:
     _check_rule_zones(rules.rules, zones, source)
     return Config(
         source=source,
-        kafka=_kafka(file.kafka, env, source),
+        kafka=kafka.build(file.kafka, env, source),
         base_url=_base_url(file.cloudflare.base_url, env, source),
         accounts=accounts,
         zones=zones,
@@ -113,37 +113,6 @@ def _base_url(configured: str, env: Mapping[str, str], source: str) -> str:
         return check_base_url(override)
     except ValueError as exc:
         raise ConfigError(source, "cloudflare.base_url", f"CLOUDFLARE_BASE_URL: {exc}") from None
-
-
-def _kafka(s: KafkaSection, env: Mapping[str, str], source: str) -> KafkaSettings:
-    servers = s.bootstrap_servers
-    if env.get("KAFKA_BOOTSTRAP"):
-        servers = tuple(env["KAFKA_BOOTSTRAP"].split(","))
-    topics = s.topics
-    if not topics:
-        raise ConfigError(source, "kafka.topics", "needs at least one topic")
-    if s.dead_letter_topic in topics:
-        raise ConfigError(
-            source, "kafka.dead_letter_topic", "must not be one of the consumed topics"
-        )
-    if s.budget_topic is not None and s.budget_topic in (*topics, s.dead_letter_topic):
-        raise ConfigError(
-            source, "kafka.budget_topic", "must not be a consumed topic or the dead-letter topic"
-        )
-    password = None
-    password_env = s.security.sasl_password_env
-    if password_env:
-        if not env.get(password_env):
-            raise ConfigError(
-                source,
-                "kafka.security.sasl_password_env",
-                f"environment variable {password_env} is not set",
-            )
-        password = Secret(env[password_env])
-    fields = {name: getattr(s, name) for name in type(s).model_fields}
-    return KafkaSettings.model_validate(
-        {**fields, "bootstrap_servers": servers, "sasl_password": password}
-    )
 
 
 def _account(name: str, a: AccountSection, env: Mapping[str, str], source: str) -> AccountConfig:

@@ -61,10 +61,13 @@ class KafkaSecurity(Section):
     sasl_username: str | None = None
     # The password is never in the file: this names the environment variable holding it.
     sasl_password_env: str | None = None
+    # The CA that signed the brokers' certificates (default: the system's CAs).
     ssl_cafile: str | None = None
     # A client certificate and its key, for brokers that authenticate clients by TLS.
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    # The environment variable holding the passphrase of an encrypted ssl_keyfile.
+    ssl_password_env: str | None = None
 
 
 class KafkaSection(Section):

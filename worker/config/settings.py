@@ -28,12 +28,13 @@ from worker.planning.rules.ruleset import RuleSet
 
 class KafkaSettings(KafkaSection):
     """The ``kafka`` section as the worker uses it: the file's keys (``bootstrap_servers`` from
-    ``KAFKA_BOOTSTRAP`` when that is set) and the SASL password read from its environment
-    variable, which never appears in a repr or a dump."""
+    ``KAFKA_BOOTSTRAP`` when that is set) and the passwords read from their environment
+    variables, which never appear in a repr or a dump."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     sasl_password: Secret | None = Field(default=None, exclude=True, repr=False)
+    ssl_password: Secret | None = Field(default=None, exclude=True, repr=False)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,5 @@ class Config:
     def secrets(self) -> list[str]:
         """Every secret value, for the redactor."""
         values = [s for a in self.accounts.values() for s in a.credentials.secrets()]
-        if self.kafka.sasl_password:
-            values.append(self.kafka.sasl_password.reveal())
+        values += [p.reveal() for p in (self.kafka.sasl_password, self.kafka.ssl_password) if p]
         return [v for v in values if v]

@@ -12,11 +12,13 @@ from typing import Any
 import structlog
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer
 from kafka import TopicPartition as KafkaTP
+from kafka import errors as kafka_errors
 from kafka.errors import CommitFailedError, KafkaError
 
 from worker.config.settings import KafkaSettings
+from worker.errors import AccessError
 from worker.events import Record, TopicPartition
-from worker.kafka.client import kafka_offsets, millis, options, to_record, unavailable
+from worker.kafka.client import connecting, kafka_offsets, millis, options, to_record
 
 log = structlog.get_logger("worker.kafka")
 
@@ -111,17 +113,24 @@ class KafkaSource:
             "heartbeat_interval_ms": 3_000,
             **overrides,
         }
-        try:
-            self._consumer = KafkaConsumer(**settings)
-        except KafkaError as exc:
-            servers = ",".join(config.bootstrap_servers)
-            raise unavailable(f"cannot reach Kafka at {servers}", exc) from None
+        servers = ",".join(config.bootstrap_servers)
+        self._consumer = connecting(
+            lambda: KafkaConsumer(**settings), config, f"cannot reach Kafka at {servers}"
+        )
         self._listener.consumer = self._consumer
         self._consumer.subscribe(list(config.topics), listener=self._listener)
         self._heard_at: float | None = None
 
     def poll(self, timeout: float, max_records: int) -> list[Record]:
-        batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
+        """Raises ``AccessError`` when the group or a topic may not be read."""
+        try:
+            batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
+        except kafka_errors.AuthorizationError as exc:
+            raise AccessError(
+                f"group {self._config.group_id} on {', '.join(self._config.topics)}: not "
+                f"authorized ({type(exc).__name__}): grant Read and Describe on the topics and "
+                "the group"
+            ) from None
         if batches:
             self._heard_at = time.monotonic()
         return [to_record(r) for records in batches.values() for r in records]
@@ -198,14 +207,6 @@ class KafkaSource:
             parts = self._consumer.partitions_for_topic(topic)
             total += len(parts) if parts else 0
         return total
-
-    def missing_topics(self, names: Sequence[str]) -> list[str]:
-        """Which of ``names`` the cluster does not have (asks the broker)."""
-        try:
-            existing = self._consumer.topics()
-        except KafkaError as exc:
-            raise unavailable("cannot list Kafka topics", exc) from None
-        return [n for n in names if n not in existing]
 
     def lag(self, consumed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         out = {}

@@ -1,121 +1,152 @@
-"""The dead-letter topic on Kafka: the writer the worker dead-letters through, and the reader
-of its recent records that gives the dead-letter guard its memory across restarts."""
+"""Writing to Kafka for the outcome stage: the dead-letter writer, on a thread of its own, and
+the republisher of ``replay --mode republish``."""
 
 from __future__ import annotations
 
-import time
+import threading
+from collections import deque
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer
-from kafka import TopicPartition as KafkaTP
+import structlog
+from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from worker.clock import parse_rfc3339
 from worker.config.settings import KafkaSettings
-from worker.errors import RetryableError
+from worker.errors import PurgeWorkerError, RetryableError
 from worker.events import Record
-from worker.kafka.client import options, unavailable
-from worker.outcome.dead_letters import PREFIX, Failed, header
+from worker.kafka.client import connecting, options, unavailable
 
-# How long a dead-letter send may wait for the topic's metadata. The producer's default is 60 s,
-# and the loop waited that long per record when the topic was missing.
-SEND_BLOCK_MS = 250
+log = structlog.get_logger("worker.kafka")
+
+# How long a batch of dead letters may wait for the topic's metadata and the broker's answer.
+# The thread waits, never the loop: the records stay uncommitted meanwhile.
+SEND_WAIT_MS = 10_000
+# Writes waiting for the thread; past it a write fails at once and is offered again later.
+MAX_QUEUED = 10_000
 
 
-class _KafkaWrite:
-    def __init__(self, future: Any, topic: str) -> None:
-        self._future = future
-        self._topic = topic
+class _Write:
+    """One dead-letter write: done once the broker confirmed it or it failed."""
+
+    __slots__ = ("_done", "_error")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._error: RetryableError | None = None
 
     def done(self) -> bool:
-        return bool(self._future.is_done)
+        return self._done
 
     def error(self) -> RetryableError | None:
-        exc = self._future.exception if self._future.failed() else None
-        if exc is None:
-            return None
-        return RetryableError(f"dead-letter write to {self._topic} failed: {exc}")
+        return self._error
+
+    def end(self, error: RetryableError | None = None) -> None:
+        self._error, self._done = error, True
 
 
 class KafkaDeadLetterSink:
-    """``worker.outcome.dead_letters.DeadLetterSink`` on a Kafka topic."""
+    """``worker.outcome.dead_letters.DeadLetterSink`` on a Kafka topic. ``submit`` only queues:
+    a thread of its own sends what is queued, waits for the topic's metadata and the broker's
+    confirmation, and ends each write. After a failed batch the producer is built anew for the
+    next: an idempotent producer stays broken after a fatal error (an authorization failure is
+    one), and access granted later must work without a restart."""
 
     def __init__(self, config: KafkaSettings, topic: str | None = None) -> None:
+        self._settings = config
         self._topic = topic or config.dead_letter_topic
-        try:
-            self._producer = KafkaProducer(
-                **options(config),
-                acks="all",
-                linger_ms=5,
-                max_block_ms=SEND_BLOCK_MS,
-                # A write the broker cannot take is retried by the loop, which holds the
-                # record uncommitted meanwhile; the producer need not hold it for minutes.
-                request_timeout_ms=10_000,
-                delivery_timeout_ms=30_000,
-            )
-        except KafkaError as exc:
-            raise unavailable("cannot reach Kafka for the dead-letter topic", exc) from None
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[_Write, Record, list[tuple[str, bytes]]]] = deque()
+        self._stopping = False
+        # Built now: a worker that cannot reach Kafka, or is refused, says so at start.
+        self._producer: Any = self._connect()
+        self._thread = threading.Thread(target=self._run, name="dead-letters", daemon=True)
+        self._thread.start()
 
-    def submit(self, record: Record, headers: list[tuple[str, bytes]]) -> _KafkaWrite | Failed:
-        try:
-            future = self._producer.send(
-                self._topic, key=record.key, value=record.value, headers=headers
-            )
-        except KafkaError as exc:
-            return Failed(RetryableError(f"dead-letter write to {self._topic} failed: {exc}"))
-        return _KafkaWrite(future, self._topic)
+    def submit(self, record: Record, headers: list[tuple[str, bytes]]) -> _Write:
+        write = _Write()
+        with self._cond:
+            if len(self._queue) >= MAX_QUEUED or self._stopping:
+                write.end(RetryableError(f"dead-letter writes to {self._topic} are backed up"))
+            else:
+                self._queue.append((write, record, headers))
+                self._cond.notify()
+        return write
 
     def close(self, timeout: float = 10.0) -> None:
-        self._producer.close(timeout=timeout)
+        """Stop within ``timeout``; what is not confirmed by then stays undone (its record is
+        uncommitted and comes back). Never raises."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=0 if self._thread.is_alive() else timeout)
+            except Exception as exc:  # noqa: BLE001 (the exit must not fail on a closing client)
+                log.warning("dead-letter producer did not close cleanly", error=str(exc))
 
+    # -- the thread -------------------------------------------------------------------------------
 
-def recent_dead_letters(config: KafkaSettings, since: float, timeout: float = 5.0) -> list[float]:
-    """When records of this worker's topics were dead-lettered since ``since`` (wall seconds),
-    read from the dead-letter topic itself: it is durable, so a restarted worker knows what the
-    one before it did."""
-
-    try:
-        consumer = KafkaConsumer(
-            **options(config),
-            group_id=None,
-            enable_auto_commit=False,
-            request_timeout_ms=int(timeout * 1000) + 1000,
+    def _connect(self) -> Any:
+        return connecting(
+            lambda: KafkaProducer(
+                **options(self._settings),
+                acks="all",
+                linger_ms=5,
+                max_block_ms=SEND_WAIT_MS,
+                request_timeout_ms=SEND_WAIT_MS,
+                delivery_timeout_ms=SEND_WAIT_MS + 5_000,
+            ),
+            self._settings,
+            "cannot reach Kafka for the dead-letter topic",
         )
-    except KafkaError as exc:
-        raise unavailable("cannot reach Kafka", exc) from None
-    try:
-        parts = consumer.partitions_for_topic(config.dead_letter_topic) or set()
-        tps = [KafkaTP(config.dead_letter_topic, p) for p in parts]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        starts = consumer.offsets_for_times({tp: int(since * 1000) for tp in tps})
-        ends = consumer.end_offsets(tps)
-        todo = {}
-        for tp in tps:
-            found = starts.get(tp)
-            if found is not None and found.offset < ends[tp]:
-                consumer.seek(tp, found.offset)
-                todo[tp] = ends[tp]
-        times: list[float] = []
-        topics = set(config.topics)
-        deadline = time.monotonic() + timeout
-        while todo and time.monotonic() < deadline:
-            for tp, records in consumer.poll(timeout_ms=200).items():
-                for r in records:
-                    headers = tuple(r.headers or ())
-                    if header(headers, PREFIX + "original.topic") not in topics:
-                        continue
-                    failed = parse_rfc3339(header(headers, PREFIX + "failed_at") or "")
-                    if failed is not None and failed >= since:
-                        times.append(failed)
-                if consumer.position(tp) >= todo.get(tp, 0):
-                    todo.pop(tp, None)
-        return times
-    except KafkaError as exc:
-        raise unavailable("cannot read the dead-letter topic", exc) from None
-    finally:
-        consumer.close(autocommit=False, timeout_ms=1000)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch = list(self._queue)
+                self._queue.clear()
+            self._send(batch)
+
+    def _send(self, batch: list[tuple[_Write, Record, list[tuple[str, bytes]]]]) -> None:
+        futures = []
+        try:
+            if self._producer is None:
+                self._producer = self._connect()
+            for write, record, headers in batch:
+                future = self._producer.send(
+                    self._topic, key=record.key, value=record.value, headers=headers
+                )
+                futures.append((write, future))
+            self._producer.flush(timeout=SEND_WAIT_MS / 1000)
+        except (KafkaError, PurgeWorkerError) as exc:
+            log.warning("dead-letter writes failed", topic=self._topic, error=str(exc))
+        failed = False
+        for write, future in futures:
+            if future.is_done and not future.failed():
+                write.end()
+            else:
+                failed = True
+                cause = future.exception if future.is_done else "not confirmed in time"
+                write.end(RetryableError(f"dead-letter write to {self._topic} failed: {cause}"))
+        for write, _, _ in batch[len(futures) :]:
+            failed = True
+            write.end(RetryableError(f"dead-letter write to {self._topic} failed"))
+        if failed:
+            self._discard_producer()
+
+    def _discard_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=0)
+            except Exception as exc:  # noqa: BLE001 (it is being thrown away)
+                log.debug("discarded producer did not close cleanly", error=str(exc))
 
 
 class Republisher:
@@ -123,10 +154,11 @@ class Republisher:
     the next, so the replay commits only what is on the topic."""
 
     def __init__(self, config: KafkaSettings) -> None:
-        try:
-            self._producer = KafkaProducer(**options(config), acks="all", linger_ms=5)
-        except KafkaError as exc:
-            raise unavailable("cannot reach Kafka to republish", exc) from None
+        self._producer = connecting(
+            lambda: KafkaProducer(**options(config), acks="all", linger_ms=5),
+            config,
+            "cannot reach Kafka to republish",
+        )
 
     def send(
         self,

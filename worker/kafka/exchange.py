@@ -20,13 +20,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import errors as kafka_errors
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from worker.clock import Clock
 from worker.config.settings import KafkaSettings
-from worker.kafka.client import options
+from worker.errors import AccessError, PurgeWorkerError
+from worker.kafka.admin import DENIED, MISSING, admin_client
+from worker.kafka.client import options, translated
 from worker.sending.split import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report
 
 log = structlog.get_logger("worker.kafka.exchange")
@@ -36,6 +39,8 @@ log = structlog.get_logger("worker.kafka.exchange")
 SILENT_AFTER = REPORT_TTL - 1.0
 SEND_WAIT = 0.5
 POLL_MS = 200  # a read returns as soon as a report arrives; spinning faster costs the consumer
+# After a refusal (an ACL, a topic that may not be created), how long before asking again.
+DENIED_RETRY = 30.0
 TOPIC_CONFIG = {
     "cleanup.policy": "compact,delete",
     "retention.ms": "60000",
@@ -112,7 +117,7 @@ class KafkaBudgetExchange:
         return f"{account}|{self.member}".encode()
 
     def _run(self) -> None:
-        warned = False
+        warned = ""
         next_report = 0.0
         while not self._stop.is_set():
             try:
@@ -124,23 +129,21 @@ class KafkaBudgetExchange:
                 self._read(self._consumer)
                 if warned:
                     log.info("budget exchange working again", topic=self._topic)
-                warned = False
-            except (KafkaError, OSError) as exc:
-                if not warned:
+                warned = ""
+            except (KafkaError, OSError, PurgeWorkerError) as exc:
+                # Refused access does not change by asking four times a second: an operator
+                # must grant it. Meanwhile the worker shares by partitions.
+                denied = isinstance(exc, AccessError | kafka_errors.AuthorizationError)
+                if str(exc) != warned:
                     log.warning("budget exchange unavailable", topic=self._topic, error=str(exc))
-                    warned = True
-                self._stop.wait(REPORT_INTERVAL)
+                    warned = str(exc)
+                self._stop.wait(DENIED_RETRY if denied else REPORT_INTERVAL)
 
     def _connect(self) -> tuple[KafkaProducer, KafkaConsumer]:
+        """Clients on the budget topic, which is made first if it is missing and this worker may
+        (one partition, compacted); an admin's topic is used as it is."""
+        self._ensure_topic()
         settings = options(self._config)
-        admin = KafkaAdminClient(**settings)
-        try:
-            admin.create_topics([NewTopic(self._topic, 1, -1, topic_configs=dict(TOPIC_CONFIG))])
-            log.info("budget topic created", topic=self._topic)
-        except TopicAlreadyExistsError:
-            pass
-        finally:
-            admin.close()
         producer = KafkaProducer(**settings, linger_ms=0, acks=1, max_block_ms=2000)
         consumer = KafkaConsumer(**settings, group_id=None, enable_auto_commit=False)
         parts = consumer.partitions_for_topic(self._topic) or {0}
@@ -156,6 +159,35 @@ class KafkaBudgetExchange:
             if found is not None:
                 consumer.seek(tp, found.offset)
         return producer, consumer
+
+    def _ensure_topic(self) -> None:
+        admin = admin_client(self._config)
+        try:
+            with translated(f"cannot describe {self._topic}"):
+                (found,) = admin.describe_topics([self._topic])
+            code = found.get("error_code", 0)
+            if code == DENIED:
+                raise AccessError(
+                    f"not authorized to Describe {self._topic} (grant Read, Write and Describe "
+                    "on the budget topic)"
+                )
+            if code != MISSING:
+                return
+            try:
+                with translated(f"cannot create {self._topic}"):
+                    admin.create_topics(
+                        [NewTopic(self._topic, 1, -1, topic_configs=dict(TOPIC_CONFIG))]
+                    )
+                log.info("budget topic created", topic=self._topic)
+            except AccessError:
+                raise AccessError(
+                    f"{self._topic} does not exist and this worker may not create it: create "
+                    "it (one partition, compacted) and grant Read, Write and Describe on it"
+                ) from None
+            except TopicAlreadyExistsError:
+                pass  # another worker made it meanwhile
+        finally:
+            admin.close()
 
     def _send(self, producer: KafkaProducer) -> None:
         with self._lock:

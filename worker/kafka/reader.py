@@ -1,4 +1,5 @@
-"""Reading a dead-letter topic back for ``replay``: a bounded scan under the replay's own group.
+"""Reading a dead-letter topic back: for ``replay``, a bounded scan under the replay's own group;
+for the dead-letter guard, when recent records were dead-lettered (its memory across restarts).
 
 The scan stops at the end offsets seen when it started, so records dead-lettered again during a
 replay (they land on the same topic) are not picked up again in the same run. Progress is
@@ -13,13 +14,15 @@ from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer
 from kafka import TopicPartition as KafkaTP
+from kafka import errors as kafka_errors
 from kafka.errors import KafkaError
 
+from worker.clock import parse_rfc3339
 from worker.config.settings import KafkaSettings
-from worker.errors import UsageError
+from worker.errors import AccessError, UsageError
 from worker.events import Record, TopicPartition
-from worker.kafka.client import kafka_offsets, millis, options, to_record, unavailable
-from worker.outcome.dead_letters import ReplayFilter, header, original
+from worker.kafka.client import connecting, kafka_offsets, millis, options, to_record, unavailable
+from worker.outcome.dead_letters import PREFIX, ReplayFilter, header, original
 
 
 @dataclass
@@ -153,3 +156,58 @@ class DeadLetterReader:
 
     def close(self, timeout: float = 10.0) -> None:
         self._consumer.close(autocommit=False, timeout_ms=millis(timeout))
+
+
+def recent_dead_letters(config: KafkaSettings, since: float, timeout: float = 5.0) -> list[float]:
+    """When records of this worker's topics were dead-lettered since ``since`` (wall seconds),
+    read from the dead-letter topic itself: it is durable, so a restarted worker knows what the
+    one before it did."""
+
+    consumer = connecting(
+        lambda: KafkaConsumer(
+            **options(config),
+            group_id=None,
+            enable_auto_commit=False,
+            request_timeout_ms=int(timeout * 1000) + 1000,
+        ),
+        config,
+        "cannot reach Kafka",
+    )
+    try:
+        parts = consumer.partitions_for_topic(config.dead_letter_topic) or set()
+        tps = [KafkaTP(config.dead_letter_topic, p) for p in parts]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        starts = consumer.offsets_for_times({tp: int(since * 1000) for tp in tps})
+        ends = consumer.end_offsets(tps)
+        todo = {}
+        for tp in tps:
+            found = starts.get(tp)
+            if found is not None and found.offset < ends[tp]:
+                consumer.seek(tp, found.offset)
+                todo[tp] = ends[tp]
+        times: list[float] = []
+        topics = set(config.topics)
+        deadline = time.monotonic() + timeout
+        while todo and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                for r in records:
+                    headers = tuple(r.headers or ())
+                    if header(headers, PREFIX + "original.topic") not in topics:
+                        continue
+                    failed = parse_rfc3339(header(headers, PREFIX + "failed_at") or "")
+                    if failed is not None and failed >= since:
+                        times.append(failed)
+                if consumer.position(tp) >= todo.get(tp, 0):
+                    todo.pop(tp, None)
+        return times
+    except kafka_errors.AuthorizationError:
+        raise AccessError(
+            f"not authorized to read {config.dead_letter_topic} (the dead-letter guard reads "
+            "it back across restarts: grant Read and Describe on it)"
+        ) from None
+    except KafkaError as exc:
+        raise unavailable("cannot read the dead-letter topic", exc) from None
+    finally:
+        consumer.close(autocommit=False, timeout_ms=1000)

@@ -99,6 +99,20 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     _route_stdlib(out, renderer, level)
 
 
+def _client_errors_in_one_line(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """kafka-python logs what it retries with whole tracebacks: one line says as much (the
+    worker's own errors name the cause)."""
+    exc_info = event_dict.get("exc_info")
+    if str(event_dict.get("logger", "")).startswith("kafka") and exc_info:
+        exc = exc_info[1] if isinstance(exc_info, tuple) else None
+        event_dict.pop("exc_info")
+        if isinstance(exc, BaseException):
+            event_dict["error"] = f"{type(exc).__name__}: {exc}"
+    return event_dict
+
+
 def _route_stdlib(out: Any, renderer: Any, level: str) -> None:
     """Send the standard library's log records (kafka-python's among them) through the same
     redaction and rendering: one format on stderr, and no secret escapes by another path."""
@@ -109,6 +123,7 @@ def _route_stdlib(out: Any, renderer: Any, level: str) -> None:
                 structlog.stdlib.add_logger_name,
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
+                _client_errors_in_one_line,
             ],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,

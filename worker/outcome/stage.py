@@ -45,6 +45,9 @@ class Outcome:
     debug: bool = False
     tripped: bool = field(init=False, default=False)
     last_record: float = field(init=False, default=0.0)  # wall-clock time of the last finish
+    # The last dead-letter write failed and none has succeeded since: records wait, uncommitted,
+    # and the worker is not ready (``/readyz``) until one goes through.
+    writes_failing: bool = field(init=False, default=False)
     _retry_at: float = field(init=False, default=0.0)
     # Dead-letter writes under way: their records finish once the broker confirms.
     _writes: dict[Ref, tuple[InFlight, DeadLetterWrite]] = field(init=False, default_factory=dict)
@@ -148,6 +151,7 @@ class Outcome:
             if ref not in self.records:
                 continue  # its partition was revoked meanwhile: the new owner redoes it
             error = write.error()
+            self.writes_failing = error is not None
             if error is not None:
                 state.log.warning("dead-letter write failed; will retry", error=str(error))
                 self._retry_at = self.clock.monotonic() + DEAD_LETTER_RETRY
