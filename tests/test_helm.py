@@ -13,14 +13,18 @@ import pytest
 import yaml
 
 from worker.config.load import parse
-from worker.kafka.client import options
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "purge-worker"
 VALUES = sorted((ROOT / "helm" / "values").glob("*.yaml"))
 K8S_VERSION = "1.31.0"
 # Not in the core schemas: checked by hand below.
-CRDS = {"ServiceMonitor", "ScaledObject", "PrometheusRule"}
+CRDS = {"ServiceMonitor", "ScaledObject", "TriggerAuthentication", "PrometheusRule"}
+ZONE = (
+    "cloudflare.zones[0].id=023e105f4ecef8ad9ca31a8372d0c353",
+    "cloudflare.zones[0].hosts[0]=a.com",
+)
+ACCOUNT_ID = ("cloudflare.accounts.main.account_id=5f3c1d0b9a2e48f7c6d1e0a9b8c7d6e5",)
 
 
 def helm_binary() -> str:
@@ -49,16 +53,17 @@ def by_kind(docs, kind, suffix=""):
 
 
 def test_helm_lint():
+    # The defaults alone cannot run (no zone): lint says so, naming the key.
     result = helm("lint", str(CHART), "--strict", check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode != 0 and "zones" in result.stdout + result.stderr
     for values in VALUES:
         result = helm("lint", str(CHART), "--strict", "-f", str(values), check=False)
         assert result.returncode == 0, f"{values.name}: {result.stdout}{result.stderr}"
 
 
-@pytest.mark.parametrize("values", [None, *VALUES], ids=["defaults", *[v.stem for v in VALUES]])
+@pytest.mark.parametrize("values", VALUES, ids=[v.stem for v in VALUES])
 def test_renderings_validate_against_kubernetes_schemas(values):
-    docs = render(*([values] if values else []))
+    docs = render(values)
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "ConfigMap", "Service", "ServiceAccount", "PodDisruptionBudget"} <= kinds
     for doc in docs:
@@ -102,6 +107,16 @@ def test_chart_created_secret_never_inlines_the_token():
         sets=("existingSecret=", "secret.create=true", f"secret.apiToken={token}"),
     )
     secret = by_kind(docs, "Secret")
+    # A rotated token rolls the pods: the Secret's checksum is in their template.
+    rotated = render(
+        ROOT / "helm/values/hpa.yaml",
+        sets=("existingSecret=", "secret.create=true", f"secret.apiToken={token}x"),
+    )
+    sums = [
+        by_kind(d, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+        for d in (docs, rotated)
+    ]
+    assert sums[0] != sums[1]
     assert base64.b64decode(secret["data"]["cloudflare-api-token"]).decode() == token
     for doc in docs:
         if doc["kind"] != "Secret":
@@ -177,10 +192,11 @@ def test_keda_hpa_and_network_policy():
         (("worker.delivery.retry.budget_seconds=-5",), "budget_seconds"),
         (("worker.coalesce.windowseconds=1",), "windowseconds"),
         (("worker.delivery.unknown_zone=ignore",), "unknown_zone"),
+        (("kafka.bootstrapServers[0]=::1:9092",), "bootstrapServers"),
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(sets, message):
-    args = ["template", "rel", str(CHART)]
+    args = ["template", "rel", str(CHART), "--set", ZONE[0], "--set", ZONE[1]]
     for s in sets:
         args += ["--set", s]
     result = helm(*args, check=False)
@@ -195,10 +211,34 @@ def test_schema_rejects_bad_values_with_a_clear_message(sets, message):
         (("keda.enabled=true", "autoscaling.enabled=true"), "enable only one"),
         (("worker.delivery.drain_deadline_seconds=5",), "set drainDeadlineSeconds"),
         (("secret.create=true",), "secret.apiToken is required"),
+        (
+            ("cloudflare.accounts.other.plan=pro", "cloudflare.zones[0].account=main"),
+            "cloudflare.accounts.other.account_id is required with kafka.budgetTopic",
+        ),
+        (("kafka.security.saslMechanism=PLAIN",), "sends no SASL credentials"),
+        (("kafka.security.protocol=SASL_SSL",), "needs kafka.security.saslMechanism"),
+        (("kafka.tls.secretName=kafka-ca",), "does not use TLS"),
+        (("cloudflare.zones[0].account=nope",), "nope is not one of the accounts"),
+        (
+            (
+                "cloudflare.accounts.shop-eu.plan=pro",
+                "cloudflare.accounts.shop-eu.account_id=a",
+                "cloudflare.accounts.shop-eu.tokenSecret.name=s1",
+                "cloudflare.accounts.shop-eu.tokenSecret.key=t",
+                "cloudflare.accounts.shop_eu.plan=pro",
+                "cloudflare.accounts.shop_eu.account_id=b",
+                "cloudflare.accounts.shop_eu.tokenSecret.name=s2",
+                "cloudflare.accounts.shop_eu.tokenSecret.key=t",
+                "cloudflare.zones[0].account=main",
+            ),
+            "would both read their token from CLOUDFLARE_API_TOKEN_SHOP_EU",
+        ),
     ],
 )
 def test_inconsistent_values_fail_with_a_reason(sets, message):
     args = ["template", "rel", str(CHART)]
+    for s in (*ZONE, *ACCOUNT_ID):
+        args += ["--set", s]
     for s in sets:
         args += ["--set", s]
     result = helm(*args, check=False)
@@ -268,11 +308,13 @@ def test_multi_account_tokens_each_come_from_their_own_secret_and_tls_is_mounted
         "news": ["tok-news"],
         "shop": ["tok-shop"],
     }
-    assert options(parsed.kafka)["ssl_certfile"] == f"{tls_dir}/tls.crt"
+    assert parsed.kafka.security.ssl_certfile == f"{tls_dir}/tls.crt"
 
 
 def test_network_policy_is_closed_unless_opened():
-    closed = by_kind(render(sets=("networkPolicy.enabled=true",)), "NetworkPolicy")
+    closed = by_kind(
+        render(sets=(*ZONE, *ACCOUNT_ID, "networkPolicy.enabled=true")), "NetworkPolicy"
+    )
     assert closed["spec"]["ingress"] == []
     opened = by_kind(render(ROOT / "helm/values/realistic.yaml"), "NetworkPolicy")
     (rule,) = opened["spec"]["ingress"]
@@ -359,4 +401,191 @@ def test_alert_rules_pass_promtool(tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout + result.stderr
+    assert "SUCCESS: 9 rules found" in result.stdout + result.stderr
+
+
+def test_the_default_values_ask_for_a_zone():
+    result = helm("template", "rel", str(CHART), check=False)
+    assert result.returncode != 0
+    assert "/cloudflare/zones" in result.stderr and "minItems" in result.stderr, result.stderr
+
+
+def test_keda_reads_the_lag_with_the_workers_own_kafka_credentials():
+    docs = render(ROOT / "helm/values/keda.yaml")
+    scaled = by_kind(docs, "ScaledObject")
+    auth = by_kind(docs, "TriggerAuthentication")
+    for trigger in scaled["spec"]["triggers"]:
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+        assert trigger["metadata"]["sasl"] == "scram_sha512"
+        assert trigger["metadata"]["tls"] == "enable"
+        assert trigger["metadata"]["bootstrapServers"] == "kafka-0.kafka:9093,[fd00::12]:9093"
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    assert refs == {
+        "password": ("purge-worker-credentials", "kafka-password"),
+        "ca": ("kafka-ca", "ca.crt"),
+    }
+    (env,) = auth["spec"]["env"]
+    container = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    values = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["parameter"] == "username" and values[env["name"]] == "purge-worker"
+    mtls = render(ROOT / "helm/values/multi-account.yaml", sets=("keda.enabled=true",))
+    params = {
+        r["parameter"] for r in by_kind(mtls, "TriggerAuthentication")["spec"]["secretTargetRef"]
+    }
+    assert params == {"ca", "cert", "key"}
+    assert "sasl" not in by_kind(mtls, "ScaledObject")["spec"]["triggers"][0]["metadata"]
+
+
+def test_probes_are_whole_objects_with_a_startup_probe_covering_kafkas_retries():
+    docs = render(
+        ROOT / "helm/values/hpa.yaml",
+        sets=("livenessProbe.timeoutSeconds=7", "readinessProbe.successThreshold=2"),
+    )
+    container = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["livenessProbe"]["timeoutSeconds"] == 7
+    assert container["readinessProbe"]["successThreshold"] == 2
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == {"path": "/healthz", "port": "health"}
+    # The worker retries an unreachable broker for 60 s before /healthz answers.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 90
+    memory = container["resources"]["requests"]["memory"]
+    assert memory.endswith("Mi") and int(memory[:-2]) >= 243  # the measured peak
+
+
+def test_pods_spread_softly_and_are_scraped_once():
+    plain = by_kind(render(ROOT / "helm/values/hpa.yaml"), "Deployment")["spec"]["template"]
+    (spread,) = plain["spec"]["topologySpreadConstraints"]
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert plain["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    monitored = by_kind(render(ROOT / "helm/values/realistic.yaml"), "Deployment")
+    assert "prometheus.io/scrape" not in monitored["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_two_releases_in_one_namespace_keep_their_alerts_and_dashboards_apart():
+    def rendered(name):
+        args = ["template", name, str(CHART), "--namespace", "cms"]
+        out = helm(*args, "-f", str(ROOT / "helm/values/realistic.yaml")).stdout
+        return [d for d in yaml.safe_load_all(out) if d]
+
+    a, b = rendered("news"), rendered("shop")
+    rules = [yaml.safe_dump(by_kind(d, "PrometheusRule")["spec"]) for d in (a, b)]
+    assert 'job="news-purge-worker-metrics"' in rules[0]
+    assert 'job="shop-purge-worker-metrics"' in rules[1]
+    boards = [
+        json.loads(by_kind(d, "ConfigMap", "-dashboard")["data"]["purge-worker.json"])
+        for d in (a, b)
+    ]
+    assert boards[0]["uid"] != boards[1]["uid"] and all(len(x["uid"]) <= 40 for x in boards)
+    jobs = [next(v for v in x["templating"]["list"] if v["name"] == "job") for x in boards]
+    assert jobs[0]["current"]["value"] == ["news-purge-worker-metrics"]
+    exprs = [t["expr"] for p in boards[0]["panels"] for t in p["targets"]]
+    assert all('job=~"$job"' in e for e in exprs)
+
+
+JOB = 'namespace="cms",job="rel-purge-worker-metrics"'
+OTHER = 'namespace="cms",job="other-purge-worker-metrics"'
+
+
+def _series(metric: str, values: str, job: str = JOB, **labels: str) -> dict:
+    extra = "".join(f',{k}="{v}"' for k, v in labels.items())
+    return {"series": f"{metric}{{{job}{extra}}}", "values": values}
+
+
+def _alert_cases() -> list[dict]:
+    """promtool unit tests: each alert fires when it should, and not on what only looks like
+    it (a stale lag series, another release's series)."""
+
+    def case(series, evals):
+        return {"interval": "1m", "input_series": series, "alert_rule_test": evals}
+
+    def fires(name, at, **labels):
+        return {"eval_time": at, "alertname": name, "exp_alerts": [{"exp_labels": labels}]}
+
+    def silent(name, at):
+        return {"eval_time": at, "alertname": name, "exp_alerts": []}
+
+    crit, warn = {"severity": "critical"}, {"severity": "warning"}
+    ns = {"namespace": "cms", "job": "rel-purge-worker-metrics"}
+    p = "purge_worker_"
+    last = _series(p + "last_record_timestamp_seconds", "0x30", pod="p")
+    bucket = p + "event_age_seconds_bucket"
+    return [
+        # Records waiting and none finished for long: stuck.
+        case(
+            [_series(p + "consumer_lag", "3x30", topic="t", partition="0"), last],
+            [fires("PurgeWorkerStuck", "20m", **crit, **ns)],
+        ),
+        # The partition moved to another worker and its lag series went away: not stuck.
+        case(
+            [_series(p + "consumer_lag", "3x2 stale", topic="t", partition="0"), last],
+            [silent("PurgeWorkerStuck", "20m")],
+        ),
+        # Another release's lag in the same namespace is not ours.
+        case(
+            [_series(p + "consumer_lag", "3x30", OTHER, topic="t", partition="0"), last],
+            [silent("PurgeWorkerStuck", "20m")],
+        ),
+        case(
+            [
+                _series(bucket, "0x30", le="60"),
+                _series(bucket, "0+10x30", le="300"),
+                _series(bucket, "0+10x30", le="+Inf"),
+            ],
+            [fires("PurgeWorkerPurgesLate", "20m", **warn)],
+        ),
+        case(
+            [_series(p + "dead_letters_total", "0 0 5 5 5", error_class="api_rejected")],
+            [
+                fires("PurgeWorkerDeadLetters", "4m", **warn, error_class="api_rejected"),
+                silent("PurgeWorkerDeadLetters", "1m"),
+            ],
+        ),
+        case(
+            [_series(p + "api_rate_limited_total", "0 2 2")],
+            [fires("PurgeWorkerRateLimited", "2m", **warn)],
+        ),
+        case(
+            [_series(p + "api_cap_rejected_total", "0 1 1", kind="files")],
+            [fires("PurgeWorkerCapRejected", "2m", **warn)],
+        ),
+        case(
+            [_series(p + "last_poll_timestamp_seconds", "0x10", pod="p")],
+            [fires("PurgeWorkerNotPolling", "6m", **crit, pod="p")],
+        ),
+        case(
+            [_series(p + "warm_hit_after_purge_total", "0 3 3", zone="z")],
+            [fires("PurgeWorkerPurgeMissed", "2m", **warn, zone="z")],
+        ),
+        # Nobody of this release scraped: every other alert is blind, this one says so.
+        case(
+            [_series("up", "1x20", OTHER, pod="q")],
+            [fires("PurgeWorkerAbsent", "10m", **crit, **ns)],
+        ),
+        case(
+            [_series("up", "1x20", pod="p")],
+            [silent("PurgeWorkerAbsent", "10m"), silent("PurgeWorkerDown", "10m")],
+        ),
+        case([_series("up", "0x20", pod="p")], [fires("PurgeWorkerDown", "10m", **crit, **ns)]),
+    ]
+
+
+def test_every_alert_fires_when_it_should_and_not_on_stale_or_foreign_series(tmp_path):
+    rules = by_kind(render(ROOT / "helm/values/realistic.yaml"), "PrometheusRule")["spec"]
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations")  # what fires is tested here; the words are not
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
+    cases = _alert_cases()
+    tested = {e["alertname"] for c in cases for e in c["alert_rule_test"]}
+    assert tested == {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    spec = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": cases}
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(spec))
+    result = subprocess.run(
+        [promtool_binary(), "test", "rules", "tests.yaml"],
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -93,6 +93,9 @@ app.kubernetes.io/component: worker
 {{- if $.Values.kafka.tls.certKey }}
 {{- $_ := set $sec "ssl_certfile" (printf "/etc/purge-worker/kafka-tls/%s" $.Values.kafka.tls.certKey) }}
 {{- $_ := set $sec "ssl_keyfile" (printf "/etc/purge-worker/kafka-tls/%s" $.Values.kafka.tls.keyKey) }}
+{{- if $.Values.kafka.tls.keyPasswordKey }}
+{{- $_ := set $sec "ssl_password_env" "KAFKA_SSL_KEY_PASSWORD" }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- $_ := set $kafka "security" $sec }}
@@ -138,6 +141,16 @@ app.kubernetes.io/component: worker
     secretKeyRef:
       name: {{ include "purge-worker.secretName" . }}
       key: {{ .Values.secretKeys.kafkaPassword }}
+# Read by KEDA's TriggerAuthentication (the worker takes it from its config file).
+- name: KAFKA_USERNAME
+  value: {{ .Values.kafka.security.saslUsername | quote }}
+{{- end }}
+{{- if and .Values.kafka.tls.secretName .Values.kafka.tls.keyPasswordKey }}
+- name: KAFKA_SSL_KEY_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.kafka.tls.secretName }}
+      key: {{ .Values.kafka.tls.keyPasswordKey }}
 {{- end }}
 {{- with .Values.extraEnv }}
 {{- toYaml . | nindent 0 }}
@@ -185,17 +198,27 @@ app.kubernetes.io/component: worker
 {{- end }}
 {{- end }}
 
-{{/* The alert rules (a `groups:` list): the PrometheusRule's spec, and what `promtool check
-     rules` checks in the tests. */}}
+{{/* What the alerts and the dashboard select this release's series by: the namespace, and the
+     job a ServiceMonitor scraping the metrics Service gives them (the Service's name). */}}
+{{- define "purge-worker.job" -}}
+{{- printf "%s-metrics" (include "purge-worker.fullname" .) }}
+{{- end }}
+
+{{- define "purge-worker.ruleSelector" -}}
+{namespace="{{ .Release.Namespace }}", job="{{ include "purge-worker.job" . }}"}
+{{- end }}
+
+{{/* The alert rules (a `groups:` list): the PrometheusRule's spec, and what `promtool` checks
+     and unit-tests in the tests. */}}
 {{- define "purge-worker.alertGroups" -}}
 groups:
   - name: purge-worker
     rules:
       - alert: PurgeWorkerStuck
         expr: |
-          sum by (namespace) (purge_worker_consumer_lag{namespace="{{ .Release.Namespace }}"}) > 0
-          and on (namespace)
-          time() - max by (namespace) (purge_worker_last_record_timestamp_seconds{namespace="{{ .Release.Namespace }}"}) > {{ .Values.prometheusRule.stuckSeconds }}
+          sum by (namespace, job) (purge_worker_consumer_lag{{ include "purge-worker.ruleSelector" . }}) > 0
+          and on (namespace, job)
+          time() - max by (namespace, job) (purge_worker_last_record_timestamp_seconds{{ include "purge-worker.ruleSelector" . }}) > {{ .Values.prometheusRule.stuckSeconds }}
         for: 5m
         labels:
           severity: critical
@@ -204,7 +227,7 @@ groups:
           description: Purges are not going out. Check the workers' logs, the API (api_requests_total by status) and the broker.
       - alert: PurgeWorkerPurgesLate
         expr: |
-          histogram_quantile(0.99, sum by (le) (rate(purge_worker_event_age_seconds_bucket{namespace="{{ .Release.Namespace }}"}[5m]))) > {{ .Values.prometheusRule.eventAgeP99Seconds }}
+          histogram_quantile(0.99, sum by (le) (rate(purge_worker_event_age_seconds_bucket{{ include "purge-worker.ruleSelector" . }}[5m]))) > {{ .Values.prometheusRule.eventAgeP99Seconds }}
         for: 10m
         labels:
           severity: warning
@@ -213,7 +236,7 @@ groups:
           description: The budget may be the ceiling (rate_limiter_wait_seconds_total), or replicas are too few for the partitions.
       - alert: PurgeWorkerDeadLetters
         expr: |
-          sum by (error_class) (increase(purge_worker_dead_letters_total{namespace="{{ .Release.Namespace }}"}[10m])) > 0
+          sum by (error_class) (increase(purge_worker_dead_letters_total{{ include "purge-worker.ruleSelector" . }}[10m])) > 0
         labels:
           severity: warning
         annotations:
@@ -221,7 +244,7 @@ groups:
           description: api_rejected and unknown_zone usually mean a config or token problem, invalid_event a producer problem. Fix, then replay.
       - alert: PurgeWorkerRateLimited
         expr: |
-          sum (increase(purge_worker_api_rate_limited_total{namespace="{{ .Release.Namespace }}"}[10m])) > 0
+          sum (increase(purge_worker_api_rate_limited_total{{ include "purge-worker.ruleSelector" . }}[10m])) > 0
         labels:
           severity: warning
         annotations:
@@ -229,7 +252,7 @@ groups:
           description: Something else spends the account's budget, or the configured plan is higher than the account's.
       - alert: PurgeWorkerCapRejected
         expr: |
-          sum (increase(purge_worker_api_cap_rejected_total{namespace="{{ .Release.Namespace }}"}[10m])) > 0
+          sum (increase(purge_worker_api_cap_rejected_total{{ include "purge-worker.ruleSelector" . }}[10m])) > 0
         labels:
           severity: warning
         annotations:
@@ -237,19 +260,92 @@ groups:
           description: The per-request cap is lower than configured; set files_per_request or items_per_request for the account.
       - alert: PurgeWorkerNotPolling
         expr: |
-          time() - max by (pod) (purge_worker_last_poll_timestamp_seconds{namespace="{{ .Release.Namespace }}"}) > 60
+          time() - max by (pod) (purge_worker_last_poll_timestamp_seconds{{ include "purge-worker.ruleSelector" . }}) > 60
         for: 2m
         labels:
           severity: critical
         annotations:
           summary: "{{ "{{" }} $labels.pod {{ "}}" }} has not polled Kafka for a minute"
           description: The loop is stuck or Kafka is unreachable; /healthz restarts a stuck pod, /readyz marks it unready.
+      - alert: PurgeWorkerAbsent
+        expr: |
+          absent(up{{ include "purge-worker.ruleSelector" . }})
+        for: {{ .Values.prometheusRule.downForSeconds }}s
+        labels:
+          severity: critical
+        annotations:
+          summary: No purge-worker of {{ include "purge-worker.job" . }} is scraped
+          description: Prometheus finds no target for the release's metrics Service (no pods, or the ServiceMonitor does not select it); every other alert is blind meanwhile.
+      - alert: PurgeWorkerDown
+        expr: |
+          max by (namespace, job) (up{{ include "purge-worker.ruleSelector" . }}) == 0
+        for: {{ .Values.prometheusRule.downForSeconds }}s
+        labels:
+          severity: critical
+        annotations:
+          summary: Every purge-worker of {{ include "purge-worker.job" . }} is down or unscrapable
+          description: The pods run but their metrics cannot be read (crash loop, NetworkPolicy, port); purges are probably not going out.
       - alert: PurgeWorkerPurgeMissed
         expr: |
-          sum by (zone) (increase(purge_worker_warm_hit_after_purge_total{namespace="{{ .Release.Namespace }}"}[10m])) > 0
+          sum by (zone) (increase(purge_worker_warm_hit_after_purge_total{{ include "purge-worker.ruleSelector" . }}[10m])) > 0
         labels:
           severity: warning
         annotations:
           summary: "A page in {{ "{{" }} $labels.zone {{ "}}" }} was still cached right after its purge"
           description: Warming fetched a purged URL and got HIT; the rule's URLs, tags or cache-key headers do not match what the zone caches (see the worker's warning logs).
+{{- end }}
+
+{{/* Values that would render but could not run: each a failure naming the key and the fix. The
+     schema checks types and shapes; this checks how values go together. */}}
+{{- define "purge-worker.validate" -}}
+{{- $v := .Values }}
+{{- if hasKey ($v.worker.delivery | default dict) "drain_deadline_seconds" }}
+{{- fail "set drainDeadlineSeconds, not worker.delivery.drain_deadline_seconds: the pod's termination grace period is derived from it" }}
+{{- end }}
+{{- if and $v.autoscaling.enabled $v.keda.enabled }}
+{{- fail "autoscaling.enabled and keda.enabled both scale the Deployment: enable only one" }}
+{{- end }}
+{{- $sec := $v.kafka.security }}
+{{- $sasl := hasPrefix "SASL_" $sec.protocol }}
+{{- $tls := has $sec.protocol (list "SSL" "SASL_SSL") }}
+{{- if and $sasl (not $sec.saslMechanism) }}
+{{- fail (printf "kafka.security.protocol %s needs kafka.security.saslMechanism" $sec.protocol) }}
+{{- end }}
+{{- if and (not $sasl) $sec.saslMechanism }}
+{{- fail (printf "kafka.security.saslMechanism is set, but protocol %s sends no SASL credentials: use SASL_SSL" $sec.protocol) }}
+{{- end }}
+{{- if and $sasl (not $sec.saslUsername) }}
+{{- fail "kafka.security.saslUsername is required with a SASL mechanism" }}
+{{- end }}
+{{- if and $v.kafka.tls.secretName (not $tls) }}
+{{- fail (printf "kafka.tls.secretName mounts TLS files, but protocol %s does not use TLS: use SSL or SASL_SSL" $sec.protocol) }}
+{{- end }}
+{{- if and $v.kafka.tls.certKey (not $v.kafka.tls.keyKey) }}
+{{- fail "kafka.tls.certKey needs kafka.tls.keyKey: a client certificate is no use without its key" }}
+{{- end }}
+{{- if and $v.kafka.tls.keyPasswordKey (not $v.kafka.tls.keyKey) }}
+{{- fail "kafka.tls.keyPasswordKey is the passphrase of kafka.tls.keyKey, which is not set" }}
+{{- end }}
+{{- $envs := dict }}
+{{- range $name, $account := $v.cloudflare.accounts }}
+{{- if $account.tokenSecret }}
+{{- $env := include "purge-worker.tokenEnv" (list $name $account) }}
+{{- if hasKey $envs $env }}
+{{- fail (printf "cloudflare.accounts: %s and %s would both read their token from %s: rename one" (get $envs $env) $name $env) }}
+{{- end }}
+{{- $_ := set $envs $env $name }}
+{{- end }}
+{{- if and $v.kafka.budgetTopic (not $account.account_id) }}
+{{- fail (printf "cloudflare.accounts.%s.account_id is required with kafka.budgetTopic: the workers share the account's budget by it (keyed on the token, a rotated token would split it); use Cloudflare's account id" $name) }}
+{{- end }}
+{{- end }}
+{{- $accounts := keys $v.cloudflare.accounts | sortAlpha }}
+{{- range $i, $zone := $v.cloudflare.zones }}
+{{- if and $zone.account (not (has $zone.account $accounts)) }}
+{{- fail (printf "cloudflare.zones[%d].account: %s is not one of the accounts (%s)" $i $zone.account (join ", " $accounts)) }}
+{{- end }}
+{{- if and (not $zone.account) (gt (len $accounts) 1) }}
+{{- fail (printf "cloudflare.zones[%d].account is required: %d accounts are configured" $i (len $accounts)) }}
+{{- end }}
+{{- end }}
 {{- end }}
