@@ -9,10 +9,12 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 RUN python -m venv /opt/purge-worker
-COPY pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml README.md ./
 COPY worker ./worker
-# The package's dependencies include kafka-python's C CRC (the crc32c extra).
-RUN /opt/purge-worker/bin/pip install --no-cache-dir . \
+# Dependencies exactly as locked, each checked against its hash (`make lock` writes the lock);
+# then the worker itself, which adds none. They include kafka-python's C CRC (crc32c).
+RUN /opt/purge-worker/bin/pip install --no-cache-dir --require-hashes -r requirements.lock \
+    && /opt/purge-worker/bin/pip install --no-cache-dir --no-deps . \
     && /opt/purge-worker/bin/pip uninstall --yes pip
 
 FROM ${PYTHON_IMAGE}

@@ -12,7 +12,7 @@ HELM   := $(HOME)/.cache/purge-worker/helm-$(HELM_VERSION)/helm
 PROMTOOL_VERSION := v0.316.0
 PROMTOOL := $(HOME)/.cache/purge-worker/promtool-$(PROMTOOL_VERSION)/promtool
 
-.PHONY: test run lint fmt bench clean broker helm promtool bwrap chart-schema
+.PHONY: test run lint fmt bench clean broker helm promtool bwrap chart-schema lock
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ test: lint broker helm promtool bwrap
 
 run: broker
 	$(BIN)/python scripts/dev_run.py
+
+# The image's dependencies, pinned with their hashes (the Dockerfile installs exactly these).
+lock: $(STAMP)
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+		--no-emit-find-links --output-file requirements.lock pyproject.toml
 
 # The chart's schema for the worker's settings comes from the config model.
 chart-schema: $(STAMP)

@@ -254,6 +254,26 @@ def test_dockerfile_is_multi_stage_non_root_and_runs_the_worker():
     assert 'ENTRYPOINT ["purge-worker"]' in text and '"run"' in text
     final = text.split(froms[-1], 1)[1]
     assert "gcc" not in final and "build-essential" not in final
+    # The base pinnable by digest, the dependencies installed exactly as locked.
+    assert "ARG PYTHON_IMAGE=" in text and "FROM ${PYTHON_IMAGE}" in text
+    assert "--require-hashes -r requirements.lock" in text and "--no-deps ." in text
+
+
+def test_the_lock_pins_every_dependency_with_hashes():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lock = (ROOT / "requirements.lock").read_text()
+    pinned = dict(re.findall(r"^([a-z0-9._-]+)==(\S+) \\$", lock, flags=re.M))
+    for spec in declared:
+        req = Requirement(spec)
+        name = req.name.lower().replace("_", "-")
+        assert name in pinned, f"{name} is not in requirements.lock: run `make lock`"
+        assert req.specifier.contains(pinned[name]), f"{name}=={pinned[name]} vs {spec}"
+    blocks = re.split(r"^(?=[a-z0-9._-]+==)", lock, flags=re.M)[1:]
+    assert blocks and all("--hash=sha256:" in block for block in blocks)
 
 
 def test_the_charts_worker_schema_is_the_config_models():

@@ -22,6 +22,7 @@ from tests.kafka_helpers import all_committed, produce, worker_config
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
+LOCK = ROOT / "requirements.lock"
 
 
 def bwrap() -> str:
@@ -36,13 +37,12 @@ def test_the_installed_package_runs_read_only_as_uid_10001(
 ):
     venv = tmp_path / "opt" / "purge-worker"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    install = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "-q", "--no-cache-dir", str(ROOT)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert install.returncode == 0, install.stderr[-3000:]
+    pip = str(venv / "bin" / "pip")
+    # As the Dockerfile: the locked dependencies, each checked against its hash, then the worker.
+    lock = [pip, "install", "-q", "--no-cache-dir", "--require-hashes", "-r", str(LOCK)]
+    for argv in (lock, [pip, "install", "-q", "--no-cache-dir", "--no-deps", str(ROOT)]):
+        install = subprocess.run(argv, capture_output=True, text=True, check=False)
+        assert install.returncode == 0, install.stderr[-3000:]
     # As in the image: no pip left, the C CRC present.
     subprocess.run([str(venv / "bin" / "pip"), "uninstall", "-q", "--yes", "pip"], check=True)
     assert not (venv / "bin" / "pip").exists()
