@@ -92,6 +92,10 @@ class Broker:
         """Broker properties besides the listeners (a secured broker adds its own)."""
         return ""
 
+    def advertised_ports(self) -> dict[str, int]:
+        """Listeners announced to clients at another port than their own."""
+        return {}
+
     def format_arguments(self) -> list[str]:
         """Arguments for formatting the storage besides the config (SCRAM users, say)."""
         return []
@@ -106,12 +110,17 @@ class Broker:
         names |= {n: (proto, self.ports[n]) for n, proto in self.extra_listeners().items()}
         names["CONTROLLER"] = ("PLAINTEXT", self.controller_port)
         listeners = ",".join(f"{n}://127.0.0.1:{port}" for n, (_, port) in names.items())
+        # A listener may be announced at another port (a proxy in front of it).
+        advertised = ",".join(
+            f"{n}://127.0.0.1:{self.advertised_ports().get(n, port)}"
+            for n, (_, port) in names.items()
+        )
         protocols = ",".join(f"{n}:{proto}" for n, (proto, _) in names.items())
         props = f"""process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}
 listeners={listeners}
-advertised.listeners={listeners}
+advertised.listeners={advertised}
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
 listener.security.protocol.map={protocols}

@@ -197,14 +197,37 @@ def test_backpressure_pauses_and_resumes():
 def test_dead_letter_guard_stops_instead_of_draining_the_topic():
     from worker.errors import DeadLetterGuardTripped
 
-    records = [rec(i, b"garbage") for i in range(30)]
+    records = [rec(i, b"garbage") for i in range(300)]
     pipeline, source, sink, _ = build(
-        records, delivery={"dead_letter_guard": {"max_ratio": 0.5, "min_records": 10}}
+        records,
+        kafka={"topics": ["cms"], "dead_letter_topic": "dlq", "max_poll_records": 50},
+        delivery={"dead_letter_guard": {"max_ratio": 0.5, "min_records": 10}},
     )
     with pytest.raises(DeadLetterGuardTripped, match="dead-lettered"):
         run_until_idle(pipeline, source)
-    assert len(sink.records) < 10
+    # The share is judged over the records that arrived (the first poll's 50): half of them at
+    # most are dead-lettered, then it stops; the rest of the topic waits.
+    assert len(sink.records) == 25
+    assert source.positions[("cms", 0)] == 50
     assert source.committed.get(("cms", 0), 0) <= len(sink.records)
+
+
+def test_the_guard_judges_the_stream_not_the_order_outcomes_come_back_in():
+    """A backlog with 30 % invalid records: the invalid ones finish at once, the valid ones only
+    once purged. Judged by arrival, the share is 30 %: nothing trips, everything is purged."""
+    records = [
+        rec(
+            i,
+            b"garbage" if i % 10 < 3 else cloudevent("site.rebuilt", {"host": f"h{i}.example.com"}),
+        )
+        for i in range(400)
+    ]
+    pipeline, source, sink, api = build(
+        records, delivery={"dead_letter_guard": {"max_ratio": 0.5, "min_records": 50}}
+    )
+    run_until_idle(pipeline, source)
+    assert len(sink.records) == 120 and len(api.items("hosts")) == 280
+    assert source.committed == {("cms", 0): 400}
 
 
 def test_dead_letter_write_failure_holds_the_offset():
@@ -216,6 +239,30 @@ def test_dead_letter_write_failure_holds_the_offset():
     assert source.committed.get(("cms", 0)) is None  # record 0 not confirmed: nothing commits
     run_until_idle(pipeline, source)  # the write is tried again after a pause
     assert len(sink.records) == 1 and source.committed == {("cms", 0): 2}
+
+
+def test_dead_letter_writes_tried_again_count_once_against_the_guard():
+    """A quarter of the records bad, their writes refused ten times over (Kafka away): each is
+    one dead letter to the guard, however often its write is tried, and nothing trips."""
+    records = [
+        rec(
+            i,
+            b"garbage" if i % 4 == 0 else cloudevent("site.rebuilt", {"host": f"h{i}.example.com"}),
+        )
+        for i in range(40)
+    ]
+    pipeline, source, sink, api = build(
+        records, delivery={"dead_letter_guard": {"max_ratio": 0.5, "min_records": 10}}
+    )
+    sink.fail_next = 100
+    for _ in range(5000):
+        if sink.fail_next == 0:
+            break
+        step(pipeline)
+    assert sink.fail_next == 0  # every try was refused
+    run_until_idle(pipeline, source)
+    assert len(sink.records) == 10 and len(api.items("hosts")) == 30
+    assert source.committed == {("cms", 0): 40}
 
 
 def test_dry_run_sends_nothing_and_finishes_every_record(emulator):

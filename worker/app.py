@@ -102,19 +102,29 @@ def build_loop(
 
 
 def seed_guard(config: Config, guard: DeadLetterGuard, clock: Clock) -> None:
-    """Teach the dead-letter guard what earlier runs dead-lettered within its window: a worker
-    restarted in a crash loop must not dead-letter another guard's worth on every start."""
+    """Let the dead-letter guard go on from where the worker before this one was: the window's
+    figures carried by the latest dead letter written within it. A worker restarted in a crash
+    loop must not dead-letter another guard's worth on every start, nor trip on its
+    predecessor's dead letters when the stream is under the limit."""
     settings = config.delivery.dead_letter_guard
-    if settings.max_ratio >= 1.0:
+    if guard.off:
         return
     try:
-        times = recent_dead_letters(config.kafka, clock.time() - settings.window_seconds)
+        found = recent_dead_letters(config.kafka, clock.time() - settings.window_seconds)
     except PurgeWorkerError as exc:
         log.warning("could not read the dead-letter topic's recent records", error=str(exc))
         return
-    if times:
-        guard.seed(times, clock.time())
-        log.info("dead-letter guard: recent dead letters from earlier runs", count=len(times))
+    windows = sorted((at, text) for at, text in found if text)
+    if windows and guard.seed(windows[-1][1], clock.time() - windows[-1][0]):
+        arrived, dead = guard.window()
+        log.info("dead-letter guard: going on from the last run", arrived=arrived, dead=dead)
+        if guard.inherited_over:
+            log.warning(
+                "the last run was stopped by the dead-letter guard: this one stops at its first "
+                "dead letter within the window",
+                arrived=arrived,
+                dead=dead,
+            )
 
 
 def health(config: Config, loop: Loop, *, kafka_patience: float) -> HealthServer | None:

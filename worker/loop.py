@@ -107,7 +107,8 @@ class Loop:
             self._forget(revoked, "partitions revoked")
         self.status.last_poll = now = self.clock.time()
         metrics.LAST_POLL_TIME.set(now)
-        self.planning.submit([self._open(record) for record in records], records)
+        arrived = self.outcome.arrived(len(records))
+        self.planning.submit([self._open(record, arrived) for record in records], records)
         self._pend()
         self._send_and_settle(send=not holding)
         self.outcome.finish()
@@ -141,10 +142,14 @@ class Loop:
         # Records read are purged like the others, if the planning process still answers.
         self._pend(self.planning.join())
         self.planning.close()
-        while (self.pending.size or self.sending.in_flight or self.outcome.writing) and (
-            remaining := deadline - self.clock.monotonic()
-        ) > 0:
-            self.sending.send(drain=True)
+        # A tripped guard stops the sending too: what is pending waits on Kafka for the fix (a
+        # restart would only purge it again). Dead letters already under way are confirmed.
+        sending = not self.outcome.tripped
+        while (
+            (sending and (self.pending.size or self.sending.in_flight)) or self.outcome.writing
+        ) and (remaining := deadline - self.clock.monotonic()) > 0:
+            if sending:
+                self.sending.send(drain=True)
             self.outcome.settle(self.sending.collect(timeout=min(remaining, BUSY_POLL)))
             self._follow_shares()  # the split moves on while this worker drains
             self.outcome.finish()
@@ -152,8 +157,11 @@ class Loop:
         self.outcome.finish(final=True)
         self.outcome.commits.commit(wait=FINAL_COMMIT_WAIT)
         if self.outcome.records:
+            late = self.clock.monotonic() >= deadline
             log.warning(
-                "drain deadline reached; unfinished records will be redelivered",
+                "drain deadline reached; unfinished records will be redelivered"
+                if late
+                else "stopping with unfinished records; they will be redelivered",
                 records=len(self.outcome.records),
             )
         self.intake.close(CLOSE_WAIT)
@@ -175,13 +183,13 @@ class Loop:
 
     # -- between the stages -----------------------------------------------------------------------
 
-    def _open(self, record: Record) -> Ref:
-        ref = self.outcome.open(record)
+    def _open(self, record: Record, arrived: float) -> Ref:
+        ref = self.outcome.open(record, arrived)
         if ref is None:
             # The partition is being read again from an earlier position (a rebalance, a
             # reset): start its bookkeeping over.
             self._forget({(record.topic, record.partition)}, "partition rewound")
-            ref = self.outcome.open(record)
+            ref = self.outcome.open(record, arrived)
             assert ref is not None
         return ref
 

@@ -34,7 +34,8 @@ class Bucket:
         self.refill(now)
         if self.tokens >= cost or self.tokens >= self.capacity:
             return 0.0
-        return (min(cost, self.capacity) - self.tokens) / self.rate
+        # Never a wait so small that adding it to a clock changes nothing (float rounding).
+        return max((min(cost, self.capacity) - self.tokens) / self.rate, MIN_WAIT_STEP)
 
     def take(self, cost: float, now: float) -> float:
         """Take ``cost`` tokens if they exist (0 returned); else the seconds until they would."""

@@ -22,6 +22,7 @@ from worker.kafka import admin
 from worker.kafka.consumer import KafkaSource
 from worker.kafka.dead_letters import KafkaDeadLetterSink
 from worker.kafka.exchange import KafkaBudgetExchange
+from worker.loop import Loop
 from worker.observe import metrics
 from worker.outcome.warming import Warmer
 from worker.planning.process import PlanningProcess, wanted
@@ -72,35 +73,10 @@ def _run(config: Config, process: PlanningProcess | None) -> int:
                 registry=metrics.REGISTRY,
             )
     clock = SystemClock()
-    exchange = None
-    if config.kafka.budget_topic and not config.delivery.dry_run:
-        # Started first: it connects while the consumer does, so the budget is there sooner.
-        exchange = KafkaBudgetExchange(config.kafka, config.kafka.budget_topic, clock).start()
-    try:
-        source, sink = _connect(config, stop)
-    except PurgeWorkerError:
-        if exchange is not None:
-            exchange.close()
-        raise
-    if source is None or sink is None:
-        if exchange is not None:
-            exchange.close()
+    started = _start(config, process, stop, clock)
+    if started is None:
         return 0 if stop.is_set() else 1
-    try:
-        _verify_access(config)
-    except PurgeWorkerError:
-        source.close(timeout=1.0)
-        sink.close(timeout=1.0)
-        if exchange is not None:
-            exchange.close()
-        raise
-    warmer = None
-    if config.warming.enabled and config.rules.warms and not config.delivery.dry_run:
-        warmer = Warmer(config.warming, clock).start()
-    loop = app.build_loop(
-        config, source, sink, clock, exchange=exchange, warmer=warmer, process=process
-    )
-    app.seed_guard(config, loop.outcome.guard, clock)
+    loop, warmer = started
     health = app.health(
         config, loop, kafka_patience=config.observability.ready_kafka_timeout_seconds
     )
@@ -130,6 +106,55 @@ def _run(config: Config, process: PlanningProcess | None) -> int:
     if health:
         health.stop()
     return code
+
+
+def _start(
+    config: Config, process: PlanningProcess | None, stop: threading.Event, clock: SystemClock
+) -> tuple[Loop, Warmer | None] | None:
+    """The loop, connected and checked; None when stopped (or given up) before it could run.
+    Raises ``PurgeWorkerError`` naming what stands in the way."""
+    exchange = None
+    if config.kafka.budget_topic and not config.delivery.dry_run:
+        # Started first: it connects while the consumer does, so the budget is there sooner.
+        exchange = KafkaBudgetExchange(config.kafka, config.kafka.budget_topic, clock).start()
+    try:
+        clients = _clients(config, stop)
+    except PurgeWorkerError:
+        if exchange is not None:
+            exchange.close()
+        raise
+    if clients is None:
+        if exchange is not None:
+            exchange.close()
+        return None
+    source, sink = clients
+    warmer = None
+    if config.warming.enabled and config.rules.warms and not config.delivery.dry_run:
+        warmer = Warmer(config.warming, clock).start()
+    loop = app.build_loop(
+        config, source, sink, clock, exchange=exchange, warmer=warmer, process=process
+    )
+    # A stream its predecessor found over the limit stops this worker at its first dead letter,
+    # before it purges anything again; a fixed deploy that dead-letters nothing goes on.
+    app.seed_guard(config, loop.outcome.guard, clock)
+    return loop, warmer
+
+
+def _clients(
+    config: Config, stop: threading.Event
+) -> tuple[KafkaSource, KafkaDeadLetterSink] | None:
+    """The consumer and the dead-letter writer, once the cluster says the worker may do what it
+    does there; None if stopped or given up."""
+    source, sink = _connect(config, stop)
+    if source is None or sink is None:
+        return None
+    try:
+        _verify_access(config)
+    except PurgeWorkerError:
+        source.close(timeout=1.0)
+        sink.close(timeout=1.0)
+        raise
+    return source, sink
 
 
 def _verify_access(config: Config) -> None:

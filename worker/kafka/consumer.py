@@ -49,6 +49,7 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
         self.finished: dict[TopicPartition, int] = {}
         self.consumer: KafkaConsumer | None = None
         self.settle: Callable[[], bool] | None = None
+        self.closing = False
 
     async def _settle(self) -> None:
         coordinator = getattr(self.consumer, "_coordinator", None)
@@ -70,7 +71,9 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
                 log.exception("settling before a handover failed")
         with self.lock:
             offsets = {tp: o for tp, o in self.finished.items() if tp in tps}
-        if not offsets or self.consumer is None:
+        if not offsets or self.consumer is None or self.closing:
+            # Closing: the drain's own commit, bounded by its deadline, already went; one here
+            # would wait out Kafka's request timeout when the broker cannot be reached.
             return
         try:
             await self.consumer.commit_async(kafka_offsets(offsets))
@@ -217,7 +220,11 @@ class KafkaSource:
         return out
 
     def close(self, timeout: float = 10.0) -> None:
-        # close() leaves the group, so the partitions move to another replica at once. Its own
-        # commit is off: only the loop commits, and only finished records. (A revocation on
-        # the way out finds the hook answering at once: the loop is draining.)
-        self._consumer.close(autocommit=False, timeout_ms=millis(timeout))
+        """Leave the group within ``timeout``, so the partitions move to another replica at
+        once. Commits nothing (only the loop commits, and only finished records: the revocation
+        on the way out skips its own). Never raises."""
+        self._listener.closing = True
+        try:
+            self._consumer.close(autocommit=False, timeout_ms=millis(timeout))
+        except Exception as exc:  # noqa: BLE001 (the exit must not fail on a closing client)
+            log.warning("the Kafka consumer did not close cleanly", error=str(exc))

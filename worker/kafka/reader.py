@@ -158,10 +158,12 @@ class DeadLetterReader:
         self._consumer.close(autocommit=False, timeout_ms=millis(timeout))
 
 
-def recent_dead_letters(config: KafkaSettings, since: float, timeout: float = 5.0) -> list[float]:
+def recent_dead_letters(
+    config: KafkaSettings, since: float, timeout: float = 5.0
+) -> list[tuple[float, str | None]]:
     """When records of this worker's topics were dead-lettered since ``since`` (wall seconds),
-    read from the dead-letter topic itself: it is durable, so a restarted worker knows what the
-    one before it did."""
+    and the guard's window each carried (``purge.guard.window``), read from the dead-letter topic
+    itself: it is durable, so a restarted worker knows what the one before it did."""
 
     consumer = connecting(
         lambda: KafkaConsumer(
@@ -187,7 +189,7 @@ def recent_dead_letters(config: KafkaSettings, since: float, timeout: float = 5.
             if found is not None and found.offset < ends[tp]:
                 consumer.seek(tp, found.offset)
                 todo[tp] = ends[tp]
-        times: list[float] = []
+        times: list[tuple[float, str | None]] = []
         topics = set(config.topics)
         deadline = time.monotonic() + timeout
         while todo and time.monotonic() < deadline:
@@ -198,7 +200,7 @@ def recent_dead_letters(config: KafkaSettings, since: float, timeout: float = 5.
                         continue
                     failed = parse_rfc3339(header(headers, PREFIX + "failed_at") or "")
                     if failed is not None and failed >= since:
-                        times.append(failed)
+                        times.append((failed, header(headers, PREFIX + "guard.window")))
                 if consumer.position(tp) >= todo.get(tp, 0):
                     todo.pop(tp, None)
         return times

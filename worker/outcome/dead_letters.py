@@ -57,11 +57,13 @@ def headers_for(
     failed_at: float,
     attempts: int = 1,
     original: Record | None = None,
+    extra: dict[str, str] | None = None,
 ) -> list[tuple[str, bytes]]:
     """The dead-letter headers for ``record`` failed with ``errors`` (the first names the class).
 
     ``original`` is where the record first came from, when ``record`` is itself a dead letter
-    being replayed: its ``purge.original.*`` coordinates are kept, not replaced.
+    being replayed: its ``purge.original.*`` coordinates are kept, not replaced. ``extra``: more
+    ``purge.*`` headers (the guard's window).
     """
     first = errors[0]
     messages = [str(e) for e in errors[:3]]
@@ -83,6 +85,7 @@ def headers_for(
     }
     if first.code is not None:
         added["purge.error.code"] = str(first.code)
+    added.update(extra or {})
     # Error texts may quote what an API or proxy echoed back: never let a secret onto the topic.
     return kept + [(k, redact_text(v).encode("utf-8")) for k, v in added.items()]
 

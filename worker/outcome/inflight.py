@@ -42,11 +42,14 @@ class InFlight:
     would make every garbage collection walk them."""
 
     record: Record
+    arrived: float = 0.0  # monotonic time it was taken from Kafka (the guard judges by it)
     event_id: str | None = None
     event_time: float | None = None
     remaining: int = 0
     failures: list[PermanentError] = field(default_factory=list)
     skipped: bool = False
+    # Its dead letter was counted by the guard (a write tried again is not counted twice).
+    judged: bool = False
     # URLs to warm once the record is purged (rules with ``warm``).
     warm: list[Routed] | None = None
 
@@ -73,7 +76,7 @@ class InFlightRecords:
     def __contains__(self, ref: object) -> bool:
         return ref in self._records
 
-    def open(self, record: Record) -> Ref | None:
+    def open(self, record: Record, arrived: float = 0.0) -> Ref | None:
         """Start tracking ``record``; its offset is not committable until it is finished. None,
         tracking nothing, when the record is not past the last one taken from its partition:
         the partition is being read again (a rebalance, a reset) and must be forgotten first."""
@@ -81,7 +84,7 @@ class InFlightRecords:
             return None
         self._seq += 1
         ref = Ref(record.topic, record.partition, record.offset, self._seq)
-        self._records[ref] = InFlight(record)
+        self._records[ref] = InFlight(record, arrived)
         return ref
 
     def state(self, ref: Ref) -> InFlight:

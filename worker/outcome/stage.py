@@ -20,6 +20,7 @@ from worker.events import Record, TopicPartition
 from worker.observe import metrics
 from worker.outcome.commit import CommitPolicy
 from worker.outcome.dead_letters import DeadLetterSink, DeadLetterWrite, headers_for
+from worker.outcome.guard import HEADER as GUARD_HEADER
 from worker.outcome.guard import DeadLetterGuard
 from worker.outcome.inflight import InFlight, InFlightRecords, Ref
 from worker.outcome.warming import Warmer
@@ -57,10 +58,17 @@ class Outcome:
         """Dead-letter writes not yet confirmed."""
         return len(self._writes)
 
-    def open(self, record: Record) -> Ref | None:
+    def arrived(self, count: int) -> float:
+        """``count`` records were just taken from Kafka (the guard counts them now); returns
+        the time they arrived, for ``open``."""
+        now = self.clock.monotonic()
+        self.guard.arrived(count, now)
+        return now
+
+    def open(self, record: Record, arrived: float) -> Ref | None:
         """Track ``record`` until it is finished. None if its partition is being read again
         from an earlier position: ``forget`` it first."""
-        return self.records.open(record)
+        return self.records.open(record, arrived)
 
     def planned(self, ref: Ref, plan: Planned, waiting: int) -> None:
         """``ref``'s plan is known and it waits for ``waiting`` target outcomes."""
@@ -106,7 +114,6 @@ class Outcome:
                 else:
                     self._dead_letter(ref, state)
                 continue
-            self.guard.record_ok()
             outcome = "skipped" if state.skipped else "purged"
             finished[(ref.topic, outcome)] = finished.get((ref.topic, outcome), 0) + 1
             if not state.skipped and state.event_time:
@@ -120,13 +127,18 @@ class Outcome:
         metrics.LAST_RECORD_TIME.set(self.last_record)
 
     def _dead_letter(self, ref: Ref, state: InFlight) -> None:
-        try:
-            self.guard.check()
-        except DeadLetterGuardTripped:
-            # No more dead letters from here on: the draining that follows only commits what
-            # finished cleanly, and the unfinished records wait on Kafka for a fixed deploy.
-            self.tripped = True
-            raise
+        if not state.judged:
+            try:
+                self.guard.check(state.arrived)
+            except DeadLetterGuardTripped:
+                # No more dead letters from here on: the draining that follows only commits
+                # what finished cleanly; the unfinished records wait on Kafka for a fix.
+                self.tripped = True
+                raise
+            # Counted as dead-lettered now, so the guard sees writes still under way; once,
+            # however often its write is tried.
+            self.guard.dead(state.arrived)
+            state.judged = True
         record = state.record
         headers = headers_for(
             record,
@@ -134,9 +146,8 @@ class Outcome:
             failed_at=self.clock.time(),
             attempts=record.attempts + 1,
             original=record.origin,
+            extra={GUARD_HEADER: self.guard.header()},
         )
-        # Counted as dead-lettered now, so the guard sees writes still under way.
-        self.guard.record_dead()
         self._writes[ref] = (state, self.sink.submit(record, headers))
 
     def _confirm(self) -> None:
