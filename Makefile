@@ -12,7 +12,7 @@ HELM   := $(HOME)/.cache/purge-worker/helm-$(HELM_VERSION)/helm
 PROMTOOL_VERSION := v0.316.0
 PROMTOOL := $(HOME)/.cache/purge-worker/promtool-$(PROMTOOL_VERSION)/promtool
 
-.PHONY: test run lint fmt bench clean broker helm promtool bwrap chart-schema lock
+.PHONY: test run lint fmt bench soak clean broker helm promtool bwrap chart-schema lock
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,12 @@ chart-schema: $(STAMP)
 
 bench: broker
 	$(BIN)/python scripts/bench.py
+
+# A long run at a steady rate: memory, files, threads, lag and latency over time (SOAK.md).
+SOAK_MINUTES ?= 30
+SOAK_RATE ?= 300
+soak: broker
+	$(BIN)/python scripts/soak.py --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis .bench

@@ -219,3 +219,13 @@ def test_urls_are_metered_over_a_sliding_second_not_a_bucket(emulator_factory):
     # second does not, until those 1,500 are a second old.
     clock.advance(0.1)
     assert purge(emu, urls("c")).status_code == 429
+
+
+def test_purges_can_be_followed_from_a_position(emulator):
+    for tag in ("a", "b", "c"):
+        assert purge(emulator, {"tags": [tag]}).status_code == 200
+    url = emulator.url + "/__emulator/purges"
+    assert [p["items"] for p in requests.get(url + "?since=1", timeout=5).json()] == [["b"], ["c"]]
+    assert requests.get(url + "?since=3", timeout=5).json() == []
+    assert requests.get(url + "?since=-1", timeout=5).status_code == 400
+    assert requests.get(url + "?since=x", timeout=5).status_code == 400

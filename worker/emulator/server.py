@@ -6,11 +6,22 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from worker.emulator import api
 from worker.emulator.state import EmulatorState, error
 
 MAX_BODY = 10 * 1024 * 1024
+
+
+def _since(target: str) -> int | None:
+    """The ``since`` query parameter of ``target``: 0 when absent, None when not a count."""
+    values = parse_qs(urlsplit(target).query).get("since", ["0"])
+    try:
+        since = int(values[-1])
+    except ValueError:
+        return None
+    return since if since >= 0 else None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -80,7 +91,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"tags": "set"})
             return
         if method == "GET" and path == "/__emulator/purges":
-            self._send_json(200, purges)
+            # ``?since=N``: the purges from the N-th on, so a long run can be followed cheaply.
+            since = _since(self.path)
+            if since is None:
+                self._send_json(400, {"error": "since must be a whole number >= 0"})
+            else:
+                self._send_json(200, purges[since:])
         elif method == "GET" and path == "/__emulator/requests":
             self._send_json(200, requests)
         elif method == "POST" and path == "/__emulator/reset":
