@@ -39,6 +39,8 @@ DECREASE = 0.5
 # a per-success step made a slow plan (free: one tag request per 12 s) crawl for many minutes.
 RECOVERY_SECONDS = 60.0
 MAX_WAIT_STEP = 0.05
+# How far back what was taken is remembered, for the demand reported to the budget exchange.
+USED_SPAN = 60.0
 
 
 @dataclass(frozen=True)
@@ -160,10 +162,15 @@ class AccountRateLimiter:
         if wait == 0:
             url = kind.metered_per_item
             self._used.append((now, items if url else 0, 0 if url else 1))
+            # Pruned here too, not only when read: without the budget exchange nobody reads it.
+            while self._used[0][0] <= now - USED_SPAN:
+                self._used.popleft()
         return wait, ticket
 
     def used(self, now: float, flex_span: float) -> tuple[int, int]:
-        """URLs taken in the last second and flex requests in the last ``flex_span`` seconds."""
+        """URLs taken in the last second and flex requests in the last ``flex_span`` seconds
+        (at most ``USED_SPAN``)."""
+        flex_span = min(flex_span, USED_SPAN)
         with self._lock:
             while self._used and self._used[0][0] <= now - max(WINDOW, flex_span):
                 self._used.popleft()

@@ -40,6 +40,18 @@ MAX_BODY = 1 << 20
 MAX_WAIT = 0.5
 
 
+# The values Cloudflare documents for CF-Cache-Status. Anything else (a proxy's own, garbage) is
+# "other": the header's value becomes a metric label, and label sets must stay bounded.
+CACHE_STATUSES = frozenset(
+    ("hit", "miss", "expired", "stale", "bypass", "revalidated", "updating", "dynamic", "none")
+)
+
+
+def _cache_status(header: str | None) -> str:
+    value = (header or "none").strip().lower()
+    return value if value in CACHE_STATUSES else "other"
+
+
 class WarmJob(NamedTuple):
     due: float  # monotonic time it may go
     zone_id: str
@@ -184,7 +196,7 @@ class Warmer:
                     read += len(chunk)
                     if read >= MAX_BODY:
                         break
-                cache = (resp.headers.get("CF-Cache-Status") or "none").lower()
+                cache = _cache_status(resp.headers.get("CF-Cache-Status"))
                 status = resp.status_code
         except requests.RequestException as exc:
             metrics.WARM_REQUESTS.labels(job.zone, "error").inc()

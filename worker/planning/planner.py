@@ -17,6 +17,7 @@ from worker.config.model import EVENT_TYPE_FIELD, MAX_RECORD_BYTES
 from worker.errors import InvalidEvent, NoRuleMatched, PermanentError, UnknownZone
 from worker.events import Event, Record
 from worker.intake.decode import decode
+from worker.planning.memo import Memo
 from worker.planning.routing import Zone, ZoneRouter
 from worker.planning.rules.outcome import RuleTarget
 from worker.planning.rules.ruleset import RuleSet
@@ -25,11 +26,14 @@ from worker.targets import Mode, Target
 
 log = structlog.get_logger("worker.planning.planner")
 
-# Targets whose zone is remembered; past it, routing starts over. Routing runs only for plans
-# not remembered (below), so this stays small: memory is the planning process's budget.
+# Targets whose zone is remembered, and the targets they expand to there; past either bound,
+# routing starts over. Routing runs only for plans not remembered (below), so this stays small:
+# memory is the planning process's budget (README, "Memory").
 ROUTE_CACHE_SIZE = 30_000
-# Plans remembered by what the rules read of an event; past it, the memory starts over.
+ROUTE_CACHE_TARGETS = 120_000
+# Plans remembered by what the rules read of an event, and the targets they hold in all.
 PLAN_CACHE_SIZE = 20_000
+PLAN_CACHE_TARGETS = 100_000
 
 
 class Routed(NamedTuple):
@@ -113,16 +117,26 @@ class _Known(NamedTuple):
     warm: tuple[Routed, ...]
 
 
+def _plan_weight(known: _Known) -> int:
+    return 1 + len(known.targets) + len(known.warm)
+
+
+def _route_weight(routed: tuple[Zone, tuple[Target, ...]] | UnknownZone) -> int:
+    return 1 if isinstance(routed, UnknownZone) else len(routed[1])
+
+
 class Planner:
     def __init__(self, settings: PlanningSettings) -> None:
         self.settings = settings
         self._router = ZoneRouter(settings.zones)
-        self._routes: dict[Target, tuple[Zone, tuple[Target, ...]] | UnknownZone] = {}
+        self._routes: Memo[tuple[Zone, tuple[Target, ...]] | UnknownZone] = Memo(
+            ROUTE_CACHE_SIZE, ROUTE_CACHE_TARGETS, _route_weight
+        )
         # In a backlog the same article comes by again and again, each time as a new event
         # (its own id and time): events alike in everything the rules read get one plan, made
         # once. Not with plug-in rules, which may read anything.
         self._reads = settings.rules.reads
-        self._plans: dict[Hashable, _Known] = {}
+        self._plans: Memo[_Known] = Memo(PLAN_CACHE_SIZE, PLAN_CACHE_TARGETS, _plan_weight)
 
     def plan(self, record: Record) -> RecordPlan:
         """The plan for one record. Never raises: failures are in ``RecordPlan.errors``."""
@@ -161,9 +175,7 @@ class Planner:
         self.route_warm(rules.warm, plan)
         if key is not None and not plan.errors and not plan.dropped:
             # Failures are not remembered: every record that has them is dead-lettered anew.
-            if len(self._plans) >= PLAN_CACHE_SIZE:
-                self._plans.clear()
-            self._plans[key] = _Known(tuple(plan.fired), tuple(plan.targets), tuple(plan.warm))
+            self._plans.put(key, _Known(tuple(plan.fired), tuple(plan.targets), tuple(plan.warm)))
         return plan
 
     def _key(self, event: Event) -> Hashable:
@@ -219,7 +231,5 @@ class Planner:
             )
         except UnknownZone as exc:
             routed = exc
-        if len(self._routes) >= ROUTE_CACHE_SIZE:
-            self._routes.clear()
-        self._routes[target] = routed
+        self._routes.put(target, routed)
         return routed

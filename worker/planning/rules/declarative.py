@@ -3,13 +3,14 @@ headers, warming, a zone for tags)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from worker.config.model import MAX_TARGETS_PER_RECORD
 from worker.errors import InvalidEvent, InvalidTarget, PermanentError
 from worker.events import Event
+from worker.planning.memo import Memo
 from worker.planning.rules.mapping import StrictMapping
 from worker.planning.rules.match import Match
 from worker.planning.rules.outcome import (
@@ -24,9 +25,11 @@ from worker.planning.rules.outcome import (
 from worker.planning.templates import Template, TemplateError, values_at
 from worker.targets import Mode, Target, normalize_host
 
-# Distinct inputs one rule remembers the targets of; past it, it starts over. The planner
-# remembers whole plans in front of this (unless a plug-in rule is in the set), so it is small.
+# Distinct inputs one rule remembers the targets of, and the targets it holds in all; past either,
+# it starts over. The planner remembers whole plans in front of this (unless a plug-in rule is in
+# the set), so it is small.
 RENDER_CACHE_SIZE = 5_000
+RENDER_CACHE_TARGETS = 20_000
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,9 @@ class DeclarativeRule:
                 [*(tuple(path.split(".")) for path, _ in self._match.fields), *self._inputs]
             )
         )
-        self._rendered: dict[Hashable, tuple[RuleTarget, ...]] = {}
+        self._rendered: Memo[tuple[RuleTarget, ...]] = Memo(
+            RENDER_CACHE_SIZE, RENDER_CACHE_TARGETS, lambda targets: 1 + len(targets)
+        )
         if not (self._urls or any(self._templates.values()) or self.everything):
             raise section.error(
                 "urls", "the rule produces no targets (urls, tags, hosts, prefixes or everything)"
@@ -179,9 +184,7 @@ class DeclarativeRule:
         cached = self._rendered.get(key)
         if cached is None:
             cached = tuple(self._render(event, captures))
-            if len(self._rendered) >= RENDER_CACHE_SIZE:
-                self._rendered.clear()
-            self._rendered[key] = cached
+            self._rendered.put(key, cached)
         return list(cached)
 
     def _render(self, event: Event, captures: dict[str, str]) -> list[RuleTarget]:

@@ -1,0 +1,252 @@
+"""Every long-lived structure has a bound (README, "Memory"), and each bound holds.
+
+Fed far more distinct input than any bound: the structure's size stays within it, whatever the
+input's shape (one target per event or thousands), and metric label sets stay a function of the
+config, not of the events.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tracemalloc
+
+from tests.helpers import MemoryApi, make_config
+from tests.test_pipeline_unit import build, rec, run_until_idle
+from worker import errors
+from worker.clock import MockClock
+from worker.cloudflare.ratelimit import USED_SPAN, AccountRateLimiter
+from worker.cloudflare.tiers import Tier, limits_for
+from worker.config.model import GuardSettings, LedgerSettings
+from worker.events import Record
+from worker.observe import metrics
+from worker.outcome.guard import DeadLetterGuard
+from worker.outcome.warming import CACHE_STATUSES, _cache_status
+from worker.pending.bucket import Pending
+from worker.pending.ledger import PurgeLedger
+from worker.planning import planner as planner_module
+from worker.planning.memo import Memo
+from worker.planning.planner import Planner
+from worker.planning.rules import declarative
+from worker.targets import CACHE_SIZE, Kind, Mode, Target, normalize_tag, normalize_url
+
+
+def test_a_memo_starts_over_at_either_bound():
+    memo: Memo[tuple[int, ...]] = Memo(max_entries=3, max_weight=10, weight=len)
+    for i in range(3):
+        memo.put(i, (i,))
+    assert len(memo) == 3 and memo.weight == 3
+    memo.put(3, (3,))  # a fourth entry: starts over
+    assert len(memo) == 1 and memo.get(0) is None and memo.get(3) == (3,)
+    memo.put(4, tuple(range(9)))  # 1 + 9 = 10: fits exactly
+    assert memo.weight == 10 and memo.restarts == 1
+    memo.put(5, (5,))  # over the weight: starts over
+    assert memo.weight == 1 and memo.restarts == 2
+    memo.put(6, tuple(range(11)))  # heavier than the whole memo: not kept, nothing lost
+    assert memo.get(6) is None and memo.get(5) == (5,)
+    memo.put(5, (1, 2))  # replacing an entry reweighs it
+    assert memo.weight == 2 and len(memo) == 1
+
+
+def _event(n: int, type_: str = "article.published", **data: object) -> bytes:
+    return json.dumps(
+        {"specversion": "1.0", "id": f"e{n}", "source": "cms", "type": type_, "data": data}
+    ).encode()
+
+
+def test_the_planning_caches_hold_their_bounds_for_any_shape_of_input():
+    rules = [
+        {
+            "name": "article",
+            "match": {"type": "article.published"},
+            "urls": ["https://www.example.com/{data.slug}"],
+            "tags": ["article-{data.id}"],
+            "zone": "example.com",
+        },
+        {
+            "name": "gallery",
+            "match": {"type": "gallery.updated"},
+            "urls": [
+                "https://www.example.com/g/{data.slug}/{data.pages[]}",
+                "https://www.example.com/print/{data.slug}/{data.pages[]}",
+            ],
+        },
+    ]
+    config = make_config(MemoryApi.URL, rules=rules)
+    planner = Planner(config.planning)
+    plans, routes = planner._plans, planner._routes
+    renders = [rule._rendered for rule in config.planning.rules.rules]
+    sizes: list[tuple[int, int, int, int]] = []
+
+    def check() -> None:
+        assert len(plans) <= planner_module.PLAN_CACHE_SIZE
+        assert plans.weight <= planner_module.PLAN_CACHE_TARGETS
+        assert len(routes) <= planner_module.ROUTE_CACHE_SIZE
+        assert routes.weight <= planner_module.ROUTE_CACHE_TARGETS
+        for memo in renders:
+            assert len(memo) <= declarative.RENDER_CACHE_SIZE
+            assert memo.weight <= declarative.RENDER_CACHE_TARGETS
+        sizes.append((len(plans), plans.weight, len(routes), routes.weight))
+
+    # Many small plans: more distinct articles than the plan and route memos hold.
+    for n in range(planner_module.ROUTE_CACHE_SIZE + 5_000):
+        plan = planner.plan(Record("cms", 0, n, None, _event(n, slug=f"a{n}", id=n), ()))
+        assert not plan.errors
+        if n % 1_000 == 0:
+            check()
+    assert plans.restarts >= 1 and routes.restarts >= 1
+    # Few heavy plans: 2,000 targets each (two templates over 1,000 pages), far fewer entries
+    # than the count bound allows.
+    for n in range(200):
+        pages = [f"p{i}" for i in range(1_000)]
+        body = _event(n, "gallery.updated", slug=f"g{n}", pages=pages)
+        plan = planner.plan(Record("cms", 0, n, None, body, ()))
+        assert len(plan.targets) == 2_000
+        check()
+    assert max(s[1] for s in sizes) <= planner_module.PLAN_CACHE_TARGETS
+
+
+def test_the_planning_caches_at_their_bounds_fit_the_documented_memory():
+    """README, "Memory": the planning memos full of one-URL plans take under 48 MiB."""
+    rules = [
+        {
+            "name": "article",
+            "match": {"type": "article.published"},
+            "urls": ["https://www.example.com/articles/{data.slug}"],
+        }
+    ]
+    config = make_config(MemoryApi.URL, rules=rules)
+    planner = Planner(config.planning)
+    # Past every bound once, so the figure is the structures at their fullest.
+    count = planner_module.ROUTE_CACHE_SIZE - 1
+    bodies = [_event(n, slug=f"an-article-slug-of-usual-length-{n:08d}") for n in range(count)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n, body in enumerate(bodies):
+            planner.plan(Record("cms", 0, n, None, body, ()))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(planner._routes) == count
+    assert held < 48 * 2**20, f"{held / 2**20:.1f} MiB"
+
+
+def test_the_ledger_remembers_at_most_max_entries():
+    ledger = PurgeLedger(LedgerSettings(max_entries=1_000))
+    for n in range(5_000):
+        item = Pending(Target(Kind.FILES, f"https://www.example.com/{n}"))
+        ledger.sending("z", Mode.PURGE, [item], sent_at=float(n))
+        ledger.settled("z", Mode.PURGE, [item], float(n), accepted={item.target})
+        assert len(ledger) <= 1_000
+    assert len(ledger) == 1_000
+    assert not ledger._in_flight  # every request ended: nothing held for it
+
+
+def test_normalised_targets_are_remembered_up_to_the_cache_size():
+    for fn in (normalize_url, normalize_tag):
+        assert fn.cache_info().maxsize == CACHE_SIZE
+    for n in range(CACHE_SIZE + 100):
+        normalize_tag(f"t{n}")
+    assert normalize_tag.cache_info().currsize <= CACHE_SIZE
+
+
+def test_the_guard_keeps_one_counter_per_second_of_its_window():
+    clock = MockClock()
+    settings = GuardSettings(window_seconds=30)
+    guard = DeadLetterGuard(settings, clock)
+    for _ in range(600):  # ten minutes of arrivals, one batch a second
+        guard.arrived(100, clock.monotonic())
+        guard.dead(clock.monotonic())
+        guard.window()
+        clock.advance(1.0)
+    assert len(guard._seconds) <= math.ceil(settings.window_seconds) + 1
+
+
+def test_a_cache_status_from_outside_never_makes_a_new_label():
+    assert {_cache_status(v) for v in ("HIT", "miss", " Expired ", None)} == {
+        "hit",
+        "miss",
+        "expired",
+        "none",
+    }
+    assert {_cache_status(f"weird-{n}") for n in range(100)} == {"other"}
+    assert "other" not in CACHE_STATUSES
+
+
+def _error_classes() -> list[type[errors.PermanentError]]:
+    out, todo = [], [errors.PermanentError]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def _label_sets() -> dict[str, set[tuple[tuple[str, str], ...]]]:
+    out: dict[str, set[tuple[tuple[str, str], ...]]] = {}
+    for family in metrics.REGISTRY.collect():
+        for sample in family.samples:
+            if sample.labels:
+                out.setdefault(family.name, set()).add(tuple(sorted(sample.labels.items())))
+    return out
+
+
+def test_metric_label_sets_come_from_the_config_not_from_events():
+    """Hostile events (distinct types, hosts, bodies, error texts) make label sets only of the
+    config's names and fixed vocabularies (kinds, classes, outcomes, status classes), never of
+    event data: the number of series is bounded by the config."""
+
+    def records(start: int, count: int) -> list[Record]:
+        out = []
+        for n in range(start, start + count):
+            shape = n % 5
+            if shape == 0:
+                value = _event(n, "article.published", slug=f"s{n}", locales=["en"], id=n)
+            elif shape == 1:
+                value = _event(n, f"type-{n}")  # no rule matches
+            elif shape == 2:
+                value = f"not json {n}".encode()
+            elif shape == 3:
+                value = _event(n, "image.updated", host=f"h{n}.unknown-{n}.net", path="x.jpg")
+            else:
+                value = _event(n, "article.published", slug=f"{n}\x00", locales=["en"], id=n)
+            out.append(rec(n, value))
+        return out
+
+    delivery = {"no_rule_matched": "dead_letter", "dead_letter_guard": {"max_ratio": 1.0}}
+    loop, source, _, _ = build(records(0, 500), delivery=delivery)
+    run_until_idle(loop, source)
+    first = _label_sets()
+    for record in records(500, 2_000):
+        source.add(record)
+    run_until_idle(loop, source)
+    after = _label_sets()
+    allowed = {
+        "topic": {"cms"},
+        "partition": {"0"},
+        "outcome": {"purged", "dead_lettered", "skipped"},
+        "zone": {"example.com", "cdn"},
+        "account": {"main"},
+        "budget": {"urls", "flex"},
+        "kind": {kind.value for kind in Kind},
+        "how": {"sent", "in_flight"},
+        "status": {"2xx", "4xx", "429", "5xx", "error"},
+        "error_class": {cls.error_class for cls in _error_classes()},
+    }
+    for family, sets in after.items():
+        for labels in sets - first.get(family, set()):
+            for name, value in labels:
+                if name != "le":  # a histogram's fixed buckets
+                    assert value in allowed[name], (family, name, value)
+
+
+def test_the_rate_limiter_forgets_what_it_took_even_when_nobody_asks():
+    """Without the budget exchange nothing reads the limiter's record of what it took: it must
+    still forget it (a worker with ``budget_topic: null`` grew by one entry per request)."""
+    clock = MockClock()
+    limiter = AccountRateLimiter(limits_for(Tier.ENTERPRISE), clock, start_full=True)
+    for _ in range(3_000):
+        wait, _ = limiter.reserve_ticket(Kind.TAGS, 1)
+        clock.advance(max(wait, 0.1))
+    assert len(limiter._used) <= USED_SPAN / 0.1 + 1
