@@ -20,6 +20,7 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -289,6 +290,24 @@ def dead_letters(bootstrap: str, topic: str) -> int:
     return count
 
 
+def _commit() -> str:
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout.strip()
+    return f"{head} with uncommitted changes" if dirty else head
+
+
 def report(r: dict[str, Any], png: Path) -> str:
     samples: list[Sample] = r["samples"]
     after = [s for s in samples if s.t >= r["warmup"] * 60]
@@ -317,7 +336,8 @@ def report(r: dict[str, Any], png: Path) -> str:
         f"{time.strftime('%Y-%m-%d')}: {r['published']:,} events at {r['rate']:g}/s for "
         f"{r['minutes']:g} min (new URLs, {REPEATS:.0%} repeats of the last {RECENT:,}, "
         f"{TAGS:.0%} new tags, {INVALID:.0%} invalid; a 503 every {FAULT_EVERY:.0f} s), the "
-        "emulator on the enterprise plan with its limits, ledger on.",
+        f"emulator on the enterprise plan with its limits, ledger on. Measured at commit "
+        f"{_commit()}.",
         "",
         "| figure | this run | bound |",
         "|---|---|---|",
