@@ -80,9 +80,7 @@ class DeadLetterGuard:
 
     def window(self) -> tuple[int, int]:
         """Records that arrived within the window, and how many of them were dead-lettered."""
-        horizon = math.floor(self._horizon())
-        for second in [s for s in self._seconds if s < horizon]:
-            del self._seconds[second]
+        self._prune()
         arrived = sum(a for a, _ in self._seconds.values())
         return arrived, sum(d for _, d in self._seconds.values())
 
@@ -118,5 +116,13 @@ class DeadLetterGuard:
         second = math.floor(at)
         counts = self._seconds.get(second)
         if counts is None:
+            # Seconds past the window go as new ones come, not only when a dead letter asks for
+            # the window: a stream without bad records would otherwise add one a second for ever.
+            self._prune()
             counts = self._seconds[second] = [0, 0]
         return counts
+
+    def _prune(self) -> None:
+        horizon = math.floor(self._horizon())
+        for second in [s for s in self._seconds if s < horizon]:
+            del self._seconds[second]
