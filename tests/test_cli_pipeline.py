@@ -115,7 +115,7 @@ BROKEN = [
         "cannot import",
     ),
     (
-        {"rules": [{"name": "r", "plugin": "os.path:basename", "options": {"bogus_option": 1}}]},
+        {"rules": [{"name": "r", "plugin": "yaml:safe_load", "options": {"bogus_option": 1}}]},
         "rules[r].options",
         "does not accept",
     ),

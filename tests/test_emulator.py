@@ -1,5 +1,6 @@
 """The emulator over real HTTP: envelope, validation, documented error codes, limits, settings."""
 
+import json
 import math
 import time
 
@@ -229,3 +230,74 @@ def test_purges_can_be_followed_from_a_position(emulator):
     assert requests.get(url + "?since=3", timeout=5).json() == []
     assert requests.get(url + "?since=-1", timeout=5).status_code == 400
     assert requests.get(url + "?since=x", timeout=5).status_code == 400
+
+
+def _raw(emu, request: bytes) -> bytes:
+    """Send ``request`` as it is and read the whole answer (the emulator closes after it)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", emu.port), timeout=5) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "code"),
+    [
+        (b"Authorization: Bearer t\xe2\x82\xac\r\nContent-Length: 2\r\n", b"403", 10000),
+        (b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: abc\r\n", b"400", 6007),
+        (b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: -5\r\n", b"400", 6007),
+    ],
+)
+def test_malformed_requests_get_the_error_envelope_not_a_reset(emulator, headers, status, code):
+    request = (
+        f"POST /client/v4/zones/{ZONE_A}/purge_cache HTTP/1.1\r\nHost: x\r\n".encode()
+        + headers
+        + b"Content-Type: application/json\r\nConnection: close\r\n\r\n{}"
+    )
+    answer = _raw(emulator, request)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["success"] is False and [e["code"] for e in body["errors"]] == [code]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"files": ["https://a.com/*"]},
+        {"files": [{"url": "https://a.com/x", "headers": {"CF-Device-Type": "fridge"}}]},
+        {"files": []},
+        {"tags": []},
+    ],
+)
+def test_what_the_api_documents_as_invalid_is_refused(emulator, body):
+    resp = purge(emulator, body)
+    assert resp.status_code == 400 and codes(resp) == [1012]
+    assert requests.get(emulator.url + "/__emulator/purges", timeout=5).json() == []
+
+
+def test_a_negative_latency_fault_is_refused_and_the_emulator_goes_on(emulator):
+    resp = requests.post(emulator.url + "/__emulator/faults", json={"latency_ms": -5}, timeout=5)
+    assert resp.status_code == 400 and "latency_ms" in resp.text
+    assert purge(emulator, {"tags": ["t"]}).status_code == 200
+
+
+def test_a_bad_files_cap_is_one_line_and_exit_2():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "emulator", "--files-cap", "-5"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "purge-worker emulator: argument --files-cap: -5 must be 1 or more"
+    ]

@@ -261,6 +261,7 @@ def test_an_alias_cannot_move_a_purge_to_another_zone_with_the_shipped_config():
         ("@img.example-cdn.net/renditions/", "user information"),
         (".evil.example.net/x", "changed the host"),
         (":8443@img.example-cdn.net/", "user information"),
+        (":8443/x", "changed the host"),  # the template owns the port too
     ],
 )
 def test_a_template_that_spells_its_host_keeps_it(alias, reason):

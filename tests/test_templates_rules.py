@@ -304,9 +304,12 @@ def test_a_rule_set_says_what_its_rules_read():
     ("spec", "message"),
     [
         ({"plugin": "nomodule_xyz:f"}, "cannot import"),
-        ({"plugin": "os.path"}, "must look like"),
-        ({"plugin": "os.path:nothing_here"}, "has no function"),
-        ({"plugin": "os.path:basename", "options": {"x": 1}}, "does not accept"),
+        ({"plugin": "yaml"}, "must look like"),
+        ({"plugin": "yaml:nothing_here"}, "has no function"),
+        ({"plugin": "os:system"}, "standard library"),
+        ({"plugin": "sys:exit"}, "standard library"),
+        ({"plugin": "subprocess:run"}, "standard library"),
+        ({"plugin": "yaml:safe_load", "options": {"x": 1}}, "does not accept"),
     ],
 )
 def test_plugin_mistakes_stop_start_up(spec, message):

@@ -140,6 +140,19 @@ def _not_too_long(what: str, raw: str) -> None:
         raise InvalidTarget(
             f"{what} {raw[:60]!r}… is {len(raw)} characters long (max {MAX_URL_LENGTH})"
         )
+    _unicode(what, raw)
+
+
+def _unicode(what: str, raw: str) -> None:
+    """Text that is not Unicode (a lone surrogate: from JSON's "\\ud800", or an undecodable
+    byte in a command-line argument) cannot be encoded into a request."""
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidTarget(
+            f"{what} {raw[:60]!r} is not valid text: a lone surrogate or undecodable byte at "
+            f"position {exc.start + 1}"
+        ) from None
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
@@ -176,6 +189,7 @@ def normalize_headers(headers: dict[str, str], url: str = "") -> tuple[tuple[str
             raise InvalidTarget(f"cache-key header name {name!r} for {url} is not a header name")
         if not isinstance(value, str) or not value or any(ord(c) < 0x20 for c in value):
             raise InvalidTarget(f"cache-key header {name}={value!r} for {url} has no usable value")
+        _unicode(f"cache-key header {name} for {url}", value)
         if len(value) > MAX_HEADER_VALUE_LENGTH:
             raise InvalidTarget(
                 f"cache-key header {name} for {url} is {len(value)} characters long "

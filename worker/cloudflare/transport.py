@@ -12,6 +12,7 @@ a socket, and dry runs answer every purge as accepted (``dry_run``), so that eve
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -71,7 +72,13 @@ class RequestsTransport:
         self._session.headers["User-Agent"] = f"purge-worker/{__version__}"
 
     def handle(self, request: Request) -> Response:
-        where = f"{request.method} {request.path}"
+        parts = urlsplit(request.url)
+        # The address in full (a wrong base_url is the usual cause), without any query.
+        where = (
+            f"{request.method} {parts.scheme}://{parts.hostname}"
+            + (f":{parts.port}" if parts.port else "")
+            + parts.path
+        )
         try:
             resp = self._session.request(
                 request.method,
@@ -91,12 +98,21 @@ class RequestsTransport:
         except requests.RequestException as exc:
             # requests' exceptions hold the prepared request, auth headers included, so they are
             # never chained and only their type is named.
-            raise TransportError(f"{where}: {type(exc).__name__}") from None
+            raise TransportError(f"{where}: {type(exc).__name__}{_reason(exc)}") from None
         headers = {k.lower(): v for k, v in resp.headers.items()}
         return Response(resp.status_code, headers, resp.content)
 
     def close(self) -> None:
         self._session.close()
+
+
+def _reason(exc: requests.RequestException) -> str:
+    """The operating system's words for a failed connection ("Connection refused", "Name or
+    service not known"), when the exception's text carries them; its text is not shown whole."""
+    if isinstance(exc, requests.Timeout):
+        return " (timed out)"
+    found = re.search(r"\[Errno -?\d+\] ([A-Za-z][A-Za-z ,']{0,80})", str(exc))
+    return f" ({found.group(1).strip()})" if found else ""
 
 
 class MockTransport:

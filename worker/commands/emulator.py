@@ -33,7 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-rate-limit", action="store_true", help="accept every request at once")
     p.add_argument(
-        "--files-cap", type=int, default=None, help="URLs per request (default: the plan's)"
+        "--files-cap",
+        type=args.positive_int,
+        default=None,
+        help="URLs per request (default: the plan's)",
     )
     p.add_argument(
         "--flex-cost",

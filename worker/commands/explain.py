@@ -6,7 +6,6 @@ import argparse
 import sys
 from typing import Any
 
-from worker import app
 from worker.clock import SystemClock
 from worker.config.settings import Config
 from worker.errors import UsageError
@@ -55,10 +54,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
     plan_out, code = explain(record, config)
     output.json_line(plan_out, indent=2)
     if code:
-        first = plan_out["errors"][0]
+        first, *more = plan_out["errors"]
+        also = f' (and {len(more)} more: see "errors" above)' if more else ""
         output.line(
             f"purge-worker explain: the event would be dead-lettered: "
-            f"{first['class']}: {first['message']}",
+            f"{first['class']}: {first['message']}{also}",
             err=True,
         )
     return code
@@ -69,6 +69,9 @@ def explain(record: Record, config: Config) -> tuple[dict[str, Any], int]:
 
     The targets come from the same ``Planner`` that ``run`` uses, grouped into requests as the
     coalescer would group them when they are all pending at once."""
+    # The API's clients, imported when an event is explained, not for `explain --help`.
+    from worker import app  # noqa: PLC0415
+
     plan = Planner(config.planning).plan(record)
     out: dict[str, Any] = {"event": None, "rules_fired": plan.fired, "purges": [], "errors": []}
     if plan.event is not None:

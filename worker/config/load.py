@@ -19,12 +19,13 @@ from pydantic import ValidationError
 from worker.cloudflare.auth import Credentials, Secret
 from worker.cloudflare.tiers import Tier, limits_for
 from worker.config import kafka
+from worker.config.addresses import check_base_url
+from worker.config.bounds import MAX_FILE_BYTES, bounded
 from worker.config.errors import from_validation_error
 from worker.config.model import (
     AccountSection,
     ConfigFile,
     ZoneSection,
-    check_base_url,
 )
 from worker.config.settings import AccountConfig, Config
 from worker.errors import ConfigError, InvalidTarget
@@ -38,11 +39,15 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(source, "", f"not UTF-8 text (byte {exc.start})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(source, "", f"larger than {MAX_FILE_BYTES // 2**20} MiB: not a config")
     return parse(_yaml(text, source), source, env)
 
 
@@ -67,6 +72,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError:
+        raise ConfigError(source, "", "not valid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
@@ -77,6 +84,7 @@ def _yaml(text: str, source: str) -> Any:
 
 def parse(data: Any, source: str, env: Mapping[str, str]) -> Config:
     """Validate ``data`` (the parsed YAML) and build the config. Raises ``ConfigError``."""
+    bounded(data, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -126,9 +134,13 @@ def _account(name: str, a: AccountSection, env: Mapping[str, str], source: str) 
         "flex_bucket": a.flex_bucket,
     }
     limits = base.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
+    where = f"cloudflare.accounts.{name}"
     token = env.get(a.token_env) if a.token_env else None
+    _header_safe(token, a.token_env, f"{where}.token_env", source)
     creds = Credentials(token=Secret(token) if token else None)
     email, key = (env.get(a.email_env or ""), env.get(a.key_env or ""))
+    _header_safe(email, a.email_env, f"{where}.email_env", source)
+    _header_safe(key, a.key_env, f"{where}.key_env", source)
     if not token and email and key:
         creds = Credentials(email=email, key=Secret(key))
     return AccountConfig(
@@ -141,6 +153,26 @@ def _account(name: str, a: AccountSection, env: Mapping[str, str], source: str) 
         budget_key=a.account_id or _credentials_key(creds, name),
         share=a.share or 1.0,
     )
+
+
+def _header_safe(value: str | None, variable: str | None, key: str, source: str) -> None:
+    """A credential goes into an HTTP header as it is: white space around it (a newline from
+    ``echo``, a pasted secret) or a character outside printable ASCII would fail every request,
+    or fail to send at all. Named by position, never quoted: it is a secret."""
+    if not value:
+        return
+    if value != value.strip():
+        raise ConfigError(
+            source, key, f"the value of {variable} has white space before or after it: remove it"
+        )
+    bad = next((i for i, c in enumerate(value) if not 0x21 <= ord(c) <= 0x7E), None)
+    if bad is not None:
+        raise ConfigError(
+            source,
+            key,
+            f"the value of {variable} has a character that is not printable ASCII at position "
+            f"{bad + 1} of {len(value)}; Cloudflare credentials are ASCII",
+        )
 
 
 def _credentials_key(creds: Credentials, name: str) -> str:
@@ -209,7 +241,10 @@ def _rules(file: ConfigFile, source: str, allow_everything: bool) -> RuleSet:
             ) from None
         except UnicodeDecodeError as exc:
             raise ConfigError(str(path), "", f"not UTF-8 text (byte {exc.start})") from None
+        if len(text) > MAX_FILE_BYTES:
+            raise ConfigError(str(path), "", f"larger than {MAX_FILE_BYTES // 2**20} MiB")
         raw = _yaml(text, str(path))
+        bounded(raw, str(path))
         rules += compile_rules(
             raw if raw is not None else [],
             str(path),

@@ -14,9 +14,10 @@ from __future__ import annotations
 import ipaddress
 import random
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from worker.config.addresses import check_base_url
 
 ZONE_ID_PATTERN = r"^[0-9a-f]{32}$"
 DEFAULT_TOKEN_ENV = "CLOUDFLARE_API_TOKEN"  # noqa: S105 (a variable name, not a token)
@@ -137,14 +138,6 @@ class CloudflareSection(Section):
     @classmethod
     def _http_url(cls, value: str) -> str:
         return check_base_url(value)
-
-
-def check_base_url(value: str) -> str:
-    """An http(s) URL with a host: anything else would fail every request, and be retried."""
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname or " " in value:
-        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
-    return value
 
 
 # -- coalescing and delivery ---------------------------------------------------------------------

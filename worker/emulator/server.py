@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -47,10 +48,28 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
+        try:
+            self._answer(method)
+        except Exception:  # noqa: BLE001 (a client must get an answer, never a reset)
+            traceback.print_exc()
+            self.close_connection = True
+            self._send(
+                *error(500, 10001, "emulator failed on this request (see its output)"),
+                record=(method, self.path.split("?", 1)[0]),
+            )
+
+    def _answer(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
         state = self.server.state
-        length = int(self.headers.get("Content-Length") or 0)
+        declared = self.headers.get("Content-Length") or "0"
+        length = int(declared) if declared.strip().isdigit() else -1
+        if length < 0:
+            # The body's end is unknown: answer, and close the connection after.
+            self.close_connection = True
+            self._send(*error(400, 6007, "Content-Length is not a length"), record=(method, path))
+            return
         if length > MAX_BODY:
+            self.close_connection = True  # the body is left unread
             self._send(*error(413, 1001, "request body too large"), record=(method, path))
             return
         raw = self.rfile.read(length) if length else b""

@@ -25,6 +25,30 @@ VARIANT_KEYS = frozenset(
     {"avif", "bmp", "gif", "jp2", "jpeg", "jpg", "jpg2", "png", "tif", "tiff", "webp"}
 )
 SELECTORS = ("files", "tags", "hosts", "prefixes")
+# A fault's latency: enough for any timeout test, never a handler asleep for good.
+MAX_LATENCY_MS = 600_000
+DEVICE_TYPES = frozenset({"mobile", "desktop", "tablet"})
+
+
+def _same(given: str, expected: str) -> bool:
+    """Compare secrets in constant time; bytes, since a header may hold any character."""
+    return secrets.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
+
+
+def _bad_cache_key(headers: Any) -> str | None:
+    """What is wrong with a files object's cache-key headers, per the API's documentation."""
+    if not isinstance(headers, dict):
+        return "headers must be an object"
+    for name, value in headers.items():
+        if not isinstance(value, str):
+            return f"{name} must be a string"
+        if name.lower() == "cf-device-type" and value not in DEVICE_TYPES:
+            return f"CF-Device-Type {value[:40]!r} is not mobile, desktop or tablet"
+    return None
+
+
 NO_SELECTOR = (
     'Request must contain one of "purge_everything", "files", "tags", "hosts" or "prefixes"'
 )
@@ -219,7 +243,10 @@ class EmulatorState:
                     return error(400, 1001, "edge_status must be 200..599")
                 self.edge.origin_status = status
             if "latency_ms" in spec:
-                self.faults.latency_ms = int(spec["latency_ms"])
+                latency = int(spec["latency_ms"])
+                if not 0 <= latency <= MAX_LATENCY_MS:
+                    return error(400, 1001, f"latency_ms must be 0..{MAX_LATENCY_MS}")
+                self.faults.latency_ms = latency
             if "reject_items" in spec:
                 self.faults.reject_items = {str(i) for i in spec["reject_items"]}
                 self.faults.reject_status = int(spec.get("reject_status", 400))
@@ -264,7 +291,7 @@ class EmulatorState:
                         {"code": 6111, "message": "Invalid format for Authorization header"}
                     ],
                 )
-            if self.token is None or not secrets.compare_digest(value.strip(), self.token):
+            if self.token is None or not _same(value.strip(), self.token):
                 return error(403, 10000, "Authentication error")
             return None
         email, key = headers.get("x-auth-email"), headers.get("x-auth-key")
@@ -280,7 +307,7 @@ class EmulatorState:
             or key is None
             or self.api_key is None
             or email != self.email
-            or not secrets.compare_digest(key, self.api_key)
+            or not _same(key, self.api_key)
         ):
             return error(403, 10000, "Authentication error")
         return None
@@ -327,6 +354,8 @@ class EmulatorState:
             items = body[kind]
             if not isinstance(items, list):
                 return error(400, 1014, f"'{kind}' must be an array")
+            if not items:
+                return error(400, 1012, f"'{kind}' is empty: nothing to purge")
             bad = self._validate_items(kind, items)
             if bad is not None:
                 return bad
@@ -389,12 +418,19 @@ class EmulatorState:
     def _validate_items(kind: str, items: list[Any]) -> Reply | None:
         for item in items:
             if kind == "files":
-                if isinstance(item, dict):
-                    if not isinstance(item.get("url"), str):
-                        return error(400, 1012, 'files object is missing "url"')
-                    continue
-                if not isinstance(item, str) or not item.startswith(("http://", "https://")):
-                    return error(400, 1012, f"Invalid url: {str(item)[:100]}")
+                url = item.get("url") if isinstance(item, dict) else item
+                if isinstance(item, dict) and not isinstance(url, str):
+                    return error(400, 1012, 'files object is missing "url"')
+                if (
+                    not isinstance(url, str)
+                    or not url.startswith(("http://", "https://"))
+                    or "*" in url
+                ):
+                    return error(400, 1012, f"Invalid url: {str(url)[:100]}")
+                headers = item.get("headers", {}) if isinstance(item, dict) else {}
+                bad = _bad_cache_key(headers)
+                if bad is not None:
+                    return error(400, 1012, f"Invalid headers for {url[:100]}: {bad}")
             elif not isinstance(item, str) or not item:
                 return error(400, 1012, f"Invalid {kind} entry: {str(item)[:100]}")
             elif kind == "tags" and (

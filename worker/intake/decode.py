@@ -7,6 +7,7 @@ worker dead-letters and moves past, never one it stops on.
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import Any
 
@@ -106,12 +107,24 @@ def _text(raw: bytes | None) -> str | None:
 
 
 def _event_time(value: Any) -> float | None:
+    """The event's own time; None when it has none. A time that is not one is the event's
+    error: the ledger would otherwise judge it by no time at all, silently."""
+    if value is None:
+        return None
     if type(value) is str:
         try:
-            return datetime.fromisoformat(value).timestamp()  # "Z" included, since 3.11
-        except ValueError:
-            return None
-    if isinstance(value, int | float) and not isinstance(value, bool):
+            when = datetime.fromisoformat(value).timestamp()  # "Z" included, since 3.11
+        except (ValueError, OverflowError, OSError):
+            when = math.nan
+    elif isinstance(value, int | float) and not isinstance(value, bool):
         # Epoch seconds or milliseconds: anything past year 33658 in seconds is milliseconds.
-        return value / 1000 if value > 1e12 else float(value)
-    return None
+        when = value / 1000 if value > 1e12 else float(value)
+    else:
+        when = math.nan
+    if not math.isfinite(when):
+        shown = repr(value) if not isinstance(value, str) else repr(value[:40])
+        raise InvalidEvent(
+            f"event time {shown} is not a time: use RFC 3339 (2026-01-02T03:04:05Z) "
+            "or epoch seconds or milliseconds"
+        )
+    return when

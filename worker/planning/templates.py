@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -192,6 +193,9 @@ def _scalar(value: Any, ref: str) -> str:
         raise InvalidEvent(f"field {{{ref}}} is missing")
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON's NaN and Infinity would render as "nan" and "inf": a page no one meant.
+        raise InvalidEvent(f"field {{{ref}}} is {value}, not a value to put in a target")
     if isinstance(value, str | int | float):
         return str(value)
     if isinstance(value, list):

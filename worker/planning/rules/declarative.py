@@ -36,7 +36,8 @@ RENDER_CACHE_TARGETS = 20_000
 class _UrlTemplate:
     url: Template
     headers: tuple[tuple[str, tuple[Template, ...]], ...]
-    # The host the template spells out, if it does: what the event renders must keep it.
+    # The authority (host, and port if any) the template spells out, if it does: what the
+    # event renders must keep it exactly.
     host: str | None = None
 
 
@@ -52,21 +53,23 @@ def _check_scheme(template: Template, section: StrictMapping, key: str) -> None:
 
 
 def literal_host(template: Template) -> str | None:
-    """The host a URL template names literally (``https://www.example.com{…}`` names
-    www.example.com), or None when the event's data supplies the host."""
+    """The authority a URL template names literally: ``https://www.example.com{…}`` names
+    www.example.com, and owns it: event data may add a path, never a port or another host.
+    None when the event's data supplies the host."""
     _, sep, rest = template.literal_prefix.partition("://")
     if not sep:
         return None
     authority = rest
     for stop in "/?#":
         authority = authority.split(stop, 1)[0]
-    host = authority.split(":", 1)[0]
+    host, colon, port = authority.partition(":")
     if "." not in host or "@" in host:
         return None
     try:
-        return normalize_host(host)
+        normalized = normalize_host(host)
     except InvalidTarget:
         return None
+    return f"{normalized}:{port}" if colon and port.isdigit() else normalized
 
 
 class DeclarativeRule:
@@ -96,6 +99,16 @@ class DeclarativeRule:
             )
         section.raw("description", None)
         section.done()
+        # Every template makes at least one target: more templates than a record may purge
+        # would dead-letter every event the rule matches.
+        least = len(self._urls) + sum(len(ts) for ts in self._templates.values())
+        if least > max_targets:
+            counts = {"urls": len(self._urls), **{k: len(ts) for k, ts in self._templates.items()}}
+            raise section.error(
+                max(counts, key=lambda k: counts[k]),
+                f"the rule makes at least {least} targets for each event it matches, over "
+                f"delivery.max_targets_per_record ({max_targets})",
+            )
         self.needs_zone = bool(self._templates["tags"]) or self.everything
         templates = [
             t for spec in (*self._urls, *self._warm) for t in (spec.url, *_header_templates(spec))
@@ -242,10 +255,11 @@ class DeclarativeRule:
         self, spec: _UrlTemplate, url: str, headers: dict[str, str] | None
     ) -> RuleTarget:
         made = self._target(Target.url, url, headers)
-        if spec.host is not None and made.target.hostname != spec.host:
+        authority = made.target.value.split("://", 1)[1].split("/", 1)[0]
+        if spec.host is not None and authority != spec.host:
             raise InvalidTarget(
                 f"URL {url!r} from template {spec.url.source!r}: the event's data "
-                f"changed the host from {spec.host} to {made.target.hostname}"
+                f"changed the host from {spec.host} to {authority}"
             )
         return made
 

@@ -6,37 +6,42 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import re2
+
 from worker.events import Event
 from worker.planning.rules.mapping import StrictMapping
 from worker.planning.templates import lookup
+
+# RE2's own defaults (Perl-like syntax, UTF-8), without its log line on stderr for a bad pattern:
+# the config error says it, once.
+_OPTIONS = re2.Options()
+_OPTIONS.log_errors = False
 
 
 class Matcher:
     def __init__(self, spec: Any, where: StrictMapping, key: str) -> None:
         self.values: tuple[Any, ...] | None = None
-        self.regex: re.Pattern[str] | None = None
+        # RE2 (google-re2): matching time linear in the field's length, whatever the pattern.
+        self.regex: Any = None
         self.exists: bool | None = None
         if isinstance(spec, dict):
             sub = StrictMapping(spec, where.key(key), where.source)
             if sub.has("regex"):
-                pattern = sub.get("regex", str)
-                try:
-                    self.regex = re.compile(pattern)
-                except re.error as exc:
-                    raise sub.error(
-                        "regex", f"invalid regular expression {pattern!r}: {exc}"
-                    ) from None
+                self.regex = _compile(sub.get("regex", str), sub)
             if sub.has("exists"):
                 self.exists = sub.get("exists", bool)
             if sub.has("in"):
-                self.values = tuple(sub.raw("in"))
+                values = sub.raw("in")
+                if not isinstance(values, list):
+                    raise sub.error("in", "must be a list of values")
+                self.values = _scalars(values, sub, "in")
             sub.done()
             if self.regex is None and self.exists is None and self.values is None:
                 raise where.error(key, "a matcher mapping needs regex, in or exists")
         elif isinstance(spec, list):
-            self.values = tuple(spec)
+            self.values = _scalars(spec, where, key)
         else:
-            self.values = (spec,)
+            self.values = _scalars([spec], where, key)
         # A string compares equal to an expected value when their texts are equal (see _equal):
         # one set look-up instead of a loop, for the common case of string fields.
         self._texts = frozenset(str(v) for v in self.values or ())
@@ -57,11 +62,47 @@ class Matcher:
         if self.regex is not None:
             if value is None or isinstance(value, dict | list):
                 return False
-            m = self.regex.search(value if isinstance(value, str) else str(value))
+            try:
+                m = self.regex.search(value if isinstance(value, str) else str(value))
+            except UnicodeEncodeError:
+                return False  # a lone surrogate: not text, so no pattern matches it
             if not m:
                 return False
             captures.update({k: v for k, v in m.groupdict().items() if v is not None})
         return True
+
+
+def _compile(pattern: str, where: StrictMapping) -> Any:
+    try:
+        return re2.compile(pattern, options=_OPTIONS)
+    except re2.error as exc:
+        said = exc.args[0] if exc.args else ""
+        said = said.decode("utf-8", "replace") if isinstance(said, bytes) else str(said)
+        try:
+            re.compile(pattern)
+        except re.error as invalid:
+            reason = f"invalid regular expression {pattern!r}: {invalid}"
+        else:
+            # Valid for a backtracking engine, which is what can run for ever on one event.
+            reason = (
+                f"regular expression {pattern!r} needs a backtracking engine (look-around or a "
+                f"back-reference); rules run on a linear-time engine: {said}"
+            )
+        raise where.error("regex", reason) from None
+
+
+def _scalars(values: list[Any], where: StrictMapping, key: str) -> tuple[Any, ...]:
+    """Match values are texts, numbers, booleans or null: an event's field is compared with
+    each. A list or mapping inside would never equal a field's value as intended (and YAML
+    aliases can make one astronomically large)."""
+    for value in values:
+        if value is not None and not isinstance(value, str | int | float | bool):
+            raise where.error(
+                key,
+                f"a match value must be a text, number, boolean or null, not a "
+                f"{'list' if isinstance(value, list) else type(value).__name__}",
+            )
+    return tuple(values)
 
 
 def _equal(actual: Any, expected: Any) -> bool:

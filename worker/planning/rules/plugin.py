@@ -58,14 +58,17 @@ class PluginRule:
         if self._match.test(event) is None:
             return None
         try:
-            result = self._fn(event, **self._options)
+            # A generator's body runs while its targets are taken: inside the guard too.
+            targets = self._targets(self._fn(event, **self._options))
         except PermanentError:
             raise
-        except Exception as exc:  # noqa: BLE001 (a plug-in bug dead-letters the event, never stops the worker)
+        except (Exception, SystemExit, KeyboardInterrupt, GeneratorExit) as exc:  # noqa: BLE001
+            # A plug-in's bug (even sys.exit() or a stray KeyboardInterrupt) dead-letters the
+            # event; it never stops the worker or a command.
             raise InvalidEvent(
                 f"plugin rule {self.name} raised {type(exc).__name__}: {exc}"
             ) from None
-        return [RuleTarget(t, self.mode, self.name) for t in self._targets(result)]
+        return [RuleTarget(t, self.mode, self.name) for t in targets]
 
     def _targets(self, result: Any) -> list[Target]:
         """The plug-in's targets; ``PartialTargets`` names those it could not make."""
@@ -136,6 +139,13 @@ def _import(ref: str, section: StrictMapping, search_path: str | None) -> Callab
         raise section.error("plugin", f"{ref!r} must look like 'package.module:function'")
     if search_path:
         _plugins_next_to(search_path, module_name.split(".")[0], section)
+    if module_name.split(".")[0] in sys.stdlib_module_names:
+        # A rule is the user's own code. A callable of the standard library (os:system,
+        # sys:exit, subprocess:run) is never one, and would run with the event as argument.
+        raise section.error(
+            "plugin",
+            f"{ref!r} is from the standard library; a plug-in must be a function of your own",
+        )
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 (any import-time failure is the same config error)
