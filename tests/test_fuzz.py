@@ -62,19 +62,26 @@ RULES = [
     },
 ]
 PLANNER = Planner(make_config(API, rules=RULES).planning)
+FIELDS = ("slug", "locales", "id", "lang", "host", "prefix", "path")
 TYPES = ["article.published", "site.rebuilt", "section.changed", "page.moved", "other"]
 
 
 @st.composite
 def events(draw: Any) -> bytes:
-    data = draw(
-        st.fixed_dictionaries(
-            {},
-            optional=dict.fromkeys(
-                ("slug", "locales", "id", "lang", "host", "prefix", "path"), VALUE
-            ),
-        )
-    )
+    if draw(st.booleans()):
+        # Shaped like what the rules read, with hostile values where the rules look: these
+        # reach the templates, the targets and the matcher rather than stopping at a missing key.
+        data = {
+            "slug": draw(SCALAR),
+            "locales": draw(st.lists(SCALAR, min_size=1, max_size=3)),
+            "id": draw(SCALAR),
+            "lang": draw(SCALAR),
+            "host": draw(SCALAR),
+            "prefix": draw(SCALAR),
+            "path": draw(st.one_of(SCALAR, TEXT.map(lambda t: f"/abc/{t}"))),
+        }
+    else:
+        data = draw(st.fixed_dictionaries({}, optional=dict.fromkeys(FIELDS, VALUE)))
     body: dict[str, Any] = {"type": draw(st.sampled_from(TYPES)), "data": data}
     if draw(st.booleans()):
         body["time"] = draw(SCALAR)
