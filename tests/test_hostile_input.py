@@ -6,6 +6,7 @@ config loader, the planner that ``run`` uses, and the emulator over HTTP.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -570,3 +571,34 @@ def test_every_command_in_the_readme_works_with_the_shipped_config(
         ran += 1
     assert ran >= 8
     assert requests.get(emu.url + "/__emulator/purges", timeout=5).json()
+
+
+def test_the_readme_quotes_only_messages_the_worker_prints():
+    """Each message the Troubleshooting table quotes (its first column: what the user sees) is
+    one the worker's code can print; placeholders ({…}, …, A/B alternatives) are skipped over."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Troubleshooting") : text.index("## Kubernetes")]
+    source = "\n".join(p.read_text() for p in (ROOT / "worker").rglob("*.py"))
+    quoted = [
+        q
+        for row in table.splitlines()
+        if row.startswith("| ") and not row.startswith("| symptom")
+        for q in re.findall(r'"([^"]+)"', row.split(" | ")[0])
+    ]
+    assert len(quoted) >= 7
+    for message in quoted:
+        for part in re.split(r"…|\{[^}]*\}", message):
+            words = part.split()
+            cut = next((i for i, w in enumerate(words) if "/" in w), len(words))
+            fragment = " ".join(words[:cut]).strip()
+            if len(fragment) >= 6:
+                assert fragment in source, f"the README quotes {message!r}; no code prints it"
+
+
+def test_the_readme_gives_the_emulators_token():
+    from worker.commands import emulator
+
+    parser = argparse.ArgumentParser()
+    emulator.add_arguments(parser)
+    token = parser.parse_args([]).token
+    assert f"CLOUDFLARE_API_TOKEN={token}" in (ROOT / "README.md").read_text()
