@@ -154,7 +154,12 @@ class Workers:
         return codes
 
     def log(self, i):
-        return (self.tmp_path / f"worker-{i}.log").read_text()[-20000:]
+        """Worker ``i``'s whole log: what a test looks for may be early in a long run."""
+        return (self.tmp_path / f"worker-{i}.log").read_text()
+
+    def tail(self, i):
+        """The end of worker ``i``'s log, for a failure message."""
+        return self.log(i)[-20000:]
 
 
 def image_events(n, prefix="u"):

@@ -86,7 +86,7 @@ def test_sigterm_during_an_api_outage_exits_within_the_drain_deadline_and_loses_
         time.sleep(0.2)
     took = time.monotonic() - sent
     print(f"\nSIGTERM during an outage: exited after {took:.1f} s (deadline {deadline} s)")
-    assert proc.poll() is not None, workers.log(0)
+    assert proc.poll() is not None, workers.tail(0)
     assert took <= deadline + 2, f"exited {took:.1f} s after SIGTERM (deadline {deadline} s)"
     assert health and health[0] == 200  # answered while draining
     assert not all_committed(kafka_bootstrap, group, topic)  # nothing purged: nothing committed
@@ -254,7 +254,7 @@ def test_a_crash_loop_moves_about_one_guards_worth_to_the_dead_letter_topic(
     dead_after = []
     for start in range(4):
         proc = workers.start()
-        assert proc.wait(timeout=120) == 1, workers.log(start)
+        assert proc.wait(timeout=120) == 1, workers.tail(start)
         dead_after.append(len(read_all(kafka_bootstrap, dlq, timeout_s=2)))
     print(f"\ndead letters after each of 4 starts: {dead_after}")
     # Without memory each start dead-letters a guard's worth again (~32 here, ~130 in all).
@@ -438,10 +438,10 @@ def test_a_broker_outage_never_stalls_purging_and_readyz_says_so(
                 timeout=120,
                 what="commits after the broker came back",
             )
-            assert worker.poll() is None, workers.log(0)
+            assert worker.poll() is None, workers.tail(0)
         finally:
             codes = workers.stop_all()
-        assert codes == [0], workers.log(0)
+        assert codes == [0], workers.tail(0)
         print(f"\nbroker down 30 s: {during} URLs purged meanwhile; readyz {ready}")
         # Purging went on at its pace (about 6/s here) while the broker was away.
         assert during >= 100, during

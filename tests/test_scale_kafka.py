@@ -52,7 +52,7 @@ def test_three_workers_joining_and_leaving_lose_nothing(
         workers.start()
         time.sleep(3)
         first.send_signal(signal.SIGTERM)  # leaves cleanly: drains and commits
-        assert first.wait(timeout=60) == 0, workers.log(0)
+        assert first.wait(timeout=60) == 0, workers.tail(0)
         time.sleep(2)
         second.send_signal(signal.SIGKILL)  # dies: its partitions move after the session timeout
         second.wait(timeout=10)
@@ -175,7 +175,7 @@ def test_broker_restart_mid_stream_loses_nothing(emulator_factory, tmp_path, uni
             assert worker.poll() is None, "the worker should have reconnected, not exited"
         finally:
             codes = workers.stop_all()
-        assert codes == [0], workers.log(0)
+        assert codes == [0], workers.tail(0)
         expected = {f"https://img.example-cdn.net/a{i}" for i in range(n)}
         expected |= {f"https://img.example-cdn.net/b{i}" for i in range(500)}
         assert set(purged_items(emulator)) == expected
