@@ -20,7 +20,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -40,6 +39,7 @@ from scripts.bench import (  # noqa: E402
     WORK,
     Emulator,
     Worker,
+    _git,
     _pss_kib,
     _status_kib,
     config,
@@ -291,20 +291,8 @@ def dead_letters(bootstrap: str, topic: str) -> int:
 
 
 def _commit() -> str:
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    ).stdout.strip()
+    head = _git("rev-parse", "--short", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
     return f"{head} with uncommitted changes" if dirty else head
 
 
