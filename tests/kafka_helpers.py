@@ -183,10 +183,12 @@ def worker_config(
     max_poll_records=200,
     observability=None,
     budget_topic=None,
+    receipts_topic=None,
     **over,
 ):
     """A worker's config file for these topics: ports off unless ``observability`` sets them;
-    the group's own budget exchange unless ``budget_topic`` names a shared one; ``over`` as for
+    the group's own budget exchange and receipts unless ``budget_topic`` or ``receipts_topic``
+    names a shared one; ``over`` as for
     ``write_config`` (``cloudflare__accounts={...}`` replaces one key)."""
     kafka = {
         "bootstrap_servers": [bootstrap],
@@ -196,6 +198,8 @@ def worker_config(
         "max_poll_records": max_poll_records,
         # Each test its own exchange, so no test's workers count another's.
         "budget_topic": budget_topic or f"budget-{group}",
+        # Each group its own receipts too: no test's ledger learns another test's purges.
+        "receipts_topic": receipts_topic or f"receipts-{group}",
     }
     return write_config(
         path or tmp_path / "c.yaml",

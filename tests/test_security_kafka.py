@@ -65,12 +65,14 @@ class Setup:
         tag = uuid.uuid4().hex[:8]
         self.topic, self.dlq = f"cms-{tag}", f"dlq-{tag}"
         self.budget, self.group = f"budget-{tag}", f"g-{tag}"
+        self.receipts = f"receipts-{tag}"
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
         admin.create_topics(
             [
                 NewTopic(self.topic, 2, 1),
                 NewTopic(self.dlq, 1, 1),
                 NewTopic(self.budget, 1, 1, topic_configs={"cleanup.policy": "compact,delete"}),
+                NewTopic(self.receipts, 2, 1),
             ]
         )
         admin.close()
@@ -78,12 +80,14 @@ class Setup:
     def grant(self, resource: ResourceType, name: str, *ops: ACLOperation) -> None:
         self.broker.grant(self.principal, resource, name, *ops)
 
-    def grant_all(self, *, dlq_read: bool = True) -> None:
+    def grant_all(self, *, dlq_read: bool = True, receipts: bool = True) -> None:
         """The least privilege of the README's table, for every feature."""
         self.grant(TOPIC, self.topic, READ, DESCRIBE)
         self.grant(GROUP, self.group, READ, DESCRIBE)
         self.grant(TOPIC, self.dlq, WRITE, DESCRIBE, *([READ] if dlq_read else []))
         self.grant(TOPIC, self.budget, READ, WRITE, DESCRIBE)
+        if receipts:
+            self.grant(TOPIC, self.receipts, READ, WRITE, DESCRIBE)
 
     def revoke(self, resource: ResourceType, name: str, op: ACLOperation) -> None:
         admin = KafkaAdminClient(bootstrap_servers=self.broker.bootstrap)
@@ -99,6 +103,7 @@ def config(tmp_path: Path, emulator, s: Setup, listener: str, security: dict, **
         "dead_letter_topic": s.dlq,
         "group_id": s.group,
         "budget_topic": s.budget,
+        "receipts_topic": s.receipts,
         "security": security,
     }
     path = worker_config(tmp_path, emulator, "unused:1", s.topic, s.dlq, s.group, **over)
@@ -336,6 +341,29 @@ def test_a_dead_letter_write_refused_recovers_when_access_returns_and_readyz_say
     assert set(purged_items(emulator)) >= urls(5, "r")
 
 
+def test_a_receipts_topic_it_may_not_use_costs_one_warning_and_nothing_else(
+    broker, emulator, tmp_path
+):
+    s = Setup(broker, f"User:{SCRAM_USER}")
+    s.grant_all(receipts=False)
+    cfg = config(tmp_path, emulator, s, "SASL_SSL", scram(broker))
+    log_path = tmp_path / "worker.log"
+    worker = start(cfg, log_path)
+    try:
+        produce(broker.bootstrap, s.topic, events(30, "n"), key=None, spread=2)
+        wait_for(
+            lambda: all_committed(broker.bootstrap, s.group, s.topic), 60, what="all committed"
+        )
+    finally:
+        assert stop(worker) == 0, log_path.read_text()[-3000:]
+    log = log_path.read_text()
+    assert set(purged_items(emulator)) == urls(30, "n")
+    # Said once each, however many receipts were dropped: the writer's and the feed's warning.
+    assert log.count("receipts not written") == 1, log[-3000:]
+    assert log.count("receipts not read") == 1, log[-3000:]
+    assert f"topic {s.receipts}: not authorized" in log  # start-up's access check names it
+
+
 def test_check_online_names_every_acl_the_worker_lacks(broker, emulator, tmp_path):
     s = Setup(broker, f"User:{SCRAM_USER}")
     s.grant(TOPIC, s.topic, READ, DESCRIBE)
@@ -349,6 +377,7 @@ def test_check_online_names_every_acl_the_worker_lacks(broker, emulator, tmp_pat
     assert f"group {s.group}" in text
     assert f"topic {s.dlq}: not authorized to Write" in text
     assert f"topic {s.budget}: not authorized to Describe" in text
+    assert f"topic {s.receipts}: not authorized to Describe" in text
     s.grant_all()
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

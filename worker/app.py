@@ -26,14 +26,16 @@ from worker.outcome.commit import CommitPolicy
 from worker.outcome.dead_letters import DeadLetterSink
 from worker.outcome.guard import DeadLetterGuard
 from worker.outcome.inflight import InFlightRecords
+from worker.outcome.receipts import Receipts, ReceiptSink
 from worker.outcome.stage import Outcome
 from worker.outcome.warming import Warmer
 from worker.pending.coalescer import Coalescer
 from worker.pending.ledger import PurgeLedger
-from worker.pending.stage import PendingTargets
+from worker.pending.stage import Learned, PendingTargets
 from worker.planning.planner import Planner
 from worker.planning.process import PlanningProcess
 from worker.planning.stage import Planning
+from worker.receipts import source_of
 from worker.sending.accounts import Accounts
 from worker.sending.dispatcher import Dispatcher
 from worker.sending.purger import Purger
@@ -63,10 +65,13 @@ def build_loop(
     fixed_share: float | None = None,
     warmer: Warmer | None = None,
     process: PlanningProcess | None = None,
+    receipts: ReceiptSink | None = None,
+    learned: Learned | None = None,
 ) -> Loop:
     """The loop over ``source``, its stages built from ``config``. ``fixed_share``: this
     worker's part of each account's budget, whatever others do (replay); else it follows
-    demand through ``exchange``, or the partitions."""
+    demand through ``exchange``, or the partitions. ``receipts``: where receipts go;
+    ``learned``: what the ledger learns from them (the receipts feed)."""
     cloudflare = cloudflare or accounts(config, clock, shadow=config.delivery.dry_run)
     delivery, coalesce = config.delivery, config.coalesce
     records = InFlightRecords()
@@ -85,7 +90,7 @@ def build_loop(
     return Loop(
         Intake(source, coalesce, clock, max_poll_records=config.kafka.max_poll_records),
         Planning(planner, process),
-        PendingTargets(coalescer, ledger),
+        PendingTargets(coalescer, ledger, learned),
         Sending(dispatcher, shares),
         Outcome(
             records,
@@ -94,11 +99,18 @@ def build_loop(
             DeadLetterGuard(delivery.dead_letter_guard, clock),
             clock,
             warmer=warmer,
+            receipts=_receipts(config, receipts),
             debug=config.observability.log_level == "debug",
         ),
         clock,
         delivery.drain_deadline_seconds,
     )
+
+
+def _receipts(config: Config, sink: ReceiptSink | None) -> Receipts | None:
+    if sink is None:
+        return None
+    return Receipts(sink, source_of(config.kafka.group_id), config.kafka.dead_letter_topic)
 
 
 def seed_guard(config: Config, guard: DeadLetterGuard, clock: Clock) -> None:

@@ -37,6 +37,9 @@ COMMANDS: dict[str, Command] = {
     # Replay's republish mode never calls the API; replay checks its own mode.
     "replay": Command("re-drive records from a dead-letter topic", calls_api=False),
     "purge": Command("an ad-hoc purge through the worker's batching and limits"),
+    "trace": Command(
+        "which purges covered a URL, tag or event (the receipts topic)", calls_api=False
+    ),
     "cache": Command("Cache Reserve, Tiered Cache and Variants settings"),
     "emulator": Command("a local Cloudflare API emulator", needs_config=False),
     "config-schema": Command("print the config file's JSON Schema", needs_config=False),

@@ -150,7 +150,7 @@ class Loop:
         ) and (remaining := deadline - self.clock.monotonic()) > 0:
             if sending:
                 self.sending.send(drain=True)
-            self.outcome.settle(self.sending.collect(timeout=min(remaining, BUSY_POLL)))
+            self._settle(timeout=min(remaining, BUSY_POLL))
             self._follow_shares()  # the split moves on while this worker drains
             self.outcome.finish()
         self.sending.close(CLOSE_WAIT)
@@ -196,6 +196,7 @@ class Loop:
     def _pend(self, plans: Iterable[tuple[Ref, Planned]] | None = None) -> None:
         """Hand the plans ready (or ``plans``) to the pending stage and the outcome stage."""
         ready = self.planning.poll() if plans is None else plans
+        self.pending.learn()  # what receipts told since, before any target meets the ledger
         for ref, plan in ready:
             if ref in self.outcome.records:  # else its partition was revoked or rewound
                 self.outcome.planned(ref, plan, self.pending.add(ref, plan))
@@ -204,11 +205,16 @@ class Loop:
     def _send_and_settle(self, *, send: bool = True) -> None:
         if send:
             self.sending.send()
-        ended = self.sending.collect()
+        if self._settle() and send:
+            self.sending.send()  # threads just freed
+
+    def _settle(self, timeout: float = 0.0) -> bool:
+        """Hand the requests that ended (waiting up to ``timeout`` for one) to the outcome
+        stage; True if any did."""
+        ended = self.sending.collect(timeout)
         if ended:
-            self.outcome.settle(ended)
-            if send:
-                self.sending.send()  # threads just freed
+            self.outcome.settle(ended, self.sending.take_purged())
+        return bool(ended)
 
     def _settle_for_handover(self) -> bool:
         """The revocation's hook (on the Kafka client's thread, while the loop waits in
@@ -218,7 +224,7 @@ class Loop:
         if self.status.draining or not self._lock.acquire(blocking=False):
             return True
         try:
-            self.outcome.settle(self.sending.collect())
+            self._settle()
             self.outcome.finish()
             return not self.sending.in_flight
         finally:

@@ -22,13 +22,17 @@ from worker.kafka import admin
 from worker.kafka.consumer import KafkaSource
 from worker.kafka.dead_letters import KafkaDeadLetterSink
 from worker.kafka.exchange import KafkaBudgetExchange
+from worker.kafka.receipts import KafkaReceiptSink, ReceiptFeed
 from worker.loop import Loop
 from worker.observe import metrics
-from worker.outcome.warming import Warmer
+from worker.outcome.warming import Warmed, Warmer, WarmJob
 from worker.planning.process import PlanningProcess, wanted
+from worker.receipts import source_of, warm_receipt
 
 log = structlog.get_logger("worker.run")
 CONNECT_ATTEMPTS_SECONDS = 60.0
+# How long a starting worker waits to read the receipts of the ledger's restore span.
+RESTORE_WAIT = 15.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,7 +80,7 @@ def _run(config: Config, process: PlanningProcess | None) -> int:
     started = _start(config, process, stop, clock)
     if started is None:
         return 0 if stop.is_set() else 1
-    loop, warmer = started
+    loop, warmer, feed = started
     health = app.health(
         config, loop, kafka_patience=config.observability.ready_kafka_timeout_seconds
     )
@@ -95,6 +99,8 @@ def _run(config: Config, process: PlanningProcess | None) -> int:
         code = 1
     if warmer is not None:
         warmer.close(timeout=0.3)  # what is still waiting is not warmed: best effort
+    if feed is not None:
+        feed.close()
     log.info("worker stopped")
     # Health answers until the very end; a purge request still on the wire (its read timeout
     # is 30 s) must not hold the process past the drain deadline: its record is uncommitted and
@@ -110,7 +116,7 @@ def _run(config: Config, process: PlanningProcess | None) -> int:
 
 def _start(
     config: Config, process: PlanningProcess | None, stop: threading.Event, clock: SystemClock
-) -> tuple[Loop, Warmer | None] | None:
+) -> tuple[Loop, Warmer | None, ReceiptFeed | None] | None:
     """The loop, connected and checked; None when stopped (or given up) before it could run.
     Raises ``PurgeWorkerError`` naming what stands in the way."""
     exchange = None
@@ -128,16 +134,74 @@ def _start(
             exchange.close()
         return None
     source, sink = clients
+    receipts, feed = _receipts(config, clock)
     warmer = None
     if config.warming.enabled and config.rules.warms and not config.delivery.dry_run:
-        warmer = Warmer(config.warming, clock).start()
+        warmer = Warmer(config.warming, clock, _warm_receipts(config, receipts, clock)).start()
     loop = app.build_loop(
-        config, source, sink, clock, exchange=exchange, warmer=warmer, process=process
+        config,
+        source,
+        sink,
+        clock,
+        exchange=exchange,
+        warmer=warmer,
+        process=process,
+        receipts=receipts,
+        learned=None if feed is None else feed.take,
     )
     # A stream its predecessor found over the limit stops this worker at its first dead letter,
     # before it purges anything again; a fixed deploy that dead-letters nothing goes on.
     app.seed_guard(config, loop.outcome.guard, clock)
-    return loop, warmer
+    return loop, warmer, feed
+
+
+def _receipts(
+    config: Config, clock: SystemClock
+) -> tuple[KafkaReceiptSink | None, ReceiptFeed | None]:
+    """The receipts writer, and the feed that restores the ledger from them (read up to the
+    topic's end before the first record, within ``RESTORE_WAIT``). None in a dry run: its purges
+    never happened, and no worker's ledger may learn otherwise."""
+    topic = config.kafka.receipts_topic
+    if not topic or config.delivery.dry_run:
+        return None, None
+    sink = KafkaReceiptSink(config.kafka, topic)
+    ledger = config.coalesce.ledger
+    if not ledger.enabled:
+        return sink, None
+    started = time.monotonic()
+    since = clock.time() - ledger.restore_seconds
+    feed = ReceiptFeed(config.kafka, topic, since, ledger.max_entries).start()
+    if feed.wait_caught_up(RESTORE_WAIT):
+        log.info(
+            "purge ledger restored from receipts",
+            entries=feed.restored,
+            seconds=round(time.monotonic() - started, 2),
+        )
+    else:
+        log.warning(
+            "receipts not read to the end yet; the ledger goes on learning them as they come",
+            entries=feed.restored,
+            waited=RESTORE_WAIT,
+        )
+    return sink, feed
+
+
+def _warm_receipts(
+    config: Config, sink: KafkaReceiptSink | None, clock: SystemClock
+) -> Warmed | None:
+    """Each warm request's answer as a receipt: ``trace`` shows whether the edge missed after
+    the purge (it took effect) or still hit."""
+    if sink is None:
+        return None
+    source = source_of(config.kafka.group_id)
+
+    def warmed(job: WarmJob, status: int | None, cache: str) -> None:
+        at = clock.time()
+        sink.submit(
+            *warm_receipt(job.zone, job.url, job.headers, status, cache, at=at, source=source)
+        )
+
+    return warmed
 
 
 def _clients(

@@ -35,6 +35,13 @@ def build(s: KafkaSection, env: Mapping[str, str], source: str) -> KafkaSettings
         raise ConfigError(
             source, "kafka.budget_topic", "must not be a consumed topic or the dead-letter topic"
         )
+    taken = (*topics, s.dead_letter_topic, s.budget_topic)
+    if s.receipts_topic is not None and s.receipts_topic in taken:
+        raise ConfigError(
+            source,
+            "kafka.receipts_topic",
+            "must not be a consumed topic, the dead-letter topic or the budget topic",
+        )
     _combination(s.security, source)
     fields = {name: getattr(s, name) for name in type(s).model_fields}
     sec = s.security

@@ -85,6 +85,10 @@ class KafkaSection(Section):
     # Every worker group on the cluster that spends the same Cloudflare account must use the same
     # topic. null: each replica takes its part of the partitions, as if demand were even.
     budget_topic: str | None = Field(default="purge-worker.sending.shares", min_length=1)
+    # A receipt (a CloudEvent) per accepted purge request and per dead letter: the purge ledger
+    # is restored from it after a restart or a handover, `trace` reads it, a CMS may consume it.
+    # null: no receipts.
+    receipts_topic: str | None = Field(default="purge-worker.receipts", min_length=1)
     security: KafkaSecurity = KafkaSecurity()
 
 
@@ -151,6 +155,8 @@ class LedgerSettings(Section):
     max_entries: int = Field(default=100_000, ge=1)
     # When a change happened: the Kafka record's timestamp, or the event's own time field.
     event_time: Literal["record", "event"] = "record"
+    # How far back a starting worker reads the receipts topic to restore the ledger.
+    restore_seconds: float = Field(default=3600.0, ge=0, le=7 * 24 * 3600)
 
 
 class CoalesceSettings(Section):

@@ -50,6 +50,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         try:
             self._answer(method)
+        except ConnectionError:
+            # The client went away (a worker killed mid-request): nobody is left to answer.
+            self.close_connection = True
         except Exception:  # noqa: BLE001 (a client must get an answer, never a reset)
             traceback.print_exc()
             self.close_connection = True

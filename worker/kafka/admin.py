@@ -18,6 +18,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError
 
 from worker.config.settings import KafkaSettings
+from worker.errors import AccessError
 from worker.kafka.client import connecting, options, translated
 
 # Kafka's error codes in a topic's metadata.
@@ -67,7 +68,50 @@ def needs(settings: KafkaSettings) -> list[Need]:
                 creatable=True,
             )
         )
+    if settings.receipts_topic:
+        out.append(
+            Need(
+                "topic",
+                settings.receipts_topic,
+                ("READ", "WRITE", "DESCRIBE"),
+                "receipts of each purge are written to it and restore the ledger after a restart",
+                fatal=False,
+                creatable=True,
+            )
+        )
     return out
+
+
+def ensure_topic(
+    settings: KafkaSettings, topic: str, partitions: int, configs: dict[str, str], layout: str
+) -> bool:
+    """Make ``topic`` if it is missing and this principal may (``partitions``, ``configs``); a
+    topic an admin made is used as it is. True if it was made now. Raises ``AccessError`` naming
+    the grant (``layout`` says how an admin should create it) or ``RetryableError``."""
+    admin = admin_client(settings)
+    try:
+        with translated(f"cannot describe {topic}"):
+            (found,) = admin.describe_topics([topic])
+        code = found.get("error_code", 0)
+        if code == DENIED:
+            raise AccessError(
+                f"not authorized to Describe {topic} (grant Read, Write and Describe on it)"
+            )
+        if code != MISSING:
+            return False
+        try:
+            with translated(f"cannot create {topic}"):
+                admin.create_topics([NewTopic(topic, partitions, -1, topic_configs=dict(configs))])
+            return True
+        except AccessError:
+            raise AccessError(
+                f"{topic} does not exist and this worker may not create it: create it "
+                f"({layout}) and grant Read, Write and Describe on it"
+            ) from None
+        except kafka_errors.TopicAlreadyExistsError:
+            return False  # another worker made it meanwhile
+    finally:
+        admin.close()
 
 
 def admin_client(settings: KafkaSettings) -> Any:

@@ -22,14 +22,13 @@ from typing import Any
 import structlog
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kafka_errors
-from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError
 
 from worker.clock import Clock
 from worker.config.settings import KafkaSettings
 from worker.errors import AccessError, PurgeWorkerError
-from worker.kafka.admin import DENIED, MISSING, admin_client
-from worker.kafka.client import options, translated
+from worker.kafka.admin import ensure_topic
+from worker.kafka.client import options
 from worker.sending.split import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report
 
 log = structlog.get_logger("worker.kafka.exchange")
@@ -161,33 +160,8 @@ class KafkaBudgetExchange:
         return producer, consumer
 
     def _ensure_topic(self) -> None:
-        admin = admin_client(self._config)
-        try:
-            with translated(f"cannot describe {self._topic}"):
-                (found,) = admin.describe_topics([self._topic])
-            code = found.get("error_code", 0)
-            if code == DENIED:
-                raise AccessError(
-                    f"not authorized to Describe {self._topic} (grant Read, Write and Describe "
-                    "on the budget topic)"
-                )
-            if code != MISSING:
-                return
-            try:
-                with translated(f"cannot create {self._topic}"):
-                    admin.create_topics(
-                        [NewTopic(self._topic, 1, -1, topic_configs=dict(TOPIC_CONFIG))]
-                    )
-                log.info("budget topic created", topic=self._topic)
-            except AccessError:
-                raise AccessError(
-                    f"{self._topic} does not exist and this worker may not create it: create "
-                    "it (one partition, compacted) and grant Read, Write and Describe on it"
-                ) from None
-            except TopicAlreadyExistsError:
-                pass  # another worker made it meanwhile
-        finally:
-            admin.close()
+        if ensure_topic(self._config, self._topic, 1, TOPIC_CONFIG, "one partition, compacted"):
+            log.info("budget topic created", topic=self._topic)
 
     def _send(self, producer: KafkaProducer) -> None:
         with self._lock:

@@ -1,5 +1,6 @@
-"""Reading a dead-letter topic back: for ``replay``, a bounded scan under the replay's own group;
-for the dead-letter guard, when recent records were dead-lettered (its memory across restarts).
+"""Reading topics back: for ``replay``, a bounded scan of a dead-letter topic under the replay's own
+group; for the dead-letter guard, when recent records were dead-lettered (its memory across
+restarts); for ``trace``, a time-bounded scan of the receipts topic.
 
 The scan stops at the end offsets seen when it started, so records dead-lettered again during a
 replay (they land on the same topic) are not picked up again in the same run. Progress is
@@ -9,8 +10,9 @@ committed under the replay's own consumer group, so an interrupted replay resume
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from kafka import KafkaConsumer
 from kafka import TopicPartition as KafkaTP
@@ -19,9 +21,17 @@ from kafka.errors import KafkaError
 
 from worker.clock import parse_rfc3339
 from worker.config.settings import KafkaSettings
-from worker.errors import AccessError, UsageError
+from worker.errors import AccessError, PurgeWorkerError, UsageError
 from worker.events import Record, TopicPartition
-from worker.kafka.client import connecting, kafka_offsets, millis, options, to_record, unavailable
+from worker.kafka.client import (
+    connecting,
+    kafka_offsets,
+    millis,
+    options,
+    to_record,
+    translated,
+    unavailable,
+)
 from worker.outcome.dead_letters import PREFIX, ReplayFilter, header, original
 
 
@@ -213,3 +223,77 @@ def recent_dead_letters(
         raise unavailable("cannot read the dead-letter topic", exc) from None
     finally:
         consumer.close(autocommit=False, timeout_ms=1000)
+
+
+def seek_since(consumer: Any, topic: str, since: float) -> dict[KafkaTP, int] | None:
+    """Assign every partition of ``topic`` and seek to the first record at or after ``since``;
+    returns the end offsets now (None: no such topic)."""
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        return None
+    tps = [KafkaTP(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    starts = consumer.offsets_for_times(dict.fromkeys(tps, int(since * 1000)))
+    ends: dict[KafkaTP, int] = consumer.end_offsets(tps)
+    for tp in tps:
+        found = starts.get(tp)
+        consumer.seek(tp, found.offset if found is not None else ends[tp])
+    return ends
+
+
+def scan(
+    config: KafkaSettings,
+    topic: str,
+    since: float,
+    keep: Callable[[bytes], bool],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    until: float | None = None,
+) -> Iterator[tuple[int, bytes]]:
+    """The values of ``topic``'s records from ``since`` up to ``until`` (wall seconds; None: the
+    end there is now) for which ``keep`` (a cheap test on the raw bytes) holds, with their
+    timestamps (ms). Both ends are found by the broker's time index, so the scan reads only the
+    span. ``progress`` is told (records read, records in all) as the scan goes."""
+    consumer = connecting(
+        lambda: KafkaConsumer(
+            **options(config),
+            group_id=None,
+            enable_auto_commit=False,
+            check_crcs=False,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+        ),
+        config,
+        f"cannot reach Kafka to read {topic}",
+    )
+    try:
+        with translated(f"cannot read {topic}"):
+            ends = seek_since(consumer, topic, since)
+            if ends is None:
+                raise PurgeWorkerError(f"{topic} does not exist on this cluster")
+            if until is not None:
+                stops = consumer.offsets_for_times(dict.fromkeys(ends, int(until * 1000) + 1))
+                for tp, found in stops.items():
+                    if found is not None:
+                        ends[tp] = min(ends[tp], found.offset)
+            todo = {tp: end for tp, end in ends.items() if consumer.position(tp) < end}
+            total = sum(end - consumer.position(tp) for tp, end in todo.items())
+            done = 0
+            while todo:
+                for tp, records in consumer.poll(timeout_ms=500, max_records=50_000).items():
+                    end = todo.get(tp)
+                    if end is None:
+                        continue
+                    for r in records:
+                        if r.offset >= end:
+                            break
+                        if r.value is not None and keep(r.value):
+                            yield r.timestamp, r.value
+                    done += len(records)
+                    if consumer.position(tp) >= end:
+                        del todo[tp]
+                        consumer.pause(tp)
+                if progress is not None:
+                    progress(min(done, total), total)
+    finally:
+        consumer.close(autocommit=False, timeout_ms=500)

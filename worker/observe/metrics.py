@@ -37,6 +37,19 @@ TARGETS_ALREADY_PURGED = Counter(
 LEDGER_ENTRIES = Gauge(
     _P + "purge_ledger_entries", "Items the purge ledger remembers", registry=REGISTRY
 )
+# Items the ledger learned from the receipts topic (at start, and from other workers since).
+LEDGER_RESTORED = Counter(
+    _P + "purge_ledger_restored_total",
+    "Ledger entries learned from receipts written by this or other workers",
+    registry=REGISTRY,
+)
+# Receipts by outcome: written (confirmed by the broker), failed, dropped (queue full, or the
+# topic unwritable meanwhile).
+RECEIPTS = Counter(
+    _P + "receipts_total", "Purge and dead-letter receipts", ["outcome"], registry=REGISTRY
+)
+for _outcome in ("written", "failed", "dropped"):
+    RECEIPTS.labels(_outcome)
 # Purge API requests by zone, selector and HTTP status class (2xx, 4xx, 429, 5xx, error).
 REQUESTS = Counter(
     _P + "api_requests_total", "Purge API requests", ["zone", "kind", "status"], registry=REGISTRY

@@ -1,4 +1,5 @@
-"""An in-memory ``DeadLetterSink``, for fast tests of the logic around it."""
+"""In-memory twins of the dead-letter sink and the receipts sink, for fast tests of the logic
+around them."""
 
 from __future__ import annotations
 
@@ -33,3 +34,16 @@ class Done:
 
     def error(self) -> None:
         return None
+
+
+class InMemoryReceipts:
+    """A ``worker.outcome.receipts.ReceiptSink`` that keeps each receipt's key and value."""
+
+    def __init__(self) -> None:
+        self.receipts: list[tuple[bytes, bytes]] = []
+
+    def submit(self, key: bytes, value: bytes) -> None:
+        self.receipts.append((key, value))
+
+    def close(self, timeout: float = 1.0) -> None:
+        pass

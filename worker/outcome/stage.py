@@ -23,9 +23,10 @@ from worker.outcome.dead_letters import DeadLetterSink, DeadLetterWrite, headers
 from worker.outcome.guard import HEADER as GUARD_HEADER
 from worker.outcome.guard import DeadLetterGuard
 from worker.outcome.inflight import InFlight, InFlightRecords, Ref
+from worker.outcome.receipts import Receipts
 from worker.outcome.warming import Warmer
 from worker.planning.planner import Planned
-from worker.sending.stage import Ended
+from worker.sending.stage import Ended, Purged
 
 log = structlog.get_logger("worker.outcome")
 
@@ -43,6 +44,7 @@ class Outcome:
     guard: DeadLetterGuard
     clock: Clock
     warmer: Warmer | None = None
+    receipts: Receipts | None = None
     debug: bool = False
     tripped: bool = field(init=False, default=False)
     last_record: float = field(init=False, default=0.0)  # wall-clock time of the last finish
@@ -87,8 +89,11 @@ class Outcome:
             self.records.expect(ref, waiting)
         self.records.planned(ref)
 
-    def settle(self, ended: Iterable[Ended]) -> None:
-        """Targets whose requests ended: each owner's share of them is done (or failed)."""
+    def settle(self, ended: Iterable[Ended], purged: Iterable[Purged] = ()) -> None:
+        """Targets whose requests ended: each owner's share of them is done (or failed);
+        ``purged``: the accepted requests among them, for their receipts."""
+        if self.receipts is not None:
+            self.receipts.purged(purged, self.records)
         settle = self.records.settle
         for owners, error in ended:
             for owner, count in owners.items():
@@ -174,6 +179,8 @@ class Outcome:
             state.log.warning(
                 "record dead-lettered", error_class=first.error_class, error=str(first)
             )
+            if self.receipts is not None:
+                self.receipts.dead_lettered(ref, state, first, self.clock.time())
             self.records.finish(ref)
             self.last_record = self.clock.time()
 
@@ -183,3 +190,5 @@ class Outcome:
 
     def close(self, timeout: float) -> None:
         self.sink.close(timeout=timeout)
+        if self.receipts is not None:
+            self.receipts.close(timeout)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -60,10 +60,17 @@ class WarmJob(NamedTuple):
     headers: tuple[tuple[str, str], ...]
 
 
+# Told of each warm request's answer (its job, HTTP status, cache status): the receipts.
+Warmed = Callable[["WarmJob", int | None, str], None]
+
+
 class Warmer:
-    def __init__(self, settings: WarmingSettings, clock: Clock) -> None:
+    def __init__(
+        self, settings: WarmingSettings, clock: Clock, on_warmed: Warmed | None = None
+    ) -> None:
         self._settings = settings
         self._clock = clock
+        self._on_warmed = on_warmed
         self._cond = threading.Condition()
         self._queues: dict[str, deque[WarmJob]] = {}
         self._queued: set[tuple[str, str, tuple[tuple[str, str], ...]]] = set()
@@ -128,7 +135,9 @@ class Warmer:
         session = requests.Session()
         try:
             while (job := self._next()) is not None:
-                self._fetch(session, job)
+                status, cache = self._fetch(session, job)
+                if self._on_warmed is not None:
+                    self._on_warmed(job, status, cache)
         finally:
             session.close()
 

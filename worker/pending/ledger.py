@@ -22,10 +22,11 @@ from worker.config.model import LedgerSettings
 from worker.observe import metrics
 from worker.pending.bucket import Pending
 from worker.pending.cover import bare, netloc, prefixes_covering
+from worker.receipts import LedgerKey
 from worker.targets import Kind, Mode, Target
 
 # (zone id, mode, kind, value, cache-key headers): one purgeable item of one zone.
-Key = tuple[str, Mode, Kind, str, tuple[tuple[str, str], ...]]
+Key = LedgerKey
 __all__ = ["COVERED", "LedgerSettings", "PurgeLedger"]
 
 
@@ -125,6 +126,21 @@ class PurgeLedger:
             if item.target in accepted:
                 self._remember(key, sent_at)
         metrics.LEDGER_ENTRIES.set(len(self._sent))
+
+    def learn(self, entries: Iterable[tuple[Key, float]]) -> int:
+        """Items purged as of their send time, as receipts tell (this worker's before a restart,
+        or another's): the same rule then finishes their targets without a request. Returns how
+        many were learned."""
+        if not self._enabled:
+            return 0
+        count = 0
+        for key, sent_at in entries:
+            self._remember(key, sent_at)
+            count += 1
+        if count:
+            metrics.LEDGER_RESTORED.inc(count)
+            metrics.LEDGER_ENTRIES.set(len(self._sent))
+        return count
 
     def _remember(self, key: Key, sent_at: float) -> None:
         previous = self._sent.get(key)

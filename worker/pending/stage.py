@@ -9,20 +9,26 @@ items it owns. Not thread-safe: only the loop's thread touches it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 from worker.observe import metrics
 from worker.pending.bucket import Owner, Pending
 from worker.pending.coalescer import Coalescer
-from worker.pending.ledger import COVERED, PurgeLedger
+from worker.pending.ledger import COVERED, Key, PurgeLedger
 from worker.planning.planner import Planned
 from worker.targets import Kind
 
+# What the ledger learns from outside between steps: the receipts feed's ``take``.
+Learned = Callable[[], Sequence[tuple[Key, float]]]
+
 
 class PendingTargets:
-    def __init__(self, coalescer: Coalescer, ledger: PurgeLedger) -> None:
+    def __init__(
+        self, coalescer: Coalescer, ledger: PurgeLedger, learned: Learned | None = None
+    ) -> None:
         self.coalescer = coalescer
         self.ledger = ledger
+        self._learned = learned
         # Targets counted per step, not per target: the loop handles thousands a second.
         self._tally: dict[tuple[Kind, str], int] = {}
 
@@ -30,6 +36,11 @@ class PendingTargets:
     def size(self) -> int:
         """Items pending (after deduplication and subsumption)."""
         return self.coalescer.pending
+
+    def learn(self) -> int:
+        """Let the ledger learn what receipts told since the last call (before any target of
+        this step meets it). Returns the entries learned."""
+        return self.ledger.learn(self._learned()) if self._learned is not None else 0
 
     def add(self, owner: Hashable, plan: Planned) -> int:
         """Take ``plan``'s targets for ``owner``; returns how many of them it must wait for

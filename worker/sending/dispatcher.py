@@ -47,7 +47,7 @@ class Dispatcher:
         self._destinations = destinations
         self._purger = purger
         self._ledger = ledger
-        self._clock = clock
+        self._clock = self.clock = clock
         self._concurrency = concurrency
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="purge")
         self._futures: dict[Future[BatchResult], Batch] = {}
@@ -57,6 +57,9 @@ class Dispatcher:
     def in_flight(self) -> int:
         """Requests sent and not yet collected."""
         return len(self._futures)
+
+    def zone_name(self, zone_id: str) -> str:
+        return self._destinations[zone_id].zone_name
 
     @property
     def budget_at(self) -> float | None:

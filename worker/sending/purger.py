@@ -60,6 +60,8 @@ class BatchResult:
     accepted: list[Target] = field(default_factory=list)
     failed: list[tuple[Target, PermanentError]] = field(default_factory=list)
     requests: int = 0
+    # The API's ids of the requests that were accepted (for receipts).
+    request_ids: list[str] = field(default_factory=list)
 
 
 class Purger:
@@ -151,7 +153,9 @@ class Purger:
                     metrics.LIMITER_WAIT.inc(waited)
             out.requests += 1
             try:
-                self._attempt(dest, kind, mode, items)
+                request_id = self._attempt(dest, kind, mode, items)
+                if request_id:
+                    out.request_ids.append(request_id)
             finally:
                 dest.limiter.completed(held)
 
@@ -169,7 +173,10 @@ class Purger:
 
         call_with_retries(attempt, self._policy, self._clock, on_retry, self._cancel)
 
-    def _attempt(self, dest: Destination, kind: Kind, mode: Mode, items: Sequence[object]) -> None:
+    def _attempt(
+        self, dest: Destination, kind: Kind, mode: Mode, items: Sequence[object]
+    ) -> str | None:
+        """One request; returns the API's request id."""
         started = time.perf_counter()
         status: int | None = None
         try:
@@ -200,3 +207,4 @@ class Purger:
             request_id=accepted.request_id,
             purge_id=accepted.id,
         )
+        return accepted.request_id

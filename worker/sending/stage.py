@@ -9,22 +9,37 @@ the loop tells this stage what is pending and which partitions are this worker's
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 from worker.errors import PermanentError
-from worker.pending.bucket import Owner
+from worker.pending.bucket import Owner, Pending
 from worker.sending.dispatcher import Dispatcher
 from worker.sending.shares import ShareKeeper
-from worker.targets import Kind
+from worker.targets import Kind, Mode
 
 # One pending item's outcome: the owners it stood for (and how many of each one's targets),
 # and why it failed (None: purged).
 Ended = tuple[Mapping[Owner, int], PermanentError | None]
 
 
+class Purged(NamedTuple):
+    """What one finished request purged, for its receipt."""
+
+    zone: str
+    zone_id: str
+    mode: Mode
+    kind: Kind
+    items: list[Pending]  # the accepted ones, with the owners they stood for
+    sent_at: float
+    accepted_at: float
+    request_ids: tuple[str, ...]
+
+
 class Sending:
     def __init__(self, dispatcher: Dispatcher, shares: ShareKeeper) -> None:
         self.dispatcher = dispatcher
         self.shares = shares
+        self._purged: list[Purged] = []
 
     @property
     def in_flight(self) -> int:
@@ -44,10 +59,30 @@ class Sending:
     def collect(self, timeout: float = 0.0) -> list[Ended]:
         """The items of every request that ended, waiting up to ``timeout`` for the first."""
         ended: list[Ended] = []
+        now = self.dispatcher.clock.time()
         for batch, result in self.dispatcher.collect(timeout):
             errors: dict[object, PermanentError] = dict(result.failed)
             ended += [(item.owners, errors.get(item.target)) for item in batch.items]
+            if result.accepted:
+                accepted = set(result.accepted)
+                self._purged.append(
+                    Purged(
+                        self.dispatcher.zone_name(batch.zone_id),
+                        batch.zone_id,
+                        batch.mode,
+                        batch.kind,
+                        [item for item in batch.items if item.target in accepted],
+                        batch.sent_at,
+                        now,
+                        tuple(result.request_ids),
+                    )
+                )
         return ended
+
+    def take_purged(self) -> list[Purged]:
+        """The accepted requests ``collect`` saw since the last call."""
+        purged, self._purged = self._purged, []
+        return purged
 
     def update_shares(
         self, pending: Callable[[], Mapping[tuple[str, Kind], int]], assigned: int, total: int

@@ -100,6 +100,7 @@ app.kubernetes.io/component: worker
 {{- end }}
 {{- $_ := set $kafka "security" $sec }}
 {{- $_ := set $kafka "budget_topic" .Values.kafka.budgetTopic }}
+{{- $_ := set $kafka "receipts_topic" .Values.kafka.receiptsTopic }}
 {{- $accounts := dict }}
 {{- range $name, $account := .Values.cloudflare.accounts }}
 {{- $env := include "purge-worker.tokenEnv" (list $name $account) }}
