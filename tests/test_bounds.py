@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import tracemalloc
+
+import pytest
 
 from tests.helpers import MemoryApi, make_config
 from tests.test_pipeline_unit import build, rec, run_until_idle
@@ -253,3 +257,34 @@ def test_the_rate_limiter_forgets_what_it_took_even_when_nobody_asks():
         wait, _ = limiter.reserve_ticket(Kind.TAGS, 1)
         clock.advance(max(wait, 0.1))
     assert len(limiter._used) <= USED_SPAN / 0.1 + 1
+
+
+_HOLES = """
+import sys
+from worker.runtime import tune_malloc
+if sys.argv[1] == "tuned":
+    assert tune_malloc()
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
+del bytearray(4 << 20)[:]  # one large block freed: glibc's default raises its threshold here
+base = rss()
+blocks = [bytearray(512 << 10) for _ in range(60)]
+keep = bytearray(256 << 10)  # one more after them: below it, the heap cannot shrink
+del blocks
+print(rss() - base)
+"""
+
+
+@pytest.mark.parametrize("mode", ["tuned", "default"])
+def test_freed_large_tables_go_back_to_the_system(mode):
+    """The resident memory of a process that freed large tables: with the worker's malloc
+    setting they are returned at once; glibc's default keeps them (which the soak showed as
+    steps), so this test would notice the setting going missing."""
+    out = subprocess.run(
+        [sys.executable, "-c", _HOLES, mode], capture_output=True, text=True, check=True
+    )
+    kept_kib = int(out.stdout)
+    if mode == "tuned":
+        assert kept_kib < 4096, kept_kib
+    else:
+        assert kept_kib > 16384, kept_kib  # the effect the setting exists for

@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 
 GC_THRESHOLD = 100_000
+# glibc's mallopt parameter, and the threshold it starts with.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 128 * 1024
+
+
+def tune_malloc() -> bool:
+    """Keep glibc's threshold for serving a request with its own mapping fixed at its start
+    value. By default every large block freed raises it (up to 32 MiB), so the large tables of
+    the caches that start over, and of a backlog's bookkeeping, come from the heap from then on
+    and stay as holes the next, larger ones do not fit: an hour's soak at 300 events a second
+    showed the resident memory climbing in steps for thirty minutes with the live objects flat.
+    Fixed, a freed table goes back to the system at once. Set before the planning process is
+    forked, which inherits it. False where the C library has no ``mallopt`` (musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 def tune_gc() -> None:

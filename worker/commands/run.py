@@ -28,6 +28,7 @@ from worker.observe import metrics
 from worker.outcome.warming import Warmed, Warmer, WarmJob
 from worker.planning.process import PlanningProcess, wanted
 from worker.receipts import source_of, warm_receipt
+from worker.runtime import tune_malloc
 
 log = structlog.get_logger("worker.run")
 CONNECT_ATTEMPTS_SECONDS = 60.0
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     ports = {k: v or None for k, v in ports.items() if v is not None}
     if ports:
         config = replace(config, observability=config.observability.model_copy(update=ports))
+    tune_malloc()  # before the fork: the planning process inherits it
     # Forked first, before any thread of this process exists (see worker.planning.process).
     process = PlanningProcess(config.planning).start() if wanted(config.delivery.planning) else None
     try:
