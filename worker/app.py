@@ -110,7 +110,8 @@ def build_loop(
 def _receipts(config: Config, sink: ReceiptSink | None) -> Receipts | None:
     if sink is None:
         return None
-    return Receipts(sink, source_of(config.kafka.group_id), config.kafka.dead_letter_topic)
+    source = source_of(config.kafka.group_id)
+    return Receipts(sink, source, config.kafka.dead_letter_topic, sink.member)
 
 
 def seed_guard(config: Config, guard: DeadLetterGuard, clock: Clock) -> None:

@@ -77,8 +77,8 @@ class Purge:
     source: str = ""
 
 
-def purge_receipt(purge: Purge, source: str) -> tuple[bytes, bytes]:
-    """The key and value of ``purge``'s receipt."""
+def purge_receipt(purge: Purge, source: str, member: str = "") -> tuple[bytes, bytes]:
+    """The key and value of ``purge``'s receipt; ``member``: the worker that writes it."""
     data = {
         "zone": purge.zone,
         "zone_id": purge.zone_id,
@@ -91,17 +91,25 @@ def purge_receipt(purge: Purge, source: str) -> tuple[bytes, bytes]:
         "request_ids": list(purge.request_ids),
         "events": [e.as_json() for e in purge.events],
     }
-    return purge.zone_id.encode(), _event(PURGED, source, purge.accepted_at, purge.zone, data)
+    value = _event(PURGED, source, member, purge.accepted_at, purge.zone, data)
+    return purge.zone_id.encode(), value
 
 
 def dead_letter_receipt(
-    event: EventRef, error_class: str, reason: str, *, topic: str, at: float, source: str
+    event: EventRef,
+    error_class: str,
+    reason: str,
+    *,
+    topic: str,
+    at: float,
+    source: str,
+    member: str = "",
 ) -> tuple[bytes, bytes]:
     """The key and value of a dead-lettered record's receipt (``reason`` already redacted)."""
     data = {"event": event.as_json(), "error_class": error_class, "reason": reason}
     data["dead_letter_topic"] = topic
     key = f"{event.topic}/{event.partition}/{event.offset}".encode()
-    return key, _event(DEAD_LETTERED, source, at, event.id or "", data)
+    return key, _event(DEAD_LETTERED, source, member, at, event.id or "", data)
 
 
 def warm_receipt(
@@ -113,28 +121,37 @@ def warm_receipt(
     *,
     at: float,
     source: str,
+    member: str = "",
 ) -> tuple[bytes, bytes]:
     """The key and value of a warm request's receipt."""
     data: dict[str, Any] = {"zone": zone, "url": url, "status": status}
     if headers:
         data["headers"] = dict(headers)
     data["cache_status"] = cache_status
-    return url.encode(), _event(WARMED, source, at, zone, data)
+    return url.encode(), _event(WARMED, source, member, at, zone, data)
 
 
-def _event(kind: str, source: str, at: float, subject: str, data: dict[str, Any]) -> bytes:
-    return _encode(
-        {
-            "specversion": "1.0",
-            "id": uuid.uuid4().hex,
-            "source": source,
-            "type": kind,
-            "time": rfc3339(at),
-            "subject": subject,
-            "datacontenttype": "application/json",
-            "data": data,
-        }
-    )
+def _event(  # noqa: PLR0917 (private, and every argument is one attribute of the event)
+    kind: str, source: str, member: str, at: float, subject: str, data: dict[str, Any]
+) -> bytes:
+    event = {
+        "specversion": "1.0",
+        "id": uuid.uuid4().hex,
+        "source": source,
+        "type": kind,
+        "time": rfc3339(at),
+        "subject": subject,
+        "datacontenttype": "application/json",
+    }
+    if member:
+        # An extension attribute: which worker wrote it (its own receipts it need not learn).
+        event["member"] = member
+    return _encode({**event, "data": data})
+
+
+def member_marker(member: str) -> bytes:
+    """How ``member``'s receipts spell it, to skip them before decoding."""
+    return b'"member":' + _encode(member)
 
 
 def read(value: bytes | None) -> dict[str, Any] | None:

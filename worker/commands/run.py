@@ -21,7 +21,7 @@ from worker.errors import AccessError, DeadLetterGuardTripped, PurgeWorkerError,
 from worker.kafka import admin
 from worker.kafka.consumer import KafkaSource
 from worker.kafka.dead_letters import KafkaDeadLetterSink
-from worker.kafka.exchange import KafkaBudgetExchange
+from worker.kafka.exchange import KafkaBudgetExchange, member_id
 from worker.kafka.receipts import KafkaReceiptSink, ReceiptFeed
 from worker.loop import Loop
 from worker.observe import metrics
@@ -166,13 +166,14 @@ def _receipts(
     topic = config.kafka.receipts_topic
     if not topic or config.delivery.dry_run:
         return None, None
-    sink = KafkaReceiptSink(config.kafka, topic)
+    member = member_id(config.kafka.group_id)
+    sink = KafkaReceiptSink(config.kafka, topic, member)
     ledger = config.coalesce.ledger
     if not ledger.enabled:
         return sink, None
     started = time.monotonic()
     since = clock.time() - ledger.restore_seconds
-    feed = ReceiptFeed(config.kafka, topic, since, ledger.max_entries).start()
+    feed = ReceiptFeed(config.kafka, topic, since, ledger.max_entries, member).start()
     if feed.wait_caught_up(RESTORE_WAIT):
         log.info(
             "purge ledger restored from receipts",
@@ -195,13 +196,14 @@ def _warm_receipts(
     the purge (it took effect) or still hit."""
     if sink is None:
         return None
-    source = source_of(config.kafka.group_id)
+    source, member = source_of(config.kafka.group_id), sink.member
 
     def warmed(job: WarmJob, status: int | None, cache: str) -> None:
         at = clock.time()
-        sink.submit(
-            *warm_receipt(job.zone, job.url, job.headers, status, cache, at=at, source=source)
+        receipt = warm_receipt(
+            job.zone, job.url, job.headers, status, cache, at=at, source=source, member=member
         )
+        sink.submit(*receipt)
 
     return warmed
 

@@ -25,7 +25,7 @@ from worker.kafka.admin import ensure_topic
 from worker.kafka.client import connecting, options, translated
 from worker.kafka.reader import seek_since
 from worker.observe import metrics
-from worker.receipts import LedgerKey, ledger_entries, purge_of, read
+from worker.receipts import LedgerKey, ledger_entries, member_marker, purge_of, read
 
 log = structlog.get_logger("worker.kafka.receipts")
 
@@ -43,8 +43,11 @@ POLL_MS = 200
 class KafkaReceiptSink:
     """Writes receipts to ``topic``. ``submit`` never blocks and never fails."""
 
-    def __init__(self, config: KafkaSettings, topic: str, *, create: bool = True) -> None:
+    def __init__(
+        self, config: KafkaSettings, topic: str, member: str = "", *, create: bool = True
+    ) -> None:
         self._settings, self.topic, self._create = config, topic, create
+        self.member = member
         self._cond = threading.Condition()
         self._queue: deque[tuple[bytes, bytes]] = deque()
         self._stopping = False
@@ -159,8 +162,12 @@ class ReceiptFeed:
     hands over what the purge ledger should learn (at most ``max_entries`` waiting: the oldest
     go first, as the ledger itself would drop them)."""
 
-    def __init__(self, config: KafkaSettings, topic: str, since: float, max_entries: int) -> None:
+    def __init__(
+        self, config: KafkaSettings, topic: str, since: float, max_entries: int, member: str = ""
+    ) -> None:
         self._settings, self.topic, self._since = config, topic, since
+        # This worker's own receipts tell its ledger nothing new: skipped before decoding.
+        self._own = member_marker(member) if member else None
         self._entries: deque[tuple[LedgerKey, float]] = deque(maxlen=max_entries)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -204,6 +211,24 @@ class ReceiptFeed:
                 self._caught_up.set()  # nothing to wait for: start as without receipts
                 self._stop.wait(RETRY_AFTER)
 
+    def _seek(self, consumer: Any) -> dict[Any, int]:
+        """Seek to the span's start; a topic that is missing is made first (a fresh cluster's
+        first worker reads receipts from the start, not from its first retry)."""
+        with translated(f"cannot read {self.topic}"):
+            ends = seek_since(consumer, self.topic, self._since)
+        if ends is not None:
+            return ends
+        if ensure_topic(self._settings, self.topic, PARTITIONS, TOPIC_CONFIG, LAYOUT):
+            log.info("receipts topic created", topic=self.topic)
+        deadline = time.monotonic() + 5.0
+        while ends is None and time.monotonic() < deadline and not self._stop.is_set():
+            self._stop.wait(0.2)  # the new topic's metadata reaches this client
+            with translated(f"cannot read {self.topic}"):
+                ends = seek_since(consumer, self.topic, self._since)
+        if ends is None:
+            raise PurgeWorkerError(f"{self.topic} does not exist")
+        return ends
+
     def _follow(self) -> None:
         consumer = connecting(
             lambda: KafkaConsumer(
@@ -213,18 +238,19 @@ class ReceiptFeed:
             "cannot reach Kafka for the receipts topic",
         )
         try:
-            with translated(f"cannot read {self.topic}"):
-                ends = seek_since(consumer, self.topic, self._since)
-            if ends is None:
-                raise PurgeWorkerError(f"{self.topic} does not exist")
+            ends = self._seek(consumer)
             while not self._stop.is_set():
                 with translated(f"cannot read {self.topic}"):
                     batches = consumer.poll(timeout_ms=POLL_MS, max_records=5_000)
+                own = self._own
                 purges = [
                     p
                     for records in batches.values()
                     for r in records
-                    if (receipt := read(r.value)) is not None and (p := purge_of(receipt))
+                    if r.value is not None
+                    and (own is None or own not in r.value)
+                    and (receipt := read(r.value)) is not None
+                    and (p := purge_of(receipt))
                 ]
                 entries = ledger_entries(purges)
                 if entries:

@@ -39,7 +39,8 @@ class Done:
 class InMemoryReceipts:
     """A ``worker.outcome.receipts.ReceiptSink`` that keeps each receipt's key and value."""
 
-    def __init__(self) -> None:
+    def __init__(self, member: str = "") -> None:
+        self.member = member
         self.receipts: list[tuple[bytes, bytes]] = []
 
     def submit(self, key: bytes, value: bytes) -> None:

@@ -19,6 +19,8 @@ from worker.sending.stage import Purged
 
 
 class ReceiptSink(Protocol):
+    member: str  # which worker writes (a CloudEvents extension attribute); "" for none
+
     def submit(self, key: bytes, value: bytes) -> None:
         """Queue one receipt; never blocks, never raises."""
 
@@ -27,12 +29,15 @@ class ReceiptSink(Protocol):
 
 class Receipts:
     """Makes receipts and hands them to ``sink``. ``source`` is the CloudEvents ``source`` (the
-    worker's group), ``dead_letter_topic`` where dead letters go."""
+    worker's group), ``dead_letter_topic`` where dead letters go, ``member`` this worker."""
 
-    def __init__(self, sink: ReceiptSink, source: str, dead_letter_topic: str) -> None:
+    def __init__(
+        self, sink: ReceiptSink, source: str, dead_letter_topic: str, member: str = ""
+    ) -> None:
         self.sink = sink
         self.source = source
         self.dead_letter_topic = dead_letter_topic
+        self.member = member
 
     def purged(self, purged: Iterable[Purged], records: InFlightRecords) -> None:
         """One receipt per accepted request; the events are those of its items' owners still in
@@ -54,7 +59,7 @@ class Receipts:
                 request_ids=p.request_ids,
                 events=tuple(events.values()),
             )
-            self.sink.submit(*purge_receipt(receipt, self.source))
+            self.sink.submit(*purge_receipt(receipt, self.source, self.member))
 
     def dead_lettered(self, ref: Ref, state: InFlight, error: PermanentError, at: float) -> None:
         reason = redact_text(str(error))[:MAX_MESSAGE]
@@ -65,6 +70,7 @@ class Receipts:
             topic=self.dead_letter_topic,
             at=at,
             source=self.source,
+            member=self.member,
         )
         self.sink.submit(key, value)
 
