@@ -446,3 +446,23 @@ def test_a_revocation_lets_requests_in_flight_end_and_offers_their_records_for_c
     run_until_idle(loop, source)
     assert sorted(api.items()) == sorted(f"https://www.example.com/a{i}" for i in range(20))
     assert source.committed == {("cms", 0): 21}
+
+
+def test_the_last_record_in_flight_is_committed_at_once_not_at_the_next_interval():
+    records = [
+        rec(i, cloudevent("image.updated", {"host": "img.example-cdn.net", "path": f"c{i}"}))
+        for i in range(5)
+    ]
+    loop, source, _, api = build(records, delivery={"commit_interval_seconds": 3600})
+    for _ in range(200):
+        step(loop)
+        if loop.idle and source.positions[("cms", 0)] == 5:
+            break
+    step(loop)  # the step after the last record finished: nothing in flight any more
+    assert len(api.items("files")) == 5
+    assert source.committed.get(("cms", 0)) == 5  # no explicit commit, an hour's interval
+    # While records are in flight, the interval holds: a commit per step would load the broker.
+    more = rec(5, cloudevent("image.updated", {"host": "img.example-cdn.net", "path": "c5"}))
+    source.add(more)
+    step(loop)
+    assert loop.outcome.records and source.committed[("cms", 0)] == 5

@@ -1,5 +1,7 @@
-"""When offsets are committed: every ``interval`` behind finished records, a failed commit tried
-again after a pause, and the last one at shutdown.
+"""When offsets are committed: every ``interval`` behind finished records, at once when the last
+record in flight has finished (the end of a backlog, or a lone event: nothing is gained by
+waiting, and a restart would redo it), a failed commit tried again after a pause, and the last
+one at shutdown.
 
 A commit waits no longer than an idle poll; one that fails is tried again after a pause, so a
 broker outage costs the loop a little time every few seconds, never a blocked loop.
@@ -42,9 +44,14 @@ class CommitPolicy:
         self._committer.finished(self._records.committable())
 
     def maybe_commit(self) -> None:
-        """Commit if the interval has passed (and no failed commit is waiting to be retried)."""
+        """Commit if the interval has passed, or nothing is in flight any more and something is
+        not yet committed (and no failed commit is waiting to be retried)."""
         now = self._clock.monotonic()
-        if now >= self._retry_at and now - self._last >= self._interval:
+        if now < self._retry_at:
+            return
+        if now - self._last >= self._interval or (
+            not len(self._records) and self._records.to_commit()
+        ):
             self.commit()
             self._last = now
 
