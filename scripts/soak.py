@@ -325,7 +325,7 @@ def report(r: dict[str, Any], png: Path) -> str:
         f"{r['minutes']:g} min (new URLs, {REPEATS:.0%} repeats of the last {RECENT:,}, "
         f"{TAGS:.0%} new tags, {INVALID:.0%} invalid; a 503 every {FAULT_EVERY:.0f} s), the "
         f"emulator on the enterprise plan with its limits, ledger on. Measured at commit "
-        f"{_commit()}.",
+        f"{r['commit']}.",
         "",
         "| figure | this run | bound |",
         "|---|---|---|",
@@ -387,7 +387,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.minutes <= 0 or args.rate <= 0 or not 0 <= args.warmup < args.minutes:
         parser.error("--minutes and --rate must be > 0, --warmup within the run")
+    commit = _commit()  # before anything is written: the run's own outputs are not changes
     result = soak(args.minutes, args.rate, args.warmup)
+    result["commit"] = commit
     png = args.out.with_suffix(".png")
     plot(result, png)
     args.out.write_text(report(result, png))
