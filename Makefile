@@ -12,7 +12,7 @@ HELM   := $(HOME)/.cache/purge-worker/helm-$(HELM_VERSION)/helm
 PROMTOOL_VERSION := v0.316.0
 PROMTOOL := $(HOME)/.cache/purge-worker/promtool-$(PROMTOOL_VERSION)/promtool
 
-.PHONY: test run lint fmt bench bench-trace soak clean broker helm promtool bwrap chart-schema lock
+.PHONY: test run lint fmt bench bench-trace bench-receipts soak clean broker helm promtool bwrap chart-schema lock
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ chart-schema: $(STAMP)
 
 bench: broker
 	$(BIN)/python scripts/bench.py
+
+# make bench's catch-up and ingest with receipts off and on (alone, ~10 minutes).
+bench-receipts: broker
+	$(BIN)/python scripts/bench_receipts.py
 
 # `trace` on a receipts topic of 1,000,000 receipts (alone: it fills the topic first).
 bench-trace: broker

@@ -40,6 +40,9 @@ from scripts.kafka_broker import Broker, free_port  # noqa: E402
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1"))
 OUT = ROOT / os.environ.get("BENCH_OUT", "BENCHMARKS.md")
+# Receipts are on, as by default, each group on its own topic (so no part's ledger learns another
+# part's purges); BENCH_RECEIPTS=off measures the worker without them.
+RECEIPTS = os.environ.get("BENCH_RECEIPTS", "on") != "off"
 WORK = ROOT / ".bench"
 TOKEN = "bench-token"
 ZONE = "023e105f4ecef8ad9ca31a8372d0c353"
@@ -192,6 +195,7 @@ def config(
             "group_id": group,
             "dead_letter_topic": f"{topic}.dlq",
             "max_poll_records": 2000,
+            "receipts_topic": f"{group}.receipts" if RECEIPTS else None,
         },
         "cloudflare": {
             "base_url": emulator.url + "/client/v4",
