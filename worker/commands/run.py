@@ -125,18 +125,27 @@ def _start(
     if config.kafka.budget_topic and not config.delivery.dry_run:
         # Started first: it connects while the consumer does, so the budget is there sooner.
         exchange = KafkaBudgetExchange(config.kafka, config.kafka.budget_topic, clock).start()
+    # So is the receipts feed: the ledger is restored while the consumer joins its group.
+    started = time.monotonic()
+    receipts, feed = _receipts(config, clock)
+
+    def abandon() -> None:
+        if exchange is not None:
+            exchange.close()
+        if feed is not None:
+            feed.close()
+        if receipts is not None:
+            receipts.close(timeout=0.1)
+
     try:
         clients = _clients(config, stop)
     except PurgeWorkerError:
-        if exchange is not None:
-            exchange.close()
+        abandon()
         raise
     if clients is None:
-        if exchange is not None:
-            exchange.close()
+        abandon()
         return None
     source, sink = clients
-    receipts, feed = _receipts(config, clock)
     warmer = None
     if config.warming.enabled and config.rules.warms and not config.delivery.dry_run:
         warmer = Warmer(config.warming, clock, _warm_receipts(config, receipts, clock)).start()
@@ -154,15 +163,17 @@ def _start(
     # A stream its predecessor found over the limit stops this worker at its first dead letter,
     # before it purges anything again; a fixed deploy that dead-letters nothing goes on.
     app.seed_guard(config, loop.outcome.guard, clock)
+    if feed is not None:
+        _restored(feed, started)
     return loop, warmer, feed
 
 
 def _receipts(
     config: Config, clock: SystemClock
 ) -> tuple[KafkaReceiptSink | None, ReceiptFeed | None]:
-    """The receipts writer, and the feed that restores the ledger from them (read up to the
-    topic's end before the first record, within ``RESTORE_WAIT``). None in a dry run: its purges
-    never happened, and no worker's ledger may learn otherwise."""
+    """The receipts writer, and the feed that restores the ledger from them, both started (see
+    ``_restored``). None in a dry run: its purges never happened, and no worker's ledger may
+    learn otherwise."""
     topic = config.kafka.receipts_topic
     if not topic or config.delivery.dry_run:
         return None, None
@@ -171,10 +182,15 @@ def _receipts(
     ledger = config.coalesce.ledger
     if not ledger.enabled:
         return sink, None
-    started = time.monotonic()
     since = clock.time() - ledger.restore_seconds
-    feed = ReceiptFeed(config.kafka, topic, since, ledger.max_entries, member).start()
-    if feed.wait_caught_up(RESTORE_WAIT):
+    return sink, ReceiptFeed(config.kafka, topic, since, ledger.max_entries, member).start()
+
+
+def _restored(feed: ReceiptFeed, started: float) -> None:
+    """Wait until the feed has read the receipts there were at start (within ``RESTORE_WAIT``
+    of ``started``), so the first records meet a restored ledger."""
+    left = max(0.0, started + RESTORE_WAIT - time.monotonic())
+    if feed.wait_caught_up(left):
         log.info(
             "purge ledger restored from receipts",
             entries=feed.restored,
@@ -186,7 +202,6 @@ def _receipts(
             entries=feed.restored,
             waited=RESTORE_WAIT,
         )
-    return sink, feed
 
 
 def _warm_receipts(

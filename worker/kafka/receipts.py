@@ -77,6 +77,12 @@ class KafkaReceiptSink:
                 log.debug("receipts producer did not close cleanly", error=str(exc))
 
     def _run(self) -> None:
+        # Connected before the first receipt, which then goes without waiting for it; what
+        # fails here is tried (and told) again with that receipt.
+        try:
+            self._connect()
+        except (KafkaError, PurgeWorkerError):
+            self._discard()
         warned = ""
         while True:
             with self._cond:
@@ -115,23 +121,7 @@ class KafkaReceiptSink:
         futures = []
         why: str | None = None
         try:
-            if self._producer is None:
-                if self._create and ensure_topic(
-                    self._settings, self.topic, PARTITIONS, TOPIC_CONFIG, LAYOUT
-                ):
-                    log.info("receipts topic created", topic=self.topic)
-                self._producer = connecting(
-                    lambda: KafkaProducer(
-                        **options(self._settings),
-                        acks="all",
-                        linger_ms=20,
-                        max_block_ms=int(SEND_WAIT * 1000),
-                        request_timeout_ms=int(SEND_WAIT * 1000),
-                        delivery_timeout_ms=int(SEND_WAIT * 1000) + 5_000,
-                    ),
-                    self._settings,
-                    "cannot reach Kafka for the receipts topic",
-                )
+            self._connect()
             for key, value in batch:
                 futures.append(self._producer.send(self.topic, key=key, value=value))
             self._producer.flush(timeout=SEND_WAIT)
@@ -147,6 +137,26 @@ class KafkaReceiptSink:
             why = why or (str(failed.exception) if failed is not None else "not confirmed in time")
             self._discard()
         return why
+
+    def _connect(self) -> None:
+        if self._producer is not None:
+            return
+        if self._create and ensure_topic(
+            self._settings, self.topic, PARTITIONS, TOPIC_CONFIG, LAYOUT
+        ):
+            log.info("receipts topic created", topic=self.topic)
+        self._producer = connecting(
+            lambda: KafkaProducer(
+                **options(self._settings),
+                acks="all",
+                linger_ms=20,
+                max_block_ms=int(SEND_WAIT * 1000),
+                request_timeout_ms=int(SEND_WAIT * 1000),
+                delivery_timeout_ms=int(SEND_WAIT * 1000) + 5_000,
+            ),
+            self._settings,
+            "cannot reach Kafka for the receipts topic",
+        )
 
     def _discard(self) -> None:
         producer, self._producer = self._producer, None
