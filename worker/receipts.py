@@ -59,6 +59,10 @@ class EventRef:
             "offset": self.offset,
         }
 
+    def encoded(self) -> bytes:
+        """As a receipt's ``events`` list holds it (see ``purge_receipt``'s ``events``)."""
+        return _encode(self.as_json())
+
 
 @dataclass(frozen=True, slots=True)
 class Purge:
@@ -77,8 +81,12 @@ class Purge:
     source: str = ""
 
 
-def purge_receipt(purge: Purge, source: str, member: str = "") -> tuple[bytes, bytes]:
-    """The key and value of ``purge``'s receipt; ``member``: the worker that writes it."""
+def purge_receipt(
+    purge: Purge, source: str, member: str = "", events: Sequence[bytes] | None = None
+) -> tuple[bytes, bytes]:
+    """The key and value of ``purge``'s receipt; ``member``: the worker that writes it;
+    ``events``: ``purge.events`` already encoded (``EventRef.encoded``), which a worker makes
+    once per record although a record's targets may go in several requests."""
     data = {
         "zone": purge.zone,
         "zone_id": purge.zone_id,
@@ -89,7 +97,9 @@ def purge_receipt(purge: Purge, source: str, member: str = "") -> tuple[bytes, b
         "sent_at_unix": round(purge.sent_at, 6),
         "accepted_at": rfc3339(purge.accepted_at),
         "request_ids": list(purge.request_ids),
-        "events": [e.as_json() for e in purge.events],
+        "events": msgspec.Raw(b"[" + b",".join(events) + b"]")
+        if events is not None
+        else [e.as_json() for e in purge.events],
     }
     value = _event(PURGED, source, member, purge.accepted_at, purge.zone, data)
     return purge.zone_id.encode(), value

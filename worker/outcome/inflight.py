@@ -6,6 +6,7 @@ Not thread-safe: only the loop's thread touches it.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -52,6 +53,8 @@ class InFlight:
     judged: bool = False
     # URLs to warm once the record is purged (rules with ``warm``).
     warm: list[Routed] | None = None
+    # How receipts name it (JSON), made once: a record's targets may go in several requests.
+    receipt: bytes | None = None
 
     @property
     def log(self) -> Any:
@@ -89,6 +92,10 @@ class InFlightRecords:
 
     def state(self, ref: Ref) -> InFlight:
         return self._records[ref]
+
+    def get(self, ref: Hashable) -> InFlight | None:
+        """``ref``'s state, if it is a record still in flight."""
+        return self._records.get(ref) if isinstance(ref, Ref) else None
 
     def expect(self, ref: Ref, count: int = 1) -> None:
         """``ref`` waits for ``count`` more target outcomes."""

@@ -41,13 +41,20 @@ class Receipts:
 
     def purged(self, purged: Iterable[Purged], records: InFlightRecords) -> None:
         """One receipt per accepted request; the events are those of its items' owners still in
-        flight (an owner revoked meanwhile is someone else's to report)."""
+        flight (an owner revoked meanwhile is someone else's to report). A backlog's request
+        carries thousands of records: each is encoded once, however many requests carry it."""
         for p in purged:
-            events: dict[Ref, EventRef] = {}
+            events: dict[object, bytes] = {}
             for item in p.items:
                 for owner in item.owners:
-                    if isinstance(owner, Ref) and owner not in events and owner in records:
-                        events[owner] = _event(owner, records.state(owner))
+                    if owner in events:
+                        continue
+                    state = records.get(owner)
+                    if state is None:
+                        continue
+                    if state.receipt is None:
+                        state.receipt = _event(state).encoded()
+                    events[owner] = state.receipt
             receipt = Purge(
                 zone=p.zone,
                 zone_id=p.zone_id,
@@ -57,14 +64,16 @@ class Receipts:
                 sent_at=p.sent_at,
                 accepted_at=p.accepted_at,
                 request_ids=p.request_ids,
-                events=tuple(events.values()),
+                events=(),
             )
-            self.sink.submit(*purge_receipt(receipt, self.source, self.member))
+            self.sink.submit(
+                *purge_receipt(receipt, self.source, self.member, list(events.values()))
+            )
 
     def dead_lettered(self, ref: Ref, state: InFlight, error: PermanentError, at: float) -> None:
         reason = redact_text(str(error))[:MAX_MESSAGE]
         key, value = dead_letter_receipt(
-            _event(ref, state),
+            _event(state),
             error.error_class,
             reason,
             topic=self.dead_letter_topic,
@@ -78,9 +87,7 @@ class Receipts:
         self.sink.close(timeout)
 
 
-def _event(ref: Ref, state: InFlight) -> EventRef:
+def _event(state: InFlight) -> EventRef:
     # A replayed dead letter names the record it first came from.
-    origin = state.record.origin
-    if origin is not None:
-        return EventRef(state.event_id, origin.topic, origin.partition, origin.offset)
-    return EventRef(state.event_id, ref.topic, ref.partition, ref.offset)
+    r = state.record.origin or state.record
+    return EventRef(state.event_id, r.topic, r.partition, r.offset)
