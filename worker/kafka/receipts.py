@@ -242,7 +242,9 @@ class ReceiptFeed:
     def _follow(self) -> None:
         consumer = connecting(
             lambda: KafkaConsumer(
-                **options(self._settings), group_id=None, enable_auto_commit=False
+                **options(self._settings),
+                group_id=None,
+                enable_auto_commit=False,
             ),
             self._settings,
             "cannot reach Kafka for the receipts topic",
