@@ -173,10 +173,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
             output.json_line({"matched": why, "receipt": receipt})
         else:
             output.line(_describe(why, receipt))
+    # On stderr, with --json too: stdout stays one JSON object per line.
     span = f"from {rfc3339(since)} to {rfc3339(until)}"
-    if not args.json:
-        purges = sum(1 for _, _, r in found if r["type"] == PURGED)
-        output.line(f"{len(found)} receipts ({purges} purges) in {topic} {span}", err=True)
+    purges = sum(1 for _, _, r in found if r["type"] == PURGED)
+    output.line(f"{len(found)} receipts ({purges} purges) in {topic} {span}", err=True)
     return 0 if found else 1
 
 
