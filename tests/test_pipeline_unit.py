@@ -38,9 +38,12 @@ def run_until_idle(loop, source, max_steps=5000):
     raise AssertionError("the loop did not go idle")
 
 
-def build(records, remote=False, plan="pro", sink=None, **over):
-    """A loop over ``records`` on a mock clock, its purges answered by the API model."""
-    clock = MockClock()
+def build(
+    records, remote=False, plan="pro", sink=None, clock=None, receipts=None, learned=None, **over
+):
+    """A loop over ``records`` on a mock clock, its purges answered by the API model;
+    ``receipts`` and ``learned`` as ``app.build_loop`` takes them."""
+    clock = clock or MockClock()
     api = MemoryApi(clock, plan)
     config = make_config(MemoryApi.URL, **over)
     source = InMemorySource(records, clock=clock)
@@ -53,7 +56,16 @@ def build(records, remote=False, plan="pro", sink=None, **over):
         transport=lambda: api.transport,
     )
     process = PlanningProcess(config.planning).start() if remote else None
-    loop = app.build_loop(config, source, sink, clock, cloudflare=cloudflare, process=process)
+    loop = app.build_loop(
+        config,
+        source,
+        sink,
+        clock,
+        cloudflare=cloudflare,
+        process=process,
+        receipts=receipts,
+        learned=learned,
+    )
     return loop, source, sink, api
 
 

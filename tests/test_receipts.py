@@ -4,15 +4,13 @@ topic itself (writing, restoring after SIGKILL, a handover, a topic that is miss
 is proven in ``test_receipts_kafka.py``."""
 
 import json
-import time
 
+from tests import test_pipeline_unit as unit
 from tests.conftest import ZONE_A, ZONE_B
-from tests.helpers import MemoryApi, cloudevent, make_config
-from worker import app
+from tests.helpers import cloudevent
 from worker.clock import MockClock
 from worker.events import Record
-from worker.intake.memory import InMemorySource
-from worker.outcome.memory import InMemoryReceipts, InMemorySink
+from worker.outcome.memory import InMemoryReceipts
 from worker.pending.ledger import key_of
 from worker.receipts import (
     DEAD_LETTERED,
@@ -24,45 +22,12 @@ from worker.receipts import (
     purge_receipt,
     read,
 )
-from worker.sending.accounts import Accounts
 from worker.targets import Kind, Mode, Target
 
 
-def step(loop):
-    loop.step()
-    deadline = time.monotonic() + 5
-    while loop.sending.on_the_wire and time.monotonic() < deadline:
-        time.sleep(0.0005)
-
-
-def drain(loop, source):
-    for _ in range(5000):
-        step(loop)
-        if loop.idle and all(source.positions[tp] == len(q) for tp, q in source.queues.items()):
-            loop.outcome.commits.commit()
-            return
-    raise AssertionError("the loop did not go idle")
-
-
 def build(records, clock, receipts=None, learned=None):
-    api = MemoryApi(clock, "enterprise")
-    config = make_config(MemoryApi.URL)
-    source = InMemorySource(records, clock=clock)
-    cloudflare = Accounts(
-        config.accounts,
-        config.zones,
-        clock,
-        base_url=config.base_url,
-        transport=lambda: api.transport,
-    )
-    loop = app.build_loop(
-        config,
-        source,
-        InMemorySink(),
-        clock,
-        cloudflare=cloudflare,
-        receipts=receipts,
-        learned=learned,
+    loop, source, _, api = unit.build(
+        records, plan="enterprise", clock=clock, receipts=receipts, learned=learned
     )
     return loop, source, api
 
@@ -145,7 +110,7 @@ def test_receipts_name_each_purge_with_its_events_and_each_dead_letter_with_its_
     ]
     sink = InMemoryReceipts()
     loop, source, api = build(records, clock, receipts=sink)
-    drain(loop, source)
+    unit.run_until_idle(loop, source)
     receipts = [read(v) for _, v in sink.receipts]
     purged = [r for r in receipts if r and r["type"] == PURGED]
     dead = [r for r in receipts if r and r["type"] == DEAD_LETTERED]
@@ -175,7 +140,7 @@ def test_a_ledger_seeded_from_receipts_finishes_what_they_cover_and_sends_the_re
     first = [image(i, f"p{i}.jpg", f"e{i}", old) for i in range(40)]
     sink = InMemoryReceipts()
     loop, source, api = build(first, clock, receipts=sink)
-    drain(loop, source)
+    unit.run_until_idle(loop, source)
     assert len(api.items("files")) == 40
 
     # A new worker (a restart, or the partitions' next owner) gets the same records again, plus
@@ -190,7 +155,7 @@ def test_a_ledger_seeded_from_receipts_finishes_what_they_cover_and_sends_the_re
     entries = ledger_entries(p for _, v in sink.receipts if (r := read(v)) and (p := purge_of(r)))
     handed = [entries]
     loop2, source2, api2 = build(again, clock, learned=lambda: handed.pop() if handed else [])
-    drain(loop2, source2)
+    unit.run_until_idle(loop2, source2)
     assert sorted(api2.items("files")) == [
         "https://img.example-cdn.net/new.jpg",
         "https://img.example-cdn.net/p3.jpg",

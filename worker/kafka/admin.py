@@ -57,28 +57,21 @@ def needs(settings: KafkaSettings) -> list[Need]:
             fatal=False,
         )
     )
-    if settings.budget_topic:
-        out.append(
-            Need(
-                "topic",
-                settings.budget_topic,
-                ("READ", "WRITE", "DESCRIBE"),
-                "workers share each account's budget through it (else: by partitions)",
-                fatal=False,
-                creatable=True,
-            )
-        )
-    if settings.receipts_topic:
-        out.append(
-            Need(
-                "topic",
-                settings.receipts_topic,
-                ("READ", "WRITE", "DESCRIBE"),
-                "receipts of each purge are written to it and restore the ledger after a restart",
-                fatal=False,
-                creatable=True,
-            )
-        )
+    # Topics the worker makes when it may, and runs without (with a warning).
+    optional = (
+        (
+            settings.budget_topic,
+            "workers share each account's budget through it (else: by partitions)",
+        ),
+        (
+            settings.receipts_topic,
+            "receipts of each purge are written to it and restore the ledger after a restart",
+        ),
+    )
+    for topic, what in optional:
+        if topic:
+            rw = ("READ", "WRITE", "DESCRIBE")
+            out.append(Need("topic", topic, rw, what, fatal=False, creatable=True))
     return out
 
 

@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import structlog
+from kafka import KafkaProducer
 from kafka import TopicPartition as KafkaTP
 from kafka import errors as kafka_errors
 from kafka.errors import KafkaError
@@ -23,6 +25,8 @@ from kafka.structs import OffsetAndMetadata
 from worker.config.settings import KafkaSettings
 from worker.errors import AccessError, RetryableError
 from worker.events import Record, TopicPartition
+
+_log = structlog.get_logger("worker.kafka")
 
 __all__ = ["KafkaError", "connecting", "options", "unavailable"]
 
@@ -252,3 +256,31 @@ def translated(doing: str) -> Iterator[None]:
         raise AccessError(f"{doing}: not authorized ({type(exc).__name__})") from None
     except KafkaError as exc:
         raise unavailable(doing, exc) from None
+
+
+def confirming_producer(settings: KafkaSettings, wait: float, linger_ms: int, doing: str) -> Any:
+    """A producer whose sends are confirmed by every in-sync replica or fail within ``wait``
+    seconds (metadata, request and delivery alike): the dead-letter and receipts writers'."""
+    wait_ms = int(wait * 1000)
+    return connecting(
+        lambda: KafkaProducer(
+            **options(settings),
+            acks="all",
+            linger_ms=linger_ms,
+            max_block_ms=wait_ms,
+            request_timeout_ms=wait_ms,
+            delivery_timeout_ms=wait_ms + 5_000,
+        ),
+        settings,
+        doing,
+    )
+
+
+def close_quietly(producer: Any) -> None:
+    """Close a producer being thrown away (after a failed batch) without waiting or raising."""
+    if producer is None:
+        return
+    try:
+        producer.close(timeout=0)
+    except Exception as exc:  # noqa: BLE001 (it is being thrown away)
+        _log.debug("discarded producer did not close cleanly", error=str(exc))

@@ -14,7 +14,13 @@ from kafka.errors import KafkaError
 from worker.config.settings import KafkaSettings
 from worker.errors import PurgeWorkerError, RetryableError
 from worker.events import Record
-from worker.kafka.client import connecting, options, unavailable
+from worker.kafka.client import (
+    close_quietly,
+    confirming_producer,
+    connecting,
+    options,
+    unavailable,
+)
 
 log = structlog.get_logger("worker.kafka")
 
@@ -89,17 +95,8 @@ class KafkaDeadLetterSink:
     # -- the thread -------------------------------------------------------------------------------
 
     def _connect(self) -> Any:
-        return connecting(
-            lambda: KafkaProducer(
-                **options(self._settings),
-                acks="all",
-                linger_ms=5,
-                max_block_ms=SEND_WAIT_MS,
-                request_timeout_ms=SEND_WAIT_MS,
-                delivery_timeout_ms=SEND_WAIT_MS + 5_000,
-            ),
-            self._settings,
-            "cannot reach Kafka for the dead-letter topic",
+        return confirming_producer(
+            self._settings, SEND_WAIT_MS / 1000, 5, "cannot reach Kafka for the dead-letter topic"
         )
 
     def _run(self) -> None:
@@ -142,11 +139,7 @@ class KafkaDeadLetterSink:
 
     def _discard_producer(self) -> None:
         producer, self._producer = self._producer, None
-        if producer is not None:
-            try:
-                producer.close(timeout=0)
-            except Exception as exc:  # noqa: BLE001 (it is being thrown away)
-                log.debug("discarded producer did not close cleanly", error=str(exc))
+        close_quietly(producer)
 
 
 class Republisher:

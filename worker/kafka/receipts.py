@@ -15,14 +15,20 @@ from collections import deque
 from typing import Any
 
 import structlog
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer
 from kafka import errors as kafka_errors
 from kafka.errors import KafkaError
 
 from worker.config.settings import KafkaSettings
 from worker.errors import AccessError, PurgeWorkerError
 from worker.kafka.admin import ensure_topic
-from worker.kafka.client import connecting, options, translated
+from worker.kafka.client import (
+    close_quietly,
+    confirming_producer,
+    connecting,
+    options,
+    translated,
+)
 from worker.kafka.reader import seek_since
 from worker.observe import metrics
 from worker.receipts import LedgerKey, ledger_entries, member_marker, purge_of, read
@@ -145,26 +151,13 @@ class KafkaReceiptSink:
             self._settings, self.topic, PARTITIONS, TOPIC_CONFIG, LAYOUT
         ):
             log.info("receipts topic created", topic=self.topic)
-        self._producer = connecting(
-            lambda: KafkaProducer(
-                **options(self._settings),
-                acks="all",
-                linger_ms=20,
-                max_block_ms=int(SEND_WAIT * 1000),
-                request_timeout_ms=int(SEND_WAIT * 1000),
-                delivery_timeout_ms=int(SEND_WAIT * 1000) + 5_000,
-            ),
-            self._settings,
-            "cannot reach Kafka for the receipts topic",
+        self._producer = confirming_producer(
+            self._settings, SEND_WAIT, 20, "cannot reach Kafka for the receipts topic"
         )
 
     def _discard(self) -> None:
         producer, self._producer = self._producer, None
-        if producer is not None:
-            try:
-                producer.close(timeout=0)
-            except Exception as exc:  # noqa: BLE001 (it is being thrown away)
-                log.debug("discarded producer did not close cleanly", error=str(exc))
+        close_quietly(producer)
 
 
 class ReceiptFeed:

@@ -13,7 +13,7 @@ from typing import Protocol
 from worker.errors import PermanentError
 from worker.observe.logs import redact_text
 from worker.outcome.dead_letters import MAX_MESSAGE
-from worker.outcome.inflight import InFlight, InFlightRecords, Ref
+from worker.outcome.inflight import InFlight, InFlightRecords
 from worker.receipts import EventRef, Purge, dead_letter_receipt, purge_receipt
 from worker.sending.stage import Purged
 
@@ -70,7 +70,7 @@ class Receipts:
                 *purge_receipt(receipt, self.source, self.member, list(events.values()))
             )
 
-    def dead_lettered(self, ref: Ref, state: InFlight, error: PermanentError, at: float) -> None:
+    def dead_lettered(self, state: InFlight, error: PermanentError, at: float) -> None:
         reason = redact_text(str(error))[:MAX_MESSAGE]
         key, value = dead_letter_receipt(
             _event(state),

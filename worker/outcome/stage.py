@@ -180,7 +180,7 @@ class Outcome:
                 "record dead-lettered", error_class=first.error_class, error=str(first)
             )
             if self.receipts is not None:
-                self.receipts.dead_lettered(ref, state, first, self.clock.time())
+                self.receipts.dead_lettered(state, first, self.clock.time())
             self.records.finish(ref)
             self.last_record = self.clock.time()
 
