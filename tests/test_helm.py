@@ -421,7 +421,7 @@ def test_alert_rules_pass_promtool(tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout + result.stderr
+    assert "SUCCESS: 10 rules found" in result.stdout + result.stderr
 
 
 def test_the_default_values_ask_for_a_zone():
@@ -576,6 +576,18 @@ def _alert_cases() -> list[dict]:
         case(
             [_series(p + "warm_hit_after_purge_total", "0 3 3", zone="z")],
             [fires("PurgeWorkerPurgeMissed", "2m", **warn, zone="z")],
+        ),
+        # Receipts failing for a quarter of an hour; a blip while the broker restarts is not.
+        case(
+            [
+                _series(p + "receipts_total", "0+5x30", outcome="dropped"),
+                _series(p + "receipts_total", "0+100x30", outcome="written"),
+            ],
+            [fires("PurgeWorkerReceiptsLost", "25m", **warn, **ns)],
+        ),
+        case(
+            [_series(p + "receipts_total", "0 0 3 3 3 3 3 3 3 3 3 3 3 3 3", outcome="failed")],
+            [silent("PurgeWorkerReceiptsLost", "18m")],
         ),
         # Nobody of this release scraped: every other alert is blind, this one says so.
         case(

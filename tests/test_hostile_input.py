@@ -568,7 +568,7 @@ def test_every_command_in_the_readme_works_with_the_shipped_config(
             assert _cli(*off, "--value", "off", env=env).returncode == 0
         proc = _cli(*argv, env=env, timeout=120)
         if argv[0] == "trace" and proc.returncode == 1:
-            # Nothing found is an answer (exit 1, like grep): `purge` writes no receipts.
+            # Nothing found is an answer (exit 1, like grep): no README purge covers it.
             assert "0 receipts" in proc.stderr, f"{command}\n{proc.stdout}\n{proc.stderr}"
         else:
             assert proc.returncode == 0, f"{command}\n{proc.stdout}\n{proc.stderr}"

@@ -206,3 +206,41 @@ def test_trace_answers_for_an_event_a_url_a_host_purge_and_a_dead_letter(
     assert early.returncode == 1
     bad = trace(cfg, "--url", "https://x", "--since", "yesterday")
     assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
+
+
+def test_an_ad_hoc_purge_leaves_a_receipt_that_trace_finds_and_workers_learn(
+    emulator_factory, make_topic, kafka_bootstrap, unique, tmp_path
+):
+    emulator = emulator_factory(plan="enterprise", rate_limits=False)
+    topic, dlq = make_topic("cms"), make_topic("dlq")
+    group = f"g-{unique}"
+    cfg = worker_config(tmp_path, emulator, kafka_bootstrap, topic, dlq, group)
+    # Changes made a minute ago, then purged by hand: the worker that reads their records later
+    # has nothing left to send for them.
+    aged_events(kafka_bootstrap, topic, 20, prefix="a")
+    urls = [f"https://img.example-cdn.net/a{i}" for i in range(20)]
+    env = {**os.environ, "CLOUDFLARE_API_TOKEN": TOKEN}
+    env.pop("KAFKA_BOOTSTRAP", None)
+    by_hand = subprocess.run(
+        [sys.executable, "-m", "worker", "purge", "-c", str(cfg)]
+        + [arg for url in urls for arg in ("--url", url)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert by_hand.returncode == 0, by_hand.stderr
+    found = trace(cfg, "--url", urls[3], "--json")
+    assert found.returncode == 0, found.stderr
+    (line,) = [json.loads(x) for x in found.stdout.splitlines()]
+    assert line["receipt"]["data"]["events"] == [] and urls[3] in line["receipt"]["data"]["items"]
+    assert "/purge/" in line["receipt"]["member"]
+
+    workers = Workers(cfg, tmp_path)
+    workers.start()
+    try:
+        wait_for(lambda: all_committed(kafka_bootstrap, group, topic), 60, what="all committed")
+    finally:
+        assert workers.stop_all() == [0], workers.tail(0)
+    assert url_counts(emulator) == dict.fromkeys(urls, 1)  # the hand's purge only

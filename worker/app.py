@@ -91,7 +91,7 @@ def build_loop(
         Intake(source, coalesce, clock, max_poll_records=config.kafka.max_poll_records),
         Planning(planner, process),
         PendingTargets(coalescer, ledger, learned),
-        Sending(dispatcher, shares),
+        Sending(dispatcher, shares, receipts=receipts is not None),
         Outcome(
             records,
             CommitPolicy(records, source, clock, delivery.commit_interval_seconds),

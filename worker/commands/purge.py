@@ -9,13 +9,20 @@ from worker import app
 from worker.clock import SystemClock
 from worker.config.settings import Config
 from worker.errors import InvalidTarget, UsageError
+from worker.kafka.exchange import member_id
+from worker.kafka.receipts import KafkaReceiptSink
 from worker.observe import output
 from worker.outcome.warming import Warmer
 from worker.pending.coalescer import Coalescer
 from worker.planning.planner import Planner, RecordPlan, Routed
 from worker.planning.rules.outcome import RuleTarget
+from worker.receipts import Purge, purge_receipt, source_of
 from worker.sending.purger import Purger
 from worker.targets import Kind, Mode, Target
+
+# How long the purge waits at its end for its receipts to be written; a broker that is away costs
+# the receipts (and one warning), never the purge.
+RECEIPTS_WAIT = 10.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,6 +93,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         coalescer.add(routed.zone.id, routed.mode, routed.target, "command line")
     zones = {z.id: z for z in config.zones}
     purger = Purger(config.delivery.retry, clock)
+    receipts = None if args.dry_run else _receipts(config)
     failed = 0
     warm: list[Routed] = []
     for batch in coalescer.flush_all():
@@ -99,7 +107,23 @@ def run(args: argparse.Namespace, config: Config) -> int:
             # Nothing is sent, so nothing is accepted: say what would go, and no more.
             output.json_line({**line, "dry_run": True, "would_send": len(batch.targets)})
             continue
+        sent_at = clock.time()
         result = purger.send(accounts.destinations[batch.zone_id], batch.kind, mode, batch.targets)
+        if receipts is not None and result.accepted:
+            purge = Purge(
+                zone=line["zone"],
+                zone_id=batch.zone_id,
+                mode=mode,
+                kind=batch.kind,
+                targets=tuple(result.accepted),
+                sent_at=sent_at,
+                accepted_at=clock.time(),
+                request_ids=tuple(result.request_ids),
+                events=(),
+            )
+            receipts.submit(
+                *purge_receipt(purge, source_of(config.kafka.group_id), receipts.member)
+            )
         output.json_line(
             {
                 **line,
@@ -116,9 +140,20 @@ def run(args: argparse.Namespace, config: Config) -> int:
                 r for r in plan.targets if r.target in accepted and r.target.kind is Kind.FILES
             ]
     accounts.close()
+    if receipts is not None:
+        receipts.close(RECEIPTS_WAIT)
     if warm and not args.dry_run:
         _warm(config, warm, clock)
     return 1 if failed else 0
+
+
+def _receipts(config: Config) -> KafkaReceiptSink | None:
+    """Where the purge's receipts go, as the worker's do: ``trace`` finds an ad-hoc purge too,
+    and running workers' ledgers learn it (a record it covers then needs no request)."""
+    topic = config.kafka.receipts_topic
+    if not topic:
+        return None
+    return KafkaReceiptSink(config.kafka, topic, member_id(f"{config.kafka.group_id}/purge"))
 
 
 def _warm(config: Config, urls: list[Routed], clock: SystemClock) -> None:

@@ -36,9 +36,11 @@ class Purged(NamedTuple):
 
 
 class Sending:
-    def __init__(self, dispatcher: Dispatcher, shares: ShareKeeper) -> None:
+    def __init__(self, dispatcher: Dispatcher, shares: ShareKeeper, *, receipts: bool) -> None:
         self.dispatcher = dispatcher
         self.shares = shares
+        # Without receipts nobody asks what was purged: nothing is kept for ``take_purged``.
+        self._receipts = receipts
         self._purged: list[Purged] = []
 
     @property
@@ -63,7 +65,7 @@ class Sending:
         for batch, result in self.dispatcher.collect(timeout):
             errors: dict[object, PermanentError] = dict(result.failed)
             ended += [(item.owners, errors.get(item.target)) for item in batch.items]
-            if result.accepted:
+            if result.accepted and self._receipts:
                 accepted = set(result.accepted)
                 self._purged.append(
                     Purged(

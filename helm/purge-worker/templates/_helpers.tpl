@@ -294,6 +294,15 @@ groups:
         annotations:
           summary: "A page in {{ "{{" }} $labels.zone {{ "}}" }} was still cached right after its purge"
           description: Warming fetched a purged URL and got HIT; the rule's URLs, tags or cache-key headers do not match what the zone caches (see the worker's warning logs).
+      - alert: PurgeWorkerReceiptsLost
+        expr: |
+          sum by (namespace, job) (increase(purge_worker_receipts_total{{ include "purge-worker.ruleSelector" . | trimSuffix "}" }}, outcome=~"failed|dropped"}[10m])) > 0
+        for: 15m
+        labels:
+          severity: warning
+        annotations:
+          summary: Receipts have not been written for 15 minutes
+          description: Purges go on, but trace cannot answer for them and a restart or a handover purges again what was purged. The workers' warning names the cause (a missing topic, a missing Write ACL, the broker).
 {{- end }}
 
 {{/* Values that would render but could not run: each a failure naming the key and the fix. The
