@@ -182,6 +182,7 @@ def config(
     unlimited: bool = False,
     metrics_port: int | None = None,
     planning: str = "auto",
+    receipts: bool = RECEIPTS,
 ) -> Path:
     account: dict[str, Any] = {"plan": plan, "files_per_request": files_cap}
     if unlimited:
@@ -195,7 +196,7 @@ def config(
             "group_id": group,
             "dead_letter_topic": f"{topic}.dlq",
             "max_poll_records": 2000,
-            "receipts_topic": f"{group}.receipts" if RECEIPTS else None,
+            "receipts_topic": f"{group}.receipts" if receipts else None,
         },
         "cloudflare": {
             "base_url": emulator.url + "/client/v4",
@@ -440,14 +441,21 @@ def _metric(url: str, name: str) -> float:
 
 
 def catch_up(
-    bootstrap: str, backlog: Backlog, plan: str | None, planning: str = "auto"
+    bootstrap: str,
+    backlog: Backlog,
+    plan: str | None,
+    planning: str = "auto",
+    *,
+    receipts: bool = RECEIPTS,
+    run: str = "",
 ) -> dict[str, Any]:
     """The backlog drained by one worker. ``plan``: the emulator and the worker enforce that
     plan's limits; None: no limits anywhere (the worker's own speed). ``planning``: the
-    worker's ``delivery.planning``."""
+    worker's ``delivery.planning``; ``receipts``: whether it writes receipts; ``run`` tells
+    repeated drains of one backlog apart (each a group of its own)."""
     figures = PLANS[plan or "enterprise"]
     name = plan or "unlimited"
-    group = f"bench-catchup-{name}-{planning}"
+    group = f"bench-catchup-{name}-{planning}{run}"
     emulator = Emulator(plan or "enterprise", rate_limits=plan is not None)
     cfg = config(
         WORK / f"catchup-{name}.yaml",
@@ -461,6 +469,7 @@ def catch_up(
         unlimited=plan is None,
         metrics_port=(metrics_port := free_port()),
         planning=planning,
+        receipts=receipts,
     )
     worker = Worker(cfg)
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
