@@ -14,9 +14,11 @@ from worker.outcome.memory import InMemoryReceipts
 from worker.pending.ledger import key_of
 from worker.receipts import (
     DEAD_LETTERED,
+    MAX_RECORDS_BYTES,
     PURGED,
     EventRef,
     Purge,
+    events_of,
     ledger_entries,
     purge_of,
     purge_receipt,
@@ -93,10 +95,18 @@ def test_what_is_not_a_receipt_of_ours_is_skipped_whole():
         {**good, "data": {**good["data"], "items": None}},
         {**good, "data": {**good["data"], "accepted_at": "yesterday"}},
         {**good, "data": {**good["data"], "events": [{"id": "e"}]}},
+        {**good, "data": {**good["data"], "events": [{"topic": "t", "partition": 0}]}},
+        {**good, "data": {**good["data"], "events": [_group(offsets=[1, 2], ids=["a"])]}},
+        {**good, "data": {**good["data"], "events": [_group(offsets=["x"], ids=["a"])]}},
+        {**good, "data": {**good["data"], "events": [_group(offsets=None, ids=None)]}},
     ]
     for receipt in broken:
         assert read(json.dumps(receipt).encode()) is not None
         assert purge_of(receipt) is None, receipt
+
+
+def _group(**fields):
+    return {"topic": "t", "partition": 0, **fields}
 
 
 def test_receipts_name_each_purge_with_its_events_and_each_dead_letter_with_its_reason():
@@ -121,7 +131,11 @@ def test_receipts_name_each_purge_with_its_events_and_each_dead_letter_with_its_
         "https://img.example-cdn.net/a.jpg",
         "https://img.example-cdn.net/b.jpg",
     ]
-    assert sorted((e["id"], e["offset"]) for e in data["events"]) == [
+    # One group per partition, its offsets and ids side by side.
+    assert [(g["topic"], g["partition"], len(g["offsets"])) for g in data["events"]] == [
+        ("cms", 0, 3)
+    ]
+    assert sorted((e["id"], e["offset"]) for e in events_of(purged[0])) == [
         ("e0", 0),
         ("e1", 1),
         ("e2", 2),
@@ -132,6 +146,26 @@ def test_receipts_name_each_purge_with_its_events_and_each_dead_letter_with_its_
     assert dead[0]["data"]["error_class"] == "invalid_event"
     assert "not JSON" in dead[0]["data"]["reason"]
     assert dead[0]["data"]["dead_letter_topic"] == "dlq"
+
+
+def test_a_request_for_more_records_than_a_receipt_holds_gets_several_receipts():
+    """A backlog's request may carry a whole topic's worth of records: each receipt stays well
+    under what Kafka takes (1 MB) and every record is named exactly once."""
+    clock = MockClock()
+    old = int((clock.time() - 60) * 1000)
+    n = 15_000  # within one backlog's worth of records in flight
+    long_id = "x" * 30
+    records = [image(i, "same.jpg", f"{long_id}{i}", old) for i in range(n)]
+    sink = InMemoryReceipts()
+    loop, source, api = build(records, clock, receipts=sink)
+    unit.run_until_idle(loop, source)
+    assert len(api.purges()) == 1
+    values = [v for _, v in sink.receipts]
+    assert len(values) >= 2
+    assert max(len(v) for v in values) < MAX_RECORDS_BYTES + 64 * 1024
+    named = [e["offset"] for v in values for e in events_of(read(v))]
+    assert sorted(named) == list(range(n))
+    assert all(read(v)["data"]["items"] == ["https://img.example-cdn.net/same.jpg"] for v in values)
 
 
 def test_a_ledger_seeded_from_receipts_finishes_what_they_cover_and_sends_the_rest():

@@ -17,7 +17,7 @@ from tests.conftest import TOKEN
 from tests.helpers import cloudevent, purges, wait_for
 from tests.kafka_helpers import Workers, all_committed, worker_config
 from worker.clock import parse_rfc3339
-from worker.receipts import PURGED, purge_of, read
+from worker.receipts import PURGED, events_of, purge_of, read
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -188,7 +188,7 @@ def test_trace_answers_for_an_event_a_url_a_host_purge_and_a_dead_letter(
     (line,) = [json.loads(x) for x in found.stdout.splitlines()]
     data = line["receipt"]["data"]
     assert line["receipt"]["type"] == PURGED and "https://img.example-cdn.net/t12" in data["items"]
-    assert {"id": "t12", "topic": topic, "partition": 0, "offset": 12} in data["events"]
+    assert {"id": "t12", "topic": topic, "partition": 0, "offset": 12} in events_of(line["receipt"])
 
     dead = trace(cfg, "--event-id", "t7")
     assert dead.returncode == 0, dead.stderr

@@ -59,10 +59,6 @@ class EventRef:
             "offset": self.offset,
         }
 
-    def encoded(self) -> bytes:
-        """As a receipt's ``events`` list holds it (see ``purge_receipt``'s ``events``)."""
-        return _encode(self.as_json())
-
 
 @dataclass(frozen=True, slots=True)
 class Purge:
@@ -81,12 +77,50 @@ class Purge:
     source: str = ""
 
 
+# How many bytes of records one receipt names at most; a request that carried more gets several
+# receipts, each with its items. Kafka refuses a record over 1 MB unless the topic says otherwise,
+# and a request's items take up to some 100 KB.
+MAX_RECORDS_BYTES = 512 * 1024
+
+
+class Records:
+    """The records a purge receipt names, grouped by topic and partition: each group's offsets
+    and event ids as two lists side by side (a backlog's request carries thousands of records;
+    one object per record would make receipts five times larger)."""
+
+    __slots__ = ("_groups", "size")
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[str, int], tuple[list[int], list[str | None]]] = {}
+        self.size = 0  # about how many bytes they take in the receipt
+
+    def add(self, event_id: str | None, topic: str, partition: int, offset: int) -> None:
+        group = self._groups.get((topic, partition))
+        if group is None:
+            group = self._groups[topic, partition] = ([], [])
+        group[0].append(offset)
+        group[1].append(event_id)
+        self.size += 16 + (len(event_id) if event_id else 0)
+
+    def as_json(self) -> list[dict[str, Any]]:
+        return [
+            {"topic": topic, "partition": partition, "offsets": offsets, "ids": ids}
+            for (topic, partition), (offsets, ids) in self._groups.items()
+        ]
+
+    @classmethod
+    def of(cls, events: Iterable[EventRef]) -> Records:
+        records = cls()
+        for e in events:
+            records.add(e.id, e.topic, e.partition, e.offset)
+        return records
+
+
 def purge_receipt(
-    purge: Purge, source: str, member: str = "", events: Sequence[bytes] | None = None
+    purge: Purge, source: str, member: str = "", records: Records | None = None
 ) -> tuple[bytes, bytes]:
     """The key and value of ``purge``'s receipt; ``member``: the worker that writes it;
-    ``events``: ``purge.events`` already encoded (``EventRef.encoded``), which a worker makes
-    once per record although a record's targets may go in several requests."""
+    ``records``: ``purge.events`` already grouped (the worker groups them as it goes)."""
     data = {
         "zone": purge.zone,
         "zone_id": purge.zone_id,
@@ -97,9 +131,7 @@ def purge_receipt(
         "sent_at_unix": round(purge.sent_at, 6),
         "accepted_at": rfc3339(purge.accepted_at),
         "request_ids": list(purge.request_ids),
-        "events": msgspec.Raw(b"[" + b",".join(events) + b"]")
-        if events is not None
-        else [e.as_json() for e in purge.events],
+        "events": (records if records is not None else Records.of(purge.events)).as_json(),
     }
     value = _event(PURGED, source, member, purge.accepted_at, purge.zone, data)
     return purge.zone_id.encode(), value
@@ -191,12 +223,9 @@ def purge_of(receipt: dict[str, Any]) -> Purge | None:
         targets = tuple(_target(kind, item, str(d["zone"])) for item in d["items"])
         events = tuple(
             EventRef(
-                None if e.get("id") is None else str(e["id"]),
-                str(e["topic"]),
-                int(e["partition"]),
-                int(e["offset"]),
+                None if e["id"] is None else str(e["id"]), e["topic"], e["partition"], e["offset"]
             )
-            for e in d.get("events", ())
+            for e in _expanded(d.get("events", ()))
         )
         accepted_at = parse_rfc3339(str(d["accepted_at"]))
         if accepted_at is None:
@@ -251,5 +280,23 @@ def events_of(receipt: dict[str, Any]) -> Sequence[dict[str, Any]]:
     if receipt["type"] == DEAD_LETTERED:
         event = d.get("event")
         return [event] if isinstance(event, dict) else []
-    events = d.get("events")
-    return [e for e in events if isinstance(e, dict)] if isinstance(events, list) else []
+    try:
+        return _expanded(d.get("events", ()))
+    except (KeyError, TypeError, ValueError):
+        return []
+
+
+def _expanded(groups: Any) -> list[dict[str, Any]]:
+    """A purge receipt's ``events`` (groups of offsets and ids per partition), one dict per
+    event. Raises ``TypeError`` or ``ValueError`` on anything else."""
+    out: list[dict[str, Any]] = []
+    for g in groups:
+        topic, partition = str(g["topic"]), int(g["partition"])
+        offsets, ids = g["offsets"], g["ids"]
+        if not isinstance(offsets, list) or not isinstance(ids, list) or len(offsets) != len(ids):
+            raise ValueError("events")
+        out += [
+            {"id": i, "topic": topic, "partition": partition, "offset": int(o)}
+            for o, i in zip(offsets, ids, strict=True)
+        ]
+    return out

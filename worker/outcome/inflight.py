@@ -53,8 +53,6 @@ class InFlight:
     judged: bool = False
     # URLs to warm once the record is purged (rules with ``warm``).
     warm: list[Routed] | None = None
-    # How receipts name it (JSON), made once: a record's targets may go in several requests.
-    receipt: bytes | None = None
 
     @property
     def log(self) -> Any:

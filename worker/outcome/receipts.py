@@ -14,7 +14,14 @@ from worker.errors import PermanentError
 from worker.observe.logs import redact_text
 from worker.outcome.dead_letters import MAX_MESSAGE
 from worker.outcome.inflight import InFlight, InFlightRecords
-from worker.receipts import EventRef, Purge, dead_letter_receipt, purge_receipt
+from worker.receipts import (
+    MAX_RECORDS_BYTES,
+    EventRef,
+    Purge,
+    Records,
+    dead_letter_receipt,
+    purge_receipt,
+)
 from worker.sending.stage import Purged
 
 
@@ -40,21 +47,10 @@ class Receipts:
         self.member = member
 
     def purged(self, purged: Iterable[Purged], records: InFlightRecords) -> None:
-        """One receipt per accepted request; the events are those of its items' owners still in
-        flight (an owner revoked meanwhile is someone else's to report). A backlog's request
-        carries thousands of records: each is encoded once, however many requests carry it."""
+        """One receipt per accepted request (more if it carried more records than one receipt
+        holds, ``MAX_RECORDS_BYTES``); the events are those of its items' owners still in
+        flight (an owner revoked meanwhile is someone else's to report)."""
         for p in purged:
-            events: dict[object, bytes] = {}
-            for item in p.items:
-                for owner in item.owners:
-                    if owner in events:
-                        continue
-                    state = records.get(owner)
-                    if state is None:
-                        continue
-                    if state.receipt is None:
-                        state.receipt = _event(state).encoded()
-                    events[owner] = state.receipt
             receipt = Purge(
                 zone=p.zone,
                 zone_id=p.zone_id,
@@ -66,9 +62,23 @@ class Receipts:
                 request_ids=p.request_ids,
                 events=(),
             )
-            self.sink.submit(
-                *purge_receipt(receipt, self.source, self.member, list(events.values()))
-            )
+            seen: set[object] = set()
+            named, written = Records(), False
+            for item in p.items:
+                for owner in item.owners:
+                    if owner in seen:
+                        continue
+                    seen.add(owner)
+                    state = records.get(owner)
+                    if state is None:
+                        continue
+                    r = state.record.origin or state.record  # a replay names the first record
+                    named.add(state.event_id, r.topic, r.partition, r.offset)
+                    if named.size >= MAX_RECORDS_BYTES:
+                        self.sink.submit(*purge_receipt(receipt, self.source, self.member, named))
+                        named, written = Records(), True
+            if named.size or not written:  # every purge is told, even for no record still here
+                self.sink.submit(*purge_receipt(receipt, self.source, self.member, named))
 
     def dead_lettered(self, state: InFlight, error: PermanentError, at: float) -> None:
         reason = redact_text(str(error))[:MAX_MESSAGE]
