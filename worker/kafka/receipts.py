@@ -44,6 +44,10 @@ LAYOUT = "any number of partitions, time-based retention of at least the ledger'
 RETRY_AFTER = 30.0
 SEND_WAIT = 10.0
 POLL_MS = 200
+# Receipts are gathered this long before they go, and the feed's fetches wait as long for more:
+# a drain's hundred requests a second then cost a few produce and fetch round trips a second, not
+# a hundred of each (each one is Python work that competes with the loop for the interpreter).
+GATHER_SECONDS = 0.25
 
 
 class KafkaReceiptSink:
@@ -67,7 +71,8 @@ class KafkaReceiptSink:
                 metrics.RECEIPTS.labels("dropped").inc()
                 return
             self._queue.append((key, value))
-            self._cond.notify()
+            if len(self._queue) == 1:  # the writer waits for the first; the rest it gathers
+                self._cond.notify()
 
     def close(self, timeout: float = 1.0) -> None:
         """Send what is queued within ``timeout``; the rest is lost (repeat purges at worst)."""
@@ -94,6 +99,9 @@ class KafkaReceiptSink:
             with self._cond:
                 while not self._queue and not self._stopping:
                     self._cond.wait()
+                gathered = time.monotonic() + GATHER_SECONDS
+                while not self._stopping and (left := gathered - time.monotonic()) > 0:
+                    self._cond.wait(left)
                 batch = list(self._queue)
                 self._queue.clear()
                 stopping = self._stopping
@@ -221,6 +229,10 @@ class ReceiptFeed:
             ends = seek_since(consumer, self.topic, self._since)
         if ends is not None:
             return ends
+        # The topic was not there after this worker started, so it holds no receipt from before
+        # the start: nothing to restore, and the loop need not wait for it to be made. What is
+        # written meanwhile is followed like any later receipt.
+        self._caught_up.set()
         if ensure_topic(self._settings, self.topic, PARTITIONS, TOPIC_CONFIG, LAYOUT):
             log.info("receipts topic created", topic=self.topic)
         deadline = time.monotonic() + 5.0
@@ -238,6 +250,8 @@ class ReceiptFeed:
                 **options(self._settings),
                 group_id=None,
                 enable_auto_commit=False,
+                fetch_min_bytes=64 * 1024,
+                fetch_max_wait_ms=int(GATHER_SECONDS * 1000),
             ),
             self._settings,
             "cannot reach Kafka for the receipts topic",
