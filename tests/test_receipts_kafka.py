@@ -244,3 +244,22 @@ def test_an_ad_hoc_purge_leaves_a_receipt_that_trace_finds_and_workers_learn(
     finally:
         assert workers.stop_all() == [0], workers.tail(0)
     assert url_counts(emulator) == dict.fromkeys(urls, 1)  # the hand's purge only
+
+
+def test_a_topic_made_by_another_writer_meanwhile_is_used_not_an_error(
+    make_topic, kafka_bootstrap, monkeypatch
+):
+    """The receipts writer and feed (and every replica) may each find the topic missing and make
+    it at once: the one the broker answers "already exists" goes on with it."""
+    from kafka import KafkaAdminClient
+
+    from worker.config.settings import KafkaSettings
+    from worker.kafka import admin
+
+    topic = make_topic("receipts")
+    settings = KafkaSettings(bootstrap_servers=[kafka_bootstrap], topics=["cms"], group_id="g")
+    # As the loser of the race sees it: missing when described, there when it is made.
+    monkeypatch.setattr(
+        KafkaAdminClient, "describe_topics", lambda self, topics: [{"error_code": admin.MISSING}]
+    )
+    assert admin.ensure_topic(settings, topic, 6, {}, "any layout") is False

@@ -94,15 +94,19 @@ def ensure_topic(
             return False
         try:
             with translated(f"cannot create {topic}"):
-                admin.create_topics([NewTopic(topic, partitions, -1, topic_configs=dict(configs))])
+                try:
+                    new = NewTopic(topic, partitions, -1, topic_configs=dict(configs))
+                    admin.create_topics([new])
+                except kafka_errors.TopicAlreadyExistsError:
+                    # Another worker, or this one's other writer, made it meanwhile (caught
+                    # here: ``translated`` would make it an error).
+                    return False
             return True
         except AccessError:
             raise AccessError(
                 f"{topic} does not exist and this worker may not create it: create it "
                 f"({layout}) and grant Read, Write and Describe on it"
             ) from None
-        except kafka_errors.TopicAlreadyExistsError:
-            return False  # another worker made it meanwhile
     finally:
         admin.close()
 

@@ -258,6 +258,8 @@ class ReceiptFeed:
         )
         try:
             ends = self._seek(consumer)
+            if all(consumer.position(tp) >= end for tp, end in ends.items()):
+                self._caught_up.set()  # nothing in the span: no poll's wait before the loop starts
             while not self._stop.is_set():
                 with translated(f"cannot read {self.topic}"):
                     batches = consumer.poll(timeout_ms=POLL_MS, max_records=5_000)
