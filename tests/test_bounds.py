@@ -147,6 +147,28 @@ def test_the_ledger_remembers_at_most_max_entries():
     assert not ledger._in_flight  # every request ended: nothing held for it
 
 
+def test_receipts_waiting_for_the_broker_and_for_the_ledger_hold_their_bounds():
+    """The writer keeps at most ``MAX_QUEUED`` receipts while Kafka is away (the rest are
+    dropped and counted); the feed keeps at most the ledger's size for the loop to learn."""
+    from worker.config.settings import KafkaSettings
+    from worker.kafka import receipts
+
+    settings = KafkaSettings(bootstrap_servers=["127.0.0.1:9"], topics=["cms"], group_id="g")
+    dropped = metrics.RECEIPTS.labels("dropped")._value.get()
+    sink = receipts.KafkaReceiptSink(settings, "receipts")  # its thread is still connecting
+    try:
+        for n in range(receipts.MAX_QUEUED + 500):
+            sink.submit(b"k", b"%d" % n)
+        assert len(sink._queue) <= receipts.MAX_QUEUED
+        assert metrics.RECEIPTS.labels("dropped")._value.get() - dropped >= 500
+    finally:
+        sink.close(timeout=0.1)
+    feed = receipts.ReceiptFeed(settings, "receipts", since=0.0, max_entries=100)
+    key = ("z", Mode.PURGE, Kind.TAGS, "t", ())
+    feed._entries.extend((key, float(n)) for n in range(1_000))
+    assert len(feed.take()) == 100
+
+
 def test_normalised_targets_are_remembered_up_to_the_cache_size():
     for fn in (normalize_url, normalize_tag):
         assert fn.cache_info().maxsize == CACHE_SIZE
