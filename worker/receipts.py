@@ -77,16 +77,14 @@ class Purge:
     source: str = ""
 
 
-# How many bytes of records one receipt names at most; a request that carried more gets several
-# receipts, each with its items. Kafka refuses a record over 1 MB unless the topic says otherwise,
-# and a request's items take up to some 100 KB.
+# How many bytes of records one receipt names at most (more: several receipts, each with its
+# items). Kafka refuses a record over 1 MB by default; a request's items take up to ~100 KB.
 MAX_RECORDS_BYTES = 512 * 1024
 
 
 class Records:
-    """The records a purge receipt names, grouped by topic and partition: each group's offsets
-    and event ids as two lists side by side (a backlog's request carries thousands of records;
-    one object per record would make receipts five times larger)."""
+    """The records a purge receipt names, by topic and partition: offsets and event ids side by
+    side (a backlog's request carries thousands; one object each made them five times larger)."""
 
     __slots__ = ("_groups", "size")
 

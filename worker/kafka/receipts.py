@@ -44,10 +44,6 @@ LAYOUT = "any number of partitions, time-based retention of at least the ledger'
 RETRY_AFTER = 30.0
 SEND_WAIT = 10.0
 POLL_MS = 200
-# Receipts are gathered this long before they go, and the feed's fetches wait as long for more:
-# a drain's hundred requests a second then cost a few produce and fetch round trips a second, not
-# a hundred of each (each one is Python work that competes with the loop for the interpreter).
-GATHER_SECONDS = 0.25
 
 
 class KafkaReceiptSink:
@@ -71,7 +67,7 @@ class KafkaReceiptSink:
                 metrics.RECEIPTS.labels("dropped").inc()
                 return
             self._queue.append((key, value))
-            if len(self._queue) == 1:  # the writer waits for the first; the rest it gathers
+            if len(self._queue) == 1:  # a writer busy sending finds the rest when it is back
                 self._cond.notify()
 
     def close(self, timeout: float = 1.0) -> None:
@@ -99,9 +95,6 @@ class KafkaReceiptSink:
             with self._cond:
                 while not self._queue and not self._stopping:
                     self._cond.wait()
-                gathered = time.monotonic() + GATHER_SECONDS
-                while not self._stopping and (left := gathered - time.monotonic()) > 0:
-                    self._cond.wait(left)
                 batch = list(self._queue)
                 self._queue.clear()
                 stopping = self._stopping
@@ -250,8 +243,6 @@ class ReceiptFeed:
                 **options(self._settings),
                 group_id=None,
                 enable_auto_commit=False,
-                fetch_min_bytes=64 * 1024,
-                fetch_max_wait_ms=int(GATHER_SECONDS * 1000),
             ),
             self._settings,
             "cannot reach Kafka for the receipts topic",
