@@ -3,9 +3,9 @@ with receipts off and on by the same code and formulas as ``make bench`` (``scri
 
 One broker and one backlog serve every drain, each drain a consumer group (and a receipts topic)
 of its own. Off and on alternate in pairs whose order flips from pair to pair (off-on, on-off,
-off-on), so a drift of the machine over the run (page cache, the
-broker's JVM warming up) lands on both modes alike; each figure is the median of ``PAIRS``
-drains with its spread. Prints one JSON line per drain and a Markdown table.
+off-on), so a drift of the machine over the run (page cache, the broker's JVM warming up) lands
+on both modes alike; each figure is the median of ``PAIRS`` drains with its spread.
+Prints one JSON line per drain and a Markdown table.
 
     python scripts/bench_receipts.py        # `make bench-receipts`; alone, ~5 minutes
 """

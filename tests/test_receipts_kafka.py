@@ -150,17 +150,22 @@ def test_a_replica_taking_over_a_killed_workers_partitions_resends_nothing_recei
     assert not resent, sorted(resent)[:10]
 
 
-def trace(cfg, *args):
+def cli(command, cfg, *args):
+    """``purge-worker COMMAND -c CFG ARGS…`` as a user runs it, on the config's broker."""
     env = {**os.environ, "CLOUDFLARE_API_TOKEN": TOKEN}
     env.pop("KAFKA_BOOTSTRAP", None)
     return subprocess.run(
-        [sys.executable, "-m", "worker", "trace", "-c", cfg, *args],
+        [sys.executable, "-m", "worker", command, "-c", str(cfg), *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def trace(cfg, *args):
+    return cli("trace", cfg, *args)
 
 
 def test_trace_answers_for_an_event_a_url_a_host_purge_and_a_dead_letter(
@@ -219,17 +224,7 @@ def test_an_ad_hoc_purge_leaves_a_receipt_that_trace_finds_and_workers_learn(
     # has nothing left to send for them.
     aged_events(kafka_bootstrap, topic, 20, prefix="a")
     urls = [f"https://img.example-cdn.net/a{i}" for i in range(20)]
-    env = {**os.environ, "CLOUDFLARE_API_TOKEN": TOKEN}
-    env.pop("KAFKA_BOOTSTRAP", None)
-    by_hand = subprocess.run(
-        [sys.executable, "-m", "worker", "purge", "-c", str(cfg)]
-        + [arg for url in urls for arg in ("--url", url)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    by_hand = cli("purge", cfg, *[arg for url in urls for arg in ("--url", url)])
     assert by_hand.returncode == 0, by_hand.stderr
     found = trace(cfg, "--url", urls[3], "--json")
     assert found.returncode == 0, found.stderr

@@ -249,7 +249,7 @@ class ReceiptFeed:
         )
         try:
             ends = self._seek(consumer)
-            if all(consumer.position(tp) >= end for tp, end in ends.items()):
+            if _reached(consumer, ends):
                 self._caught_up.set()  # nothing in the span: no poll's wait before the loop starts
             while not self._stop.is_set():
                 with translated(f"cannot read {self.topic}"):
@@ -272,7 +272,12 @@ class ReceiptFeed:
                 self._since = time.time() - 1.0
                 if not self._caught_up.is_set():
                     self.restored += len(entries)
-                    if all(consumer.position(tp) >= end for tp, end in ends.items()):
+                    if _reached(consumer, ends):
                         self._caught_up.set()
         finally:
             consumer.close(autocommit=False, timeout_ms=500)
+
+
+def _reached(consumer: Any, ends: dict[Any, int]) -> bool:
+    """The feed has read every partition up to the end it found at its start."""
+    return all(consumer.position(tp) >= end for tp, end in ends.items())

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from worker.errors import PermanentError
+from worker.events import Record
 from worker.observe.logs import redact_text
 from worker.outcome.dead_letters import MAX_MESSAGE
 from worker.outcome.inflight import InFlight, InFlightRecords
@@ -72,7 +73,7 @@ class Receipts:
                     state = records.get(owner)
                     if state is None:
                         continue
-                    r = state.record.origin or state.record  # a replay names the first record
+                    r = _origin(state)
                     named.add(state.event_id, r.topic, r.partition, r.offset)
                     if named.size >= MAX_RECORDS_BYTES:
                         self.sink.submit(*purge_receipt(receipt, self.source, self.member, named))
@@ -97,7 +98,11 @@ class Receipts:
         self.sink.close(timeout)
 
 
+def _origin(state: InFlight) -> Record:
+    """The record a receipt names: a replayed dead letter's is the one it first came from."""
+    return state.record.origin or state.record
+
+
 def _event(state: InFlight) -> EventRef:
-    # A replayed dead letter names the record it first came from.
-    r = state.record.origin or state.record
+    r = _origin(state)
     return EventRef(state.event_id, r.topic, r.partition, r.offset)
