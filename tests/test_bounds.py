@@ -151,7 +151,7 @@ def test_receipts_waiting_for_the_broker_and_for_the_ledger_hold_their_bounds():
     """The writer keeps at most ``MAX_QUEUED`` receipts while Kafka is away (the rest are
     dropped and counted); the feed keeps at most the ledger's size for the loop to learn."""
     from worker.config.settings import KafkaSettings
-    from worker.kafka import receipts
+    from worker.kafka import receipt_feed, receipts
 
     settings = KafkaSettings(bootstrap_servers=["127.0.0.1:9"], topics=["cms"], group_id="g")
     dropped = metrics.RECEIPTS.labels("dropped")._value.get()
@@ -163,7 +163,7 @@ def test_receipts_waiting_for_the_broker_and_for_the_ledger_hold_their_bounds():
         assert metrics.RECEIPTS.labels("dropped")._value.get() - dropped >= 500
     finally:
         sink.close(timeout=0.1)
-    feed = receipts.ReceiptFeed(settings, "receipts", since=0.0, max_entries=100)
+    feed = receipt_feed.ReceiptFeed(settings, "receipts", since=0.0, max_entries=100)
     key = ("z", Mode.PURGE, Kind.TAGS, "t", ())
     feed._entries.extend((key, float(n)) for n in range(1_000))
     assert len(feed.take()) == 100

@@ -460,6 +460,33 @@ def test_a_revocation_lets_requests_in_flight_end_and_offers_their_records_for_c
     assert source.committed == {("cms", 0): 21}
 
 
+def test_a_poll_that_returns_between_revocation_and_assignment_sends_nothing():
+    """The rebalance begins inside a poll that returns before the group answers (Kafka's poll
+    gives up while the join is pending): the revocation has committed, so what the worker sent
+    now would be past the committed offsets of partitions that may be another replica's, and
+    their next owner would purge it again. Nothing goes until the rebalance is over."""
+    records = [
+        rec(i, cloudevent("image.updated", {"host": "www.example.com", "path": f"j{i}"}))
+        for i in range(10)
+    ]
+    loop, source, _, api = build(records, coalesce={"window_seconds": 1.0})
+    loop.step()
+    assert loop.pending.size == 10 and api.items() == []  # their window is still open
+    # The window closes; the next step decides before its poll that nothing holds it, and its
+    # poll runs the revocation.
+    loop.clock.advance(1.0)
+    source.revoke({("cms", 0)}, back=True, joining=True)
+    loop.step()
+    assert source.rebalancing and source.committed == {}
+    for _ in range(5):
+        loop.step()
+    assert api.items() == [] and loop.pending.size == 10
+    source.rebalancing = False
+    run_until_idle(loop, source)
+    assert sorted(api.items()) == sorted(f"https://www.example.com/j{i}" for i in range(10))
+    assert source.committed == {("cms", 0): 10}
+
+
 def test_the_last_record_in_flight_is_committed_at_once_not_at_the_next_interval():
     records = [
         rec(i, cloudevent("image.updated", {"host": "img.example-cdn.net", "path": f"c{i}"}))

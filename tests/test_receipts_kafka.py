@@ -258,3 +258,40 @@ def test_a_topic_made_by_another_writer_meanwhile_is_used_not_an_error(
         KafkaAdminClient, "describe_topics", lambda self, topics: [{"error_code": admin.MISSING}]
     )
     assert admin.ensure_topic(settings, topic, 6, {}, "any layout") is False
+
+
+def test_a_new_owners_wait_ends_once_the_receipts_written_before_it_are_read(
+    make_topic, kafka_bootstrap
+):
+    """A worker given partitions waits on the feed's ``mark`` before their records meet its
+    ledger: the previous owner wrote its last receipts as it let them go (its revocation waits
+    until they are written), so the mark must not be set before those are read and handed over,
+    and it must not cost the handover more than a poll or two."""
+    from worker.config.settings import KafkaSettings
+    from worker.kafka.receipt_feed import ReceiptFeed
+    from worker.kafka.receipts import KafkaReceiptSink
+    from worker.receipts import Purge, purge_receipt
+    from worker.targets import Kind, Mode, Target
+
+    topic = make_topic("receipts")
+    settings = KafkaSettings(bootstrap_servers=[kafka_bootstrap], topics=["cms"], group_id="g")
+    sink = KafkaReceiptSink(settings, topic, "g/writer")
+    feed = ReceiptFeed(settings, topic, time.time() - 60, 1000, member="g/reader").start()
+    waits = []
+    try:
+        assert feed.wait_caught_up(15)
+        for n in range(8):
+            url = f"https://img.example-cdn.net/m{n}"
+            now = time.time()
+            purge = Purge("cdn", "z", Mode.PURGE, Kind.FILES, (Target.url(url),), now, now, (), ())
+            sink.submit(*purge_receipt(purge, "purge-worker/g", "g/writer"))
+            wait_for(sink.written, 10, what="the receipt written")
+            started = time.monotonic()
+            assert feed.mark().wait(5)
+            waits.append(time.monotonic() - started)
+            assert [key[3] for key, _ in feed.take()] == [url]  # read and handed over already
+    finally:
+        feed.close()
+        sink.close(timeout=1.0)
+    print(f"\nmark waits: {', '.join(f'{w * 1000:.0f} ms' for w in waits)}")
+    assert max(waits) < 1.0  # a poll (100 ms) and the end offsets, with room for a slow CI

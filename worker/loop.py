@@ -97,7 +97,10 @@ class Loop:
             timeout = BUSY_POLL if holding else self._poll_timeout()
         records = self.intake.poll(timeout)
         with self._lock:
-            self._after_poll(records, holding)
+            # The rebalance may have begun inside that poll, which can return after the
+            # revocation committed and before the group answers: what is sent then belongs to
+            # partitions that may be another replica's, past their committed offsets.
+            self._after_poll(records, holding or self.intake.holding())
 
     def _after_poll(self, records: list[Record], holding: bool) -> None:
         # A rebalance happens inside poll(): forget the revoked partitions before taking the
@@ -219,14 +222,16 @@ class Loop:
     def _settle_for_handover(self) -> bool:
         """The revocation's hook (on the Kafka client's thread, while the loop waits in
         ``poll``): settle the requests that ended and finish their records, so the revocation
-        commits them. True once nothing is in flight, or when the loop is not parked in ``poll``
-        (then nothing here may touch its state, and the revocation commits what is finished)."""
+        commits them. True once nothing is in flight and their receipts are written (records
+        above an unfinished one stay uncommitted: their next owner's ledger learns from the
+        receipts that they are purged), or when the loop is not parked in ``poll`` (then nothing
+        here may touch its state, and the revocation commits what is finished)."""
         if self.status.draining or not self._lock.acquire(blocking=False):
             return True
         try:
             self._settle()
             self.outcome.finish()
-            return not self.sending.in_flight
+            return not self.sending.in_flight and self.outcome.receipts_written()
         finally:
             self._lock.release()
 

@@ -22,7 +22,8 @@ from worker.kafka import admin
 from worker.kafka.consumer import KafkaSource
 from worker.kafka.dead_letters import KafkaDeadLetterSink
 from worker.kafka.exchange import KafkaBudgetExchange, member_id
-from worker.kafka.receipts import KafkaReceiptSink, ReceiptFeed
+from worker.kafka.receipt_feed import ReceiptFeed
+from worker.kafka.receipts import KafkaReceiptSink
 from worker.loop import Loop
 from worker.observe import metrics
 from worker.outcome.warming import Warmed, Warmer, WarmJob
@@ -146,6 +147,8 @@ def _start(
         abandon()
         return None
     source, sink = clients
+    if feed is not None:
+        source.on_assign(feed.mark)
     warmer = None
     if config.warming.enabled and config.rules.warms and not config.delivery.dry_run:
         warmer = Warmer(config.warming, clock, _warm_receipts(config, receipts, clock)).start()

@@ -42,6 +42,7 @@ class InMemorySource:
         self.finished_offsets: dict[TopicPartition, int] = {}
         self._revoking: set[TopicPartition] = set()
         self._back = False
+        self._joining = False
         self._revoked: set[TopicPartition] = set()
         for r in records:
             self.add(r)
@@ -49,12 +50,17 @@ class InMemorySource:
     def add(self, record: Record) -> None:
         self.queues[(record.topic, record.partition)].append(record)
 
-    def revoke(self, tps: Iterable[TopicPartition], *, back: bool = False) -> None:
+    def revoke(
+        self, tps: Iterable[TopicPartition], *, back: bool = False, joining: bool = False
+    ) -> None:
         """The next ``poll`` gives ``tps`` up: it lets the hook settle, commits what is finished
         of them, and drops them from the assignment (``back``: they are assigned straight back,
-        positions kept, as a rebalance that leaves them here does)."""
+        positions kept, as a rebalance that leaves them here does). ``joining``: that poll
+        returns before the group answers (as Kafka's does when its timeout ends while the join
+        is pending), so the rebalance is still on after it, until ``rebalancing`` is cleared."""
         self._revoking |= set(tps)
         self._back = back
+        self._joining = joining
 
     def poll(self, timeout: float, max_records: int) -> list[Record]:
         if self._revoking:
@@ -75,6 +81,7 @@ class InMemorySource:
         while self.settle is not None and not self.settle() and time.monotonic() < deadline:
             time.sleep(HANDOVER_STEP)
         self.commit({tp: o for tp, o in self.finished_offsets.items() if tp in tps}, 0.0)
+        self.rebalancing = self.rebalancing or self._joining
         if self._back:
             return
         for tp in tps:

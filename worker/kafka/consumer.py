@@ -27,6 +27,8 @@ log = structlog.get_logger("worker.kafka")
 # finish and are committed before the partitions go. The group waits for it meanwhile.
 HANDOVER_WAIT = 2.0
 HANDOVER_STEP = 0.01
+# How long newly assigned partitions wait for the receipts feed (``_Listener._caught_up``).
+CATCH_UP_WAIT = 2.0
 
 
 class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
@@ -49,11 +51,16 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
         self.finished: dict[TopicPartition, int] = {}
         self.consumer: KafkaConsumer | None = None
         self.settle: Callable[[], bool] | None = None
+        self.catch_up: Callable[[], threading.Event] | None = None
         self.closing = False
 
-    async def _settle(self) -> None:
+    def _sleep(self) -> Any:
+        """The client's event loop's sleep (heartbeats go on meanwhile); None if not found."""
         coordinator = getattr(self.consumer, "_coordinator", None)
-        sleep = getattr(getattr(coordinator, "_net", None), "sleep", None)
+        return getattr(getattr(coordinator, "_net", None), "sleep", None)
+
+    async def _settle(self) -> None:
+        sleep = self._sleep()
         if self.settle is None:
             return
         deadline = time.monotonic() + HANDOVER_WAIT
@@ -93,10 +100,32 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
         )
         with self.lock:
             kept = {(tp.topic, tp.partition) for tp in assigned}
+            gained = kept - self.revoked
             self.lost |= self.revoked - kept
             self.lost -= kept
             self.revoked = set()
             self.finished = {tp: o for tp, o in self.finished.items() if tp in kept}
+        if gained and self.catch_up is not None:
+            await self._caught_up(self.catch_up())
+
+    async def _caught_up(self, done: threading.Event) -> None:
+        """Wait (heartbeats going on, for at most ``CATCH_UP_WAIT``) until the receipts written
+        before now are read: the partitions' previous owner wrote its last ones as it let them
+        go, and their records, polled right after this, must meet a ledger that knows them."""
+        sleep = self._sleep()
+        started = time.monotonic()
+        while (
+            not done.is_set() and sleep is not None and time.monotonic() < started + CATCH_UP_WAIT
+        ):
+            await sleep(HANDOVER_STEP)
+        waited = round(time.monotonic() - started, 3)
+        if done.is_set():
+            log.info("receipts read before the new partitions", seconds=waited)
+        else:  # a repeat purge at worst, as without receipts
+            log.warning(
+                "receipts still unread after the wait; the new partitions' records go ahead",
+                seconds=waited,
+            )
 
 
 class KafkaSource:
@@ -196,6 +225,9 @@ class KafkaSource:
         # kafka-python's heartbeat sets ``rejoin_needed`` when the coordinator answers that the
         # group is rebalancing; the revocation follows in the next poll. Read defensively (it is
         # the client's own attribute): without it, only the revocation's settling is left.
+        with self._listener.lock:
+            if self._listener.revoked:  # revoked, and the next assignment not known yet
+                return True
         coordinator = getattr(self._consumer, "_coordinator", None)
         if getattr(coordinator, "rejoin_needed", False) is not True:
             return False
@@ -203,6 +235,11 @@ class KafkaSource:
 
     def on_revoke(self, settle: Callable[[], bool]) -> None:
         self._listener.settle = settle
+
+    def on_assign(self, catch_up: Callable[[], threading.Event]) -> None:
+        """Before the records of partitions new to this worker are polled, wait for the event
+        ``catch_up()`` returns (the receipts feed's ``mark``)."""
+        self._listener.catch_up = catch_up
 
     def total_partitions(self) -> int:
         total = 0

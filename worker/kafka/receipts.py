@@ -1,5 +1,6 @@
-"""The receipts topic on Kafka: writing receipts, and following them into the purge ledger (the
-format is ``worker.receipts``; ``trace`` reads them with ``worker.kafka.reader.scan``).
+"""The receipts topic on Kafka: writing receipts (following them into the purge ledger is
+``worker.kafka.receipt_feed``; the format is ``worker.receipts``; ``trace`` reads them with
+``worker.kafka.reader.scan``).
 
 Receipts never hold the worker back. The writer queues within a bound and sends on a thread of its
 own; when the topic is missing, unwritable or full, receipts are dropped with one warning (a lost
@@ -15,23 +16,16 @@ from collections import deque
 from typing import Any
 
 import structlog
-from kafka import KafkaConsumer
-from kafka import errors as kafka_errors
 from kafka.errors import KafkaError
 
 from worker.config.settings import KafkaSettings
-from worker.errors import AccessError, PurgeWorkerError
+from worker.errors import PurgeWorkerError
 from worker.kafka.admin import ensure_topic
 from worker.kafka.client import (
     close_quietly,
     confirming_producer,
-    connecting,
-    options,
-    translated,
 )
-from worker.kafka.reader import seek_since
 from worker.observe import metrics
-from worker.receipts import LedgerKey, ledger_entries, member_marker, purge_of, read
 
 log = structlog.get_logger("worker.kafka.receipts")
 
@@ -43,7 +37,6 @@ LAYOUT = "any number of partitions, time-based retention of at least the ledger'
 # After a refusal or a missing topic, how long before the writer or the feed asks again.
 RETRY_AFTER = 30.0
 SEND_WAIT = 10.0
-POLL_MS = 200
 
 
 class KafkaReceiptSink:
@@ -57,6 +50,7 @@ class KafkaReceiptSink:
         self._cond = threading.Condition()
         self._queue: deque[tuple[bytes, bytes]] = deque()
         self._stopping = False
+        self._sending = False  # a batch taken from the queue is being sent
         self._producer: Any = None
         self._thread = threading.Thread(target=self._run, name="receipts", daemon=True)
         self._thread.start()
@@ -69,6 +63,10 @@ class KafkaReceiptSink:
             self._queue.append((key, value))
             if len(self._queue) == 1:  # a writer busy sending finds the rest when it is back
                 self._cond.notify()
+
+    def written(self) -> bool:
+        with self._cond:
+            return not self._queue and not self._sending
 
     def close(self, timeout: float = 1.0) -> None:
         """Send what is queued within ``timeout``; the rest is lost (repeat purges at worst)."""
@@ -98,8 +96,11 @@ class KafkaReceiptSink:
                 batch = list(self._queue)
                 self._queue.clear()
                 stopping = self._stopping
+                self._sending = bool(batch)
             if batch:
                 error = self._send(batch)
+                with self._cond:
+                    self._sending = False
                 if error and error != warned:
                     log.warning(
                         "receipts not written; the worker goes on without them",
@@ -159,125 +160,3 @@ class KafkaReceiptSink:
     def _discard(self) -> None:
         producer, self._producer = self._producer, None
         close_quietly(producer)
-
-
-class ReceiptFeed:
-    """Follows the receipts topic from ``since`` (wall seconds) on a thread of its own; ``take``
-    hands over what the purge ledger should learn (at most ``max_entries`` waiting: the oldest
-    go first, as the ledger itself would drop them)."""
-
-    def __init__(
-        self, config: KafkaSettings, topic: str, since: float, max_entries: int, member: str = ""
-    ) -> None:
-        self._settings, self.topic, self._since = config, topic, since
-        # This worker's own receipts tell its ledger nothing new: skipped before decoding.
-        self._own = member_marker(member) if member else None
-        self._entries: deque[tuple[LedgerKey, float]] = deque(maxlen=max_entries)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._caught_up = threading.Event()
-        self.restored = 0  # entries read up to the end the feed found at its start
-        self._thread = threading.Thread(target=self._run, name="receipts-feed", daemon=True)
-
-    def start(self) -> ReceiptFeed:
-        self._thread.start()
-        return self
-
-    def wait_caught_up(self, timeout: float) -> bool:
-        """Wait until every receipt there was at start is read (or the feed gave up)."""
-        return self._caught_up.wait(timeout)
-
-    def take(self) -> list[tuple[LedgerKey, float]]:
-        with self._lock:
-            out = list(self._entries)
-            self._entries.clear()
-        return out
-
-    def close(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        warned = ""
-        while not self._stop.is_set():
-            try:
-                self._follow()
-                return
-            except (KafkaError, PurgeWorkerError) as exc:
-                if isinstance(exc, kafka_errors.AuthorizationError):
-                    exc = AccessError(f"not authorized to read {self.topic} (grant Read on it)")
-                if str(exc) != warned:
-                    log.warning(
-                        "receipts not read; a restart may purge again what was purged",
-                        topic=self.topic,
-                        error=str(exc),
-                    )
-                    warned = str(exc)
-                self._caught_up.set()  # nothing to wait for: start as without receipts
-                self._stop.wait(RETRY_AFTER)
-
-    def _seek(self, consumer: Any) -> dict[Any, int]:
-        """Seek to the span's start; a topic that is missing is made first (a fresh cluster's
-        first worker reads receipts from the start, not from its first retry)."""
-        with translated(f"cannot read {self.topic}"):
-            ends = seek_since(consumer, self.topic, self._since)
-        if ends is not None:
-            return ends
-        # The topic was not there after this worker started, so it holds no receipt from before
-        # the start: nothing to restore, and the loop need not wait for it to be made. What is
-        # written meanwhile is followed like any later receipt.
-        self._caught_up.set()
-        if ensure_topic(self._settings, self.topic, PARTITIONS, TOPIC_CONFIG, LAYOUT):
-            log.info("receipts topic created", topic=self.topic)
-        deadline = time.monotonic() + 5.0
-        while ends is None and time.monotonic() < deadline and not self._stop.is_set():
-            self._stop.wait(0.2)  # the new topic's metadata reaches this client
-            with translated(f"cannot read {self.topic}"):
-                ends = seek_since(consumer, self.topic, self._since)
-        if ends is None:
-            raise PurgeWorkerError(f"{self.topic} does not exist")
-        return ends
-
-    def _follow(self) -> None:
-        consumer = connecting(
-            lambda: KafkaConsumer(
-                **options(self._settings),
-                group_id=None,
-                enable_auto_commit=False,
-            ),
-            self._settings,
-            "cannot reach Kafka for the receipts topic",
-        )
-        try:
-            ends = self._seek(consumer)
-            if _reached(consumer, ends):
-                self._caught_up.set()  # nothing in the span: no poll's wait before the loop starts
-            while not self._stop.is_set():
-                with translated(f"cannot read {self.topic}"):
-                    batches = consumer.poll(timeout_ms=POLL_MS, max_records=5_000)
-                own = self._own
-                purges = [
-                    p
-                    for records in batches.values()
-                    for r in records
-                    if r.value is not None
-                    and (own is None or own not in r.value)
-                    and (receipt := read(r.value)) is not None
-                    and (p := purge_of(receipt))
-                ]
-                entries = ledger_entries(purges)
-                if entries:
-                    with self._lock:
-                        self._entries.extend(entries)
-                # Read from the earliest receipt of the span on: the last known is the newest.
-                self._since = time.time() - 1.0
-                if not self._caught_up.is_set():
-                    self.restored += len(entries)
-                    if _reached(consumer, ends):
-                        self._caught_up.set()
-        finally:
-            consumer.close(autocommit=False, timeout_ms=500)
-
-
-def _reached(consumer: Any, ends: dict[Any, int]) -> bool:
-    """The feed has read every partition up to the end it found at its start."""
-    return all(consumer.position(tp) >= end for tp, end in ends.items())

@@ -32,6 +32,9 @@ class ReceiptSink(Protocol):
     def submit(self, key: bytes, value: bytes) -> None:
         """Queue one receipt; never blocks, never raises."""
 
+    def written(self) -> bool:
+        """Every receipt submitted so far was written, or given up (never blocks)."""
+
     def close(self, timeout: float = 1.0) -> None: ...
 
 
@@ -93,6 +96,9 @@ class Receipts:
             member=self.member,
         )
         self.sink.submit(key, value)
+
+    def written(self) -> bool:
+        return self.sink.written()
 
     def close(self, timeout: float) -> None:
         self.sink.close(timeout)

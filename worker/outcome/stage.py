@@ -188,6 +188,11 @@ class Outcome:
         """Drop every record of ``tps`` (their new owner, or a re-read, redoes them)."""
         return self.records.forget(set(tps))
 
+    def receipts_written(self) -> bool:
+        """The receipts of what ended so far are on the topic (or given up): a next owner that
+        reads a record again learns from them that it was purged."""
+        return self.receipts is None or self.receipts.written()
+
     def close(self, timeout: float) -> None:
         self.sink.close(timeout=timeout)
         if self.receipts is not None:

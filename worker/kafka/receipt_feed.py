@@ -1,0 +1,198 @@
+"""Following the receipts topic into the purge ledger: from a bounded time back at start, then as
+receipts come, on a thread of its own; the loop takes what the ledger should learn. A worker given
+partitions waits (briefly) until the feed has read what was written before (``mark``), so their
+previous owner's last purges are known before their records meet the ledger.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import structlog
+from kafka import KafkaConsumer
+from kafka import errors as kafka_errors
+from kafka.errors import KafkaError
+
+from worker.config.settings import KafkaSettings
+from worker.errors import AccessError, PurgeWorkerError
+from worker.kafka.admin import ensure_topic
+from worker.kafka.client import connecting, options, translated
+from worker.kafka.reader import seek_since
+from worker.kafka.receipts import LAYOUT, PARTITIONS, RETRY_AFTER, TOPIC_CONFIG
+from worker.receipts import LedgerKey, ledger_entries, member_marker, purge_of, read
+
+log = structlog.get_logger("worker.kafka.receipt_feed")
+
+POLL_MS = 100
+
+
+class ReceiptFeed:
+    """Follows the receipts topic from ``since`` (wall seconds) on a thread of its own; ``take``
+    hands over what the purge ledger should learn (at most ``max_entries`` waiting: the oldest
+    go first, as the ledger itself would drop them)."""
+
+    def __init__(
+        self, config: KafkaSettings, topic: str, since: float, max_entries: int, member: str = ""
+    ) -> None:
+        self._settings, self.topic, self._since = config, topic, since
+        # This worker's own receipts tell its ledger nothing new: skipped before decoding.
+        self._own = member_marker(member) if member else None
+        self._entries: deque[tuple[LedgerKey, float]] = deque(maxlen=max_entries)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._caught_up = threading.Event()
+        # ``mark``'s events, each set once the feed has read what was written before it.
+        self._marks: list[threading.Event] = []
+        self._reading = False  # False while the feed cannot read: marks are set at once
+        self.restored = 0  # entries read up to the end the feed found at its start
+        self._thread = threading.Thread(target=self._run, name="receipts-feed", daemon=True)
+
+    def start(self) -> ReceiptFeed:
+        self._thread.start()
+        return self
+
+    def wait_caught_up(self, timeout: float) -> bool:
+        """Wait until every receipt there was at start is read (or the feed gave up)."""
+        return self._caught_up.wait(timeout)
+
+    def mark(self) -> threading.Event:
+        """An event set once every receipt written before this call is read (at once while the
+        feed cannot read): a worker given partitions waits for it, so its ledger knows what their
+        previous owner purged before their records meet it."""
+        done = threading.Event()
+        with self._lock:
+            if self._reading and not self._stop.is_set():
+                self._marks.append(done)
+                return done
+        done.set()
+        return done
+
+    def take(self) -> list[tuple[LedgerKey, float]]:
+        with self._lock:
+            out = list(self._entries)
+            self._entries.clear()
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reading_now(False)
+
+    def _reading_now(self, reading: bool) -> None:
+        """Whether the feed can read; when it cannot, nobody waits for it."""
+        with self._lock:
+            self._reading = reading
+            marks, self._marks = ([], self._marks) if reading else (self._marks, [])
+        _set(marks)
+
+    def _run(self) -> None:
+        warned = ""
+        while not self._stop.is_set():
+            try:
+                self._follow()
+                return
+            except (KafkaError, PurgeWorkerError) as exc:
+                if isinstance(exc, kafka_errors.AuthorizationError):
+                    exc = AccessError(f"not authorized to read {self.topic} (grant Read on it)")
+                if str(exc) != warned:
+                    log.warning(
+                        "receipts not read; a restart may purge again what was purged",
+                        topic=self.topic,
+                        error=str(exc),
+                    )
+                    warned = str(exc)
+                self._caught_up.set()  # nothing to wait for: start as without receipts
+                self._reading_now(False)
+                self._stop.wait(RETRY_AFTER)
+
+    def _seek(self, consumer: Any) -> dict[Any, int]:
+        """Seek to the span's start; a topic that is missing is made first (a fresh cluster's
+        first worker reads receipts from the start, not from its first retry)."""
+        with translated(f"cannot read {self.topic}"):
+            ends = seek_since(consumer, self.topic, self._since)
+        if ends is not None:
+            return ends
+        # The topic was not there after this worker started, so it holds no receipt from before
+        # the start: nothing to restore, and the loop need not wait for it to be made. What is
+        # written meanwhile is followed like any later receipt.
+        self._caught_up.set()
+        if ensure_topic(self._settings, self.topic, PARTITIONS, TOPIC_CONFIG, LAYOUT):
+            log.info("receipts topic created", topic=self.topic)
+        deadline = time.monotonic() + 5.0
+        while ends is None and time.monotonic() < deadline and not self._stop.is_set():
+            self._stop.wait(0.2)  # the new topic's metadata reaches this client
+            with translated(f"cannot read {self.topic}"):
+                ends = seek_since(consumer, self.topic, self._since)
+        if ends is None:
+            raise PurgeWorkerError(f"{self.topic} does not exist")
+        return ends
+
+    def _follow(self) -> None:
+        consumer = connecting(
+            lambda: KafkaConsumer(
+                **options(self._settings),
+                group_id=None,
+                enable_auto_commit=False,
+                # A fetch that waits at the broker holds up the end offsets a ``mark`` asks
+                # for on the same connection: short waits keep a new owner's wait short.
+                fetch_max_wait_ms=POLL_MS,
+            ),
+            self._settings,
+            "cannot reach Kafka for the receipts topic",
+        )
+        waiting: list[threading.Event] = []  # marks taken, set once ``marked`` is reached
+        marked: dict[Any, int] = {}
+        try:
+            ends = self._seek(consumer)
+            if _reached(consumer, ends):
+                self._caught_up.set()  # nothing in the span: no poll's wait before the loop starts
+            self._reading_now(True)
+            while not self._stop.is_set():
+                if not waiting:
+                    with self._lock:
+                        waiting, self._marks = self._marks, []
+                    if waiting:  # what was written before them ends below these offsets
+                        with translated(f"cannot read {self.topic}"):
+                            marked = consumer.end_offsets(list(ends))
+                        if _reached(consumer, marked):  # read already: no poll's wait
+                            waiting = _set(waiting)
+                with translated(f"cannot read {self.topic}"):
+                    batches = consumer.poll(timeout_ms=POLL_MS, max_records=5_000)
+                own = self._own
+                purges = [
+                    p
+                    for records in batches.values()
+                    for r in records
+                    if r.value is not None
+                    and (own is None or own not in r.value)
+                    and (receipt := read(r.value)) is not None
+                    and (p := purge_of(receipt))
+                ]
+                entries = ledger_entries(purges)
+                if entries:
+                    with self._lock:
+                        self._entries.extend(entries)
+                # Read from the earliest receipt of the span on: the last known is the newest.
+                self._since = time.time() - 1.0
+                if not self._caught_up.is_set():
+                    self.restored += len(entries)
+                    if _reached(consumer, ends):
+                        self._caught_up.set()
+                if waiting and _reached(consumer, marked):
+                    waiting = _set(waiting)
+        finally:
+            _set(waiting)  # the feed stops reading them: nobody waits
+            consumer.close(autocommit=False, timeout_ms=500)
+
+
+def _reached(consumer: Any, ends: dict[Any, int]) -> bool:
+    """The feed has read every partition up to the end it found at its start."""
+    return all(consumer.position(tp) >= end for tp, end in ends.items())
+
+
+def _set(events: list[threading.Event]) -> list[threading.Event]:
+    for done in events:
+        done.set()
+    return []
