@@ -33,8 +33,6 @@ from worker.runtime import tune_malloc
 
 log = structlog.get_logger("worker.run")
 CONNECT_ATTEMPTS_SECONDS = 60.0
-# How long a starting worker waits to read the receipts of the ledger's restore span.
-RESTORE_WAIT = 15.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,7 +125,6 @@ def _start(
         # Started first: it connects while the consumer does, so the budget is there sooner.
         exchange = KafkaBudgetExchange(config.kafka, config.kafka.budget_topic, clock).start()
     # So is the receipts feed: the ledger is restored while the consumer joins its group.
-    started = time.monotonic()
     receipts, feed = _receipts(config, clock)
 
     def abandon() -> None:
@@ -166,17 +163,16 @@ def _start(
     # A stream its predecessor found over the limit stops this worker at its first dead letter,
     # before it purges anything again; a fixed deploy that dead-letters nothing goes on.
     app.seed_guard(config, loop.outcome.guard, clock)
-    if feed is not None:
-        _restored(feed, started)
     return loop, warmer, feed
 
 
 def _receipts(
     config: Config, clock: SystemClock
 ) -> tuple[KafkaReceiptSink | None, ReceiptFeed | None]:
-    """The receipts writer, and the feed that restores the ledger from them, both started (see
-    ``_restored``). None in a dry run: its purges never happened, and no worker's ledger may
-    learn otherwise."""
+    """The receipts writer, and the feed that restores the ledger from them, both started: the
+    feed reads while the consumer joins its group, and the first partitions wait for it
+    (``KafkaSource.on_assign``). None in a dry run: its purges never happened, and no worker's
+    ledger may learn otherwise."""
     topic = config.kafka.receipts_topic
     if not topic or config.delivery.dry_run:
         return None, None
@@ -187,24 +183,6 @@ def _receipts(
         return sink, None
     since = clock.time() - ledger.restore_seconds
     return sink, ReceiptFeed(config.kafka, topic, since, ledger.max_entries, member).start()
-
-
-def _restored(feed: ReceiptFeed, started: float) -> None:
-    """Wait until the feed has read the receipts there were at start (within ``RESTORE_WAIT``
-    of ``started``), so the first records meet a restored ledger."""
-    left = max(0.0, started + RESTORE_WAIT - time.monotonic())
-    if feed.wait_caught_up(left):
-        log.info(
-            "purge ledger restored from receipts",
-            entries=feed.restored,
-            seconds=round(time.monotonic() - started, 2),
-        )
-    else:
-        log.warning(
-            "receipts not read to the end yet; the ledger goes on learning them as they come",
-            entries=feed.restored,
-            waited=RESTORE_WAIT,
-        )
 
 
 def _warm_receipts(

@@ -27,7 +27,10 @@ log = structlog.get_logger("worker.kafka")
 # finish and are committed before the partitions go. The group waits for it meanwhile.
 HANDOVER_WAIT = 2.0
 HANDOVER_STEP = 0.01
-# How long newly assigned partitions wait for the receipts feed (``_Listener._caught_up``).
+# How long newly assigned partitions wait for the receipts feed (``_Listener._caught_up``): the
+# first ones for the restore of the ledger's span (read while the worker joined its group), later
+# ones for the receipts written since the feed's last poll.
+RESTORE_WAIT = 15.0
 CATCH_UP_WAIT = 2.0
 
 
@@ -52,6 +55,7 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer: KafkaConsumer | None = None
         self.settle: Callable[[], bool] | None = None
         self.catch_up: Callable[[], threading.Event] | None = None
+        self.restoring = True  # no partitions yet: the first wait is the ledger's restore
         self.closing = False
 
     def _sleep(self) -> Any:
@@ -106,17 +110,16 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
             self.revoked = set()
             self.finished = {tp: o for tp, o in self.finished.items() if tp in kept}
         if gained and self.catch_up is not None:
-            await self._caught_up(self.catch_up())
+            wait, self.restoring = RESTORE_WAIT if self.restoring else CATCH_UP_WAIT, False
+            await self._caught_up(self.catch_up(), wait)
 
-    async def _caught_up(self, done: threading.Event) -> None:
-        """Wait (heartbeats going on, for at most ``CATCH_UP_WAIT``) until the receipts written
-        before now are read: the partitions' previous owner wrote its last ones as it let them
-        go, and their records, polled right after this, must meet a ledger that knows them."""
+    async def _caught_up(self, done: threading.Event, wait: float) -> None:
+        """Wait (heartbeats going on, for at most ``wait``) until the receipts written before now
+        are read: the partitions' previous owner wrote its last ones as it let them go, and their
+        records, polled right after this, must meet a ledger that knows them."""
         sleep = self._sleep()
         started = time.monotonic()
-        while (
-            not done.is_set() and sleep is not None and time.monotonic() < started + CATCH_UP_WAIT
-        ):
+        while not done.is_set() and sleep is not None and time.monotonic() < started + wait:
             await sleep(HANDOVER_STEP)
         waited = round(time.monotonic() - started, 3)
         if done.is_set():

@@ -46,11 +46,15 @@ class ReceiptFeed:
         self._caught_up = threading.Event()
         # ``mark``'s events, each set once the feed has read what was written before it.
         self._marks: list[threading.Event] = []
-        self._reading = False  # False while the feed cannot read: marks are set at once
+        # False once the feed cannot read: marks are set at once. A feed that is starting reads
+        # (or gives up) soon, so marks wait for it.
+        self._reading = True
         self.restored = 0  # entries read up to the end the feed found at its start
+        self._started = 0.0
         self._thread = threading.Thread(target=self._run, name="receipts-feed", daemon=True)
 
     def start(self) -> ReceiptFeed:
+        self._started = time.monotonic()
         self._thread.start()
         return self
 
@@ -79,6 +83,16 @@ class ReceiptFeed:
     def close(self) -> None:
         self._stop.set()
         self._reading_now(False)
+
+    def _restored_all(self) -> None:
+        """Every receipt there was at start is read (and waits for the loop's ``take``)."""
+        if not self._caught_up.is_set():
+            self._caught_up.set()
+            log.info(
+                "purge ledger restored from receipts",
+                entries=self.restored,
+                seconds=round(time.monotonic() - self._started, 2),
+            )
 
     def _reading_now(self, reading: bool) -> None:
         """Whether the feed can read; when it cannot, nobody waits for it."""
@@ -115,9 +129,10 @@ class ReceiptFeed:
         if ends is not None:
             return ends
         # The topic was not there after this worker started, so it holds no receipt from before
-        # the start: nothing to restore, and the loop need not wait for it to be made. What is
+        # the start: nothing to restore, and no partition need wait for it to be made. What is
         # written meanwhile is followed like any later receipt.
-        self._caught_up.set()
+        self._restored_all()
+        self._reading_now(False)
         if ensure_topic(self._settings, self.topic, PARTITIONS, TOPIC_CONFIG, LAYOUT):
             log.info("receipts topic created", topic=self.topic)
         deadline = time.monotonic() + 5.0
@@ -147,7 +162,7 @@ class ReceiptFeed:
         try:
             ends = self._seek(consumer)
             if _reached(consumer, ends):
-                self._caught_up.set()  # nothing in the span: no poll's wait before the loop starts
+                self._restored_all()  # nothing in the span: no poll's wait for the first records
             self._reading_now(True)
             while not self._stop.is_set():
                 if not waiting:
@@ -179,7 +194,7 @@ class ReceiptFeed:
                 if not self._caught_up.is_set():
                     self.restored += len(entries)
                     if _reached(consumer, ends):
-                        self._caught_up.set()
+                        self._restored_all()
                 if waiting and _reached(consumer, marked):
                     waiting = _set(waiting)
         finally:
