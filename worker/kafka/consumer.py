@@ -58,18 +58,19 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
         self.restoring = True  # no partitions yet: the first wait is the ledger's restore
         self.closing = False
 
-    def _sleep(self) -> Any:
-        """The client's event loop's sleep (heartbeats go on meanwhile); None if not found."""
+    async def _wait_until(self, done: Callable[[], bool], seconds: float) -> bool:
+        """Ask ``done`` between short sleeps on the client's event loop (heartbeats go on
+        meanwhile) for at most ``seconds``; returns its last answer."""
         coordinator = getattr(self.consumer, "_coordinator", None)
-        return getattr(getattr(coordinator, "_net", None), "sleep", None)
+        sleep = getattr(getattr(coordinator, "_net", None), "sleep", None)
+        deadline = time.monotonic() + seconds
+        while not (answer := done()) and sleep is not None and time.monotonic() < deadline:
+            await sleep(HANDOVER_STEP)
+        return answer
 
     async def _settle(self) -> None:
-        sleep = self._sleep()
-        if self.settle is None:
-            return
-        deadline = time.monotonic() + HANDOVER_WAIT
-        while not self.settle() and sleep is not None and time.monotonic() < deadline:
-            await sleep(HANDOVER_STEP)
+        if self.settle is not None:
+            await self._wait_until(self.settle, HANDOVER_WAIT)
 
     async def on_partitions_revoked(self, revoked: Sequence[KafkaTP]) -> None:
         tps = {(tp.topic, tp.partition) for tp in revoked}
@@ -117,12 +118,10 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
         """Wait (heartbeats going on, for at most ``wait``) until the receipts written before now
         are read: the partitions' previous owner wrote its last ones as it let them go, and their
         records, polled right after this, must meet a ledger that knows them."""
-        sleep = self._sleep()
         started = time.monotonic()
-        while not done.is_set() and sleep is not None and time.monotonic() < started + wait:
-            await sleep(HANDOVER_STEP)
+        read = await self._wait_until(done.is_set, wait)
         waited = round(time.monotonic() - started, 3)
-        if done.is_set():
+        if read:
             log.info("receipts read before the new partitions", seconds=waited)
         else:  # a repeat purge at worst, as without receipts
             log.warning(

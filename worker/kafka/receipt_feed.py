@@ -58,10 +58,6 @@ class ReceiptFeed:
         self._thread.start()
         return self
 
-    def wait_caught_up(self, timeout: float) -> bool:
-        """Wait until every receipt there was at start is read (or the feed gave up)."""
-        return self._caught_up.wait(timeout)
-
     def mark(self) -> threading.Event:
         """An event set once every receipt written before this call is read (at once while the
         feed cannot read): a worker given partitions waits for it, so its ledger knows what their
@@ -203,7 +199,7 @@ class ReceiptFeed:
 
 
 def _reached(consumer: Any, ends: dict[Any, int]) -> bool:
-    """The feed has read every partition up to the end it found at its start."""
+    """The feed has read every partition up to ``ends`` (the span's at start, or a mark's)."""
     return all(consumer.position(tp) >= end for tp, end in ends.items())
 
 
