@@ -119,7 +119,10 @@ def test_flex_bucket_per_plan_then_429_with_retry_after(emulator_factory, plan, 
     clock = MockClock()
     emu = emulator_factory(plan=plan, clock=clock)
     for i in range(bucket):
-        assert purge(emu, {"tags": [f"t{i}"]}).status_code == 200, i
+        ok = purge(emu, {"tags": [f"t{i}"]})
+        assert ok.status_code == 200, i
+        # What is left of the bucket, as the API's headers say it: a client can follow it.
+        assert ok.headers["Ratelimit"].startswith(f'"default";r={bucket - i - 1};t=')
     resp = purge(emu, {"tags": ["over"]})
     assert resp.status_code == 429
     assert codes(resp) == [1134]

@@ -167,7 +167,7 @@ def test_a_url_request_counts_from_when_it_completed():
     clock = MockClock()
     lim = AccountRateLimiter(limits_for(Tier.PRO), clock)
     clock.advance(1.0)
-    wait, ticket = lim.reserve_ticket(Kind.FILES, 1400)
+    wait, ticket = lim.reserve_ticket(Kind.FILES, 1450)
     assert wait == 0 and ticket is not None
     clock.advance(0.3)
     lim.completed(ticket)
@@ -203,3 +203,47 @@ def test_room_is_offered_only_while_the_share_is_steady():
     clock.advance(1)
     assert lim.room(Kind.FILES) == int(1500 * URL_SAFETY * 0.5)
     assert lim.room(Kind.TAGS) == 0
+
+
+def test_what_the_api_says_is_left_lowers_the_bucket_always_and_raises_it_only_alone():
+    clock = MockClock()
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock)  # starts empty
+    clock.advance(0.5)  # 2.4 tokens refilled
+    tickets = [lim.reserve_ticket(Kind.TAGS, 100)[1] for _ in range(2)]
+    assert lim.reserve(Kind.TAGS, 100) > 0
+    # Not known to be alone: an answer saying 20 are left may be owed to others.
+    lim.learn_left(Kind.TAGS, 20, 4)
+    assert lim.reserve(Kind.TAGS, 100) > 0
+    lim.set_alone(True)
+    lim.learn_left(Kind.TAGS, 20, 4)  # the other request out may not be counted in the 20 yet
+    burst = [lim.reserve_ticket(Kind.TAGS, 100) for _ in range(19)]
+    assert [wait for wait, _ in burst] == [0.0] * 19
+    assert lim.reserve(Kind.TAGS, 100) > 0
+    for _, ticket in [*burst, (0, tickets[1])]:
+        lim.completed(ticket)
+    # Fewer left than the model thinks (someone else spent them): believed at once, alone or not.
+    lim.set_alone(False)
+    clock.advance(1.0)  # 4.75 tokens back; the answer to the first request out says 1
+    lim.learn_left(Kind.TAGS, 1, 4)
+    lim.completed(tickets[0])
+    assert lim.reserve(Kind.TAGS, 100) == 0
+    assert lim.reserve(Kind.TAGS, 100) > 0
+
+
+def test_the_bucket_never_rises_above_this_workers_part_of_it():
+    clock = MockClock()
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock)
+    lim.set_alone(True)
+    clock.advance(0.3)
+    ticket = lim.reserve_ticket(Kind.TAGS, 1)[1]
+    lim.learn_left(Kind.TAGS, 1000, 0)  # nonsense from the API: capped at the bucket
+    lim.completed(ticket)
+    assert sum(lim.reserve(Kind.TAGS, 1) == 0 for _ in range(30)) == int(25 * SAFETY)
+
+
+def test_no_urls_left_waits_for_the_reset():
+    clock = MockClock()
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock)
+    clock.advance(2)
+    lim.learn_left(Kind.FILES, 0, 3)
+    assert lim.ready_in(Kind.FILES, 1) == pytest.approx(3)

@@ -44,6 +44,15 @@ class Bucket:
             self.tokens -= cost
         return wait
 
+    def learn(self, left: float, now: float, *, rise: bool) -> None:
+        """The server says ``left`` tokens are left, less the requests it may not have counted
+        yet. Fewer than here: others spent them (or this model ran ahead), so believed at once.
+        More: believed only when ``rise`` (nobody else may spend them)."""
+        self.refill(now)
+        left = min(self.capacity, max(0.0, left))
+        if left < self.tokens or rise:
+            self.tokens = left
+
 
 class Window:
     """What was sent in the last second; a send fits while that total stays within ``limit``.
@@ -56,7 +65,9 @@ class Window:
     def __init__(self, limit: float, now: float) -> None:
         self.limit = limit
         # [when, URLs]: lists, so a request's entry can be restamped when it has completed.
-        self.sent: deque[list[float]] = deque([[now, limit]])
+        # Entries that stand for others' spending (the start, holds), not this worker's requests.
+        self._others: list[list[float]] = [[now, limit]]
+        self.sent: deque[list[float]] = deque(self._others)
         self.total = limit
 
     def _expire(self, now: float) -> None:
@@ -100,9 +111,22 @@ class Window:
         entry[0] = now
         self.sent.append(entry)
 
+    def forget_others(self, now: float) -> None:
+        """Drop what was counted for others' spending (the start, holds): nobody spent lately."""
+        self._expire(now)
+        for entry in self._others:
+            if any(e is entry for e in self.sent):
+                self.sent.remove(entry)
+                self.total -= entry[1]
+        self._others = []
+        if not self.sent:
+            self.total = 0.0
+
     def hold(self, amount: float, now: float) -> None:
-        """Count ``amount`` as spent now."""
-        self.sent.append([now, amount])
+        """Count ``amount`` as spent now (by others)."""
+        entry = [now, amount]
+        self._others = [e for e in self._others if e[0] > now - WINDOW] + [entry]
+        self.sent.append(entry)
         self.total += amount
 
     def spend_all(self, now: float) -> None:

@@ -8,9 +8,7 @@ Two budgets, on an injected clock:
   bucket holding one 100-URL request on a 1,500 URL/s plan still allows 1,525 in some second).
 
 When several workers share an account, each spends only its share of each budget (``set_share``:
-from the demand exchange, or the partitions it owns). A 429 anyway blocks every caller until
-Retry-After and lowers the rate for a while (multiplicative decrease, additive recovery), because
-it means someone else spends the budget too.
+from the demand exchange, or the partitions it owns). A 429 anyway slows it (``backoff.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from worker.clock import Clock
+from worker.cloudflare.backoff import Backoff
 from worker.cloudflare.meters import MIN_WAIT_STEP, WINDOW, Bucket, Ticket, Window
 from worker.cloudflare.tiers import PlanLimits
 from worker.errors import Abandoned
@@ -30,14 +29,10 @@ from worker.targets import Kind
 # lockstep (requests arrive a little after they leave), and a 429 costs far more than the few
 # percent left unused.
 SAFETY = 0.95
-# URLs need less slack: a URL request counts in the window from when it *completed*, which is
-# never before it reached the server, so the worker's window already runs behind the server's.
-URL_SAFETY = 0.98
-MIN_FACTOR = 0.25
-DECREASE = 0.5
-# After a 429 the rate climbs back to the full budget over this long, if no other 429 comes:
-# a per-success step made a slow plan (free: one tag request per 12 s) crawl for many minutes.
-RECOVERY_SECONDS = 60.0
+# URLs need no slack: a URL request holds this worker's window from its reservation (before it
+# left) until a second after it completed (after the server had it), which covers the second the
+# server counts it in. At 98 %, 12,000 URLs on a 3,000 URL/s plan took five seconds, not four.
+URL_SAFETY = 1.0
 MAX_WAIT_STEP = 0.05
 # How far back what was taken is remembered, for the demand reported to the budget exchange.
 USED_SPAN = 60.0
@@ -68,10 +63,7 @@ class AccountRateLimiter:
         self._lock = threading.Lock()
         self._url_share = share
         self._flex_share = share
-        self._factor = 1.0
-        self._limited_at = -math.inf
-        self._factor_at_limit = 1.0
-        self._blocked_until = 0.0
+        self._backoff = Backoff()
         self._flex_cost_per_item = flex_cost_per_item
         # Per-request caps the API turned out to enforce below the configured ones.
         self._caps: dict[Kind, int] = {}
@@ -79,20 +71,23 @@ class AccountRateLimiter:
         # What was taken lately, for the demand this worker reports: (when, URLs, flex requests).
         self._used: deque[tuple[float, int, int]] = deque()
         self._share_set_at = -math.inf
+        # Flex requests out, and whether the exchange says nobody else spends the account.
+        self._flex_out: list[Ticket] = []
+        self._alone = False
         now = clock.monotonic()
         self._flex = Bucket(1.0, 1.0, now)
         self._urls = Window(self._url_limit(), now)
         self._resize(now)
         # The flex bucket starts empty: a worker (re)started after a burst cannot know what the
-        # account has left, and assuming a full bucket cost four 429s on the free plan. The
-        # price is one refill interval before the first tag purge (12 s on free, 0.2 s on pro).
+        # account has left (a full one cost four 429s on free) until an answer says it.
         self._flex.tokens = self._flex.capacity if start_full else 0.0
 
     def _url_limit(self) -> float:
-        return self._limits.urls_per_second * URL_SAFETY * self._url_share * self._factor
+        return self._limits.urls_per_second * URL_SAFETY * self._url_share * self._backoff.factor
 
     def _resize(self, now: float) -> None:
-        flex_rate = self._limits.flex_refill_per_second * SAFETY * self._flex_share * self._factor
+        scale = SAFETY * self._flex_share * self._backoff.factor
+        flex_rate = self._limits.flex_refill_per_second * scale
         # A worker's burst is its share of the bucket, never less than one request, so a
         # full-size request can always eventually pass.
         flex_cap = max(1.0, self._limits.flex_bucket * self._flex_share * SAFETY)
@@ -126,13 +121,11 @@ class AccountRateLimiter:
                 self._urls.hold(self._urls.limit - before, now)
 
     def reserve(self, kind: Kind, items: int) -> float:
-        """Take the budget for one request if it is there now (returns 0); otherwise take
-        nothing and return how long until it would be."""
+        """Take one request's budget if it is there (0), else nothing and the wait for it."""
         return self.reserve_ticket(kind, items)[0]
 
     def reserve_ticket(self, kind: Kind, items: int) -> tuple[float, Ticket | None]:
-        """``reserve``, also returning a ticket to hand to ``completed`` when the request ends
-        (None for requests whose budget needs no restamping)."""
+        """``reserve``, with a ticket to hand to ``completed`` when the request ends."""
         with self._lock:
             return self._budget(kind, items, take=True)
 
@@ -145,11 +138,11 @@ class AccountRateLimiter:
         """The wait for a request of ``items`` of ``kind`` (0: it may go now), taking the budget
         when ``take`` and it is there. Call with the lock held."""
         now = self._clock.monotonic()
-        blocked = self._blocked_until - now
+        blocked = self._backoff.blocked_until - now
         if blocked > 0:
             return blocked, None
-        if self._factor < 1.0:
-            self._recover(now)
+        if self._backoff.recover(now):
+            self._resize(now)
         if not take:
             if kind.metered_per_item:
                 return self._urls.wait_for(items, now), None
@@ -157,8 +150,12 @@ class AccountRateLimiter:
         if kind.metered_per_item:
             wait, ticket = self._urls.take(items, now)
         else:
-            wait = self._flex.take(items if self._flex_cost_per_item else 1, now)
+            cost = items if self._flex_cost_per_item else 1
+            wait = self._flex.take(cost, now)
             ticket = None
+            if wait == 0:
+                ticket = [now, float(cost)]
+                self._flex_out.append(ticket)
         if wait == 0:
             url = kind.metered_per_item
             self._used.append((now, items if url else 0, 0 if url else 1))
@@ -194,16 +191,50 @@ class AccountRateLimiter:
             return 0
         with self._lock:
             now = self._clock.monotonic()
-            if self._blocked_until > now or now - self._share_set_at < 2 * WINDOW:
+            if self._backoff.blocked_until > now or now - self._share_set_at < 2 * WINDOW:
                 return 0
             self._urls.wait_for(0, now)  # expires what has left the window
             return max(0, int(self._urls.limit - self._urls.total + 1e-9))
 
     def completed(self, ticket: Ticket | None) -> None:
         """The request a ticket was taken for has ended (answered or failed)."""
-        if ticket is not None:
+        if ticket is None:
+            return
+        with self._lock:
+            for i, out in enumerate(self._flex_out):
+                if out is ticket:
+                    del self._flex_out[i]
+                    return
+            self._urls.restamp(ticket, self._clock.monotonic())
+
+    def set_alone(self, alone: bool) -> None:
+        """Whether this worker is known to be the only one spending the account (the budget
+        exchange heard nobody else): then what the API says is left is all this worker's."""
+        with self._lock:
+            self._alone = alone
+
+    def idle_account(self) -> None:
+        """Nobody has spent the account for seconds (the budget exchange heard nobody): the URL
+        window need not count what others may have spent (see ``Window``)."""
+        with self._lock:
+            self._urls.forget_others(self._clock.monotonic())
+
+    def learn_left(self, kind: Kind, remaining: int | None, reset: float | None) -> None:
+        """An accepted request's answer said ``remaining`` was left when the API took it
+        (``Ratelimit: "default";r=<remaining>;t=<reset>``); its ticket is still out. Flex: the
+        bucket follows it (``Bucket.learn``): down always, up only alone (else others may be
+        owed the rest); so a worker that starts with an empty bucket learns it is full. URLs:
+        none left means wait for the reset."""
+        if remaining is None:
+            return
+        if kind.metered_per_item:
+            if remaining == 0 and reset:
+                self.pause(reset)
+        elif not self._flex_cost_per_item:  # else the API's count is not in tokens
             with self._lock:
-                self._urls.restamp(ticket, self._clock.monotonic())
+                others = len(self._flex_out) - 1
+                alone = self._alone and self._flex_share >= 1.0
+                self._flex.learn(remaining - others, self._clock.monotonic(), rise=alone)
 
     def acquire(self, kind: Kind, items: int) -> float:
         """Block until a request of ``items`` of ``kind`` may be sent; return the seconds waited.
@@ -241,32 +272,21 @@ class AccountRateLimiter:
 
     def on_success(self) -> None:
         with self._lock:
-            if self._factor < 1.0:
-                self._recover(self._clock.monotonic())
-
-    def _recover(self, now: float) -> None:
-        """Climb back from the rate a 429 left, linearly over ``RECOVERY_SECONDS``."""
-        progress = min(1.0, (now - self._limited_at) / RECOVERY_SECONDS)
-        factor = self._factor_at_limit + (1.0 - self._factor_at_limit) * progress
-        if factor - self._factor >= 0.01 or (factor >= 1.0 > self._factor):
-            self._factor = factor
-            self._resize(now)
+            now = self._clock.monotonic()
+            if self._backoff.recover(now):
+                self._resize(now)
 
     def pause(self, seconds: float) -> None:
         """Send nothing for ``seconds`` (the API's ``Ratelimit`` header said none is left);
         the rate is not lowered, since nothing was refused."""
         with self._lock:
-            self._blocked_until = max(self._blocked_until, self._clock.monotonic() + seconds)
+            self._backoff.pause(self._clock.monotonic() + seconds)
 
     def on_rate_limited(self, kind: Kind, retry_after: float | None) -> None:
         """A 429 arrived: stop every caller for Retry-After, empty the bucket, slow down."""
         with self._lock:
             now = self._clock.monotonic()
-            pause = retry_after if retry_after is not None else 1.0
-            self._blocked_until = max(self._blocked_until, now + pause)
-            self._factor = max(MIN_FACTOR, self._factor * DECREASE)
-            self._factor_at_limit = self._factor
-            self._limited_at = now
+            self._backoff.limited(now, retry_after if retry_after is not None else 1.0)
             self._resize(now)
             if kind.metered_per_item:
                 self._urls.spend_all(now)
@@ -276,5 +296,5 @@ class AccountRateLimiter:
     def state(self) -> LimiterState:
         with self._lock:
             now = self._clock.monotonic()
-            blocked = max(0.0, self._blocked_until - now)
-            return LimiterState(self._url_share, self._flex_share, self._factor, blocked)
+            blocked = max(0.0, self._backoff.blocked_until - now)
+            return LimiterState(self._url_share, self._flex_share, self._backoff.factor, blocked)

@@ -82,6 +82,17 @@ class _Bucket:
         return (cost - self.tokens) / self.rate
 
 
+def _left(bucket: _Bucket) -> dict[str, str]:
+    """What an accepted flex request leaves of the bucket, as the API's ``Ratelimit`` headers
+    say it: whole tokens left, and seconds until the bucket is full again."""
+    full_in = math.ceil((bucket.capacity - bucket.tokens) / bucket.rate)
+    window = math.ceil(bucket.capacity / bucket.rate)
+    return {
+        "Ratelimit": f'"default";r={int(bucket.tokens)};t={full_in}',
+        "Ratelimit-Policy": f'"burst";q={int(bucket.capacity)};w={window}',
+    }
+
+
 class _UrlMeter:
     """URLs accepted in the last second; a request is refused when it would take that total
     past the plan's URLs per second (the server's per-second moving average)."""
@@ -374,10 +385,13 @@ class EmulatorState:
                 if key in self.faults.reject_items:
                     f = self.faults
                     return error(f.reject_status, f.reject_code, f"{f.reject_message}: {key}")
+            headers: dict[str, str] = {}
             if self.rate_limits:
                 limited = self._take_budget(account, kind, len(items))
                 if limited is not None:
                     return limited
+                if kind != "files":
+                    headers = _left(account.flex)
             purge_id = secrets.token_hex(16)
             self.purges.append(
                 {
@@ -390,7 +404,7 @@ class EmulatorState:
                 }
             )
         self.edge.purge(kind, items)
-        return 200, envelope({"id": purge_id}), {}
+        return 200, envelope({"id": purge_id}), headers
 
     def _take_budget(self, account: Account, kind: str, n: int) -> Reply | None:
         bucket: _Bucket | _UrlMeter

@@ -194,9 +194,8 @@ class Purger:
             metrics.REQUESTS.labels(dest.zone_name, kind.value, metrics.status_class(status)).inc()
             metrics.REQUEST_SECONDS.labels(kind.value).observe(time.perf_counter() - started)
         dest.limiter.on_success()
-        if accepted.remaining == 0 and accepted.reset_seconds:
-            # The API says its limit is spent until the reset: wait, never assume more.
-            dest.limiter.pause(accepted.reset_seconds)
+        # What the API says is left: the model follows it (before this request's ticket ends).
+        dest.limiter.learn_left(kind, accepted.remaining, accepted.reset_seconds)
         metrics.ITEMS_SENT.labels(kind.value).inc(len(items))
         log.info(
             "purge accepted",
