@@ -353,3 +353,31 @@ def test_workers_starting_together_wait_for_the_split():
         b.update(urls(5000), 1, 2)
         clock.advance(0.2)
     assert a.shares()["main"].urls == b.shares()["main"].urls == JOINING_SHARE
+
+
+def test_a_worker_reports_from_the_start_and_alone_sends_urls_at_once():
+    # The first report goes out when the keeper is made, not at the loop's first look, so a
+    # lone worker takes the account CUTOFF after it; nobody reported for seconds, so nobody's
+    # requests are in the URL window either: the window's start-up spend is dropped.
+    clock = MockClock(wall=1_800_000_000.05)
+    keeper, accounts, exchange = keeper_for(clock, Board(), "a")
+    assert exchange.first_sent == clock.time()
+    limiter = accounts.limiters["main"]
+    clock.advance(CUTOFF)
+    assert limiter.ready_in(Kind.FILES, 100) > 0.5  # the window started full
+    keeper.update(urls(5000), 1, 1)
+    assert keeper.shares()["main"].urls == 1.0
+    assert limiter.reserve(Kind.FILES, 1500) == 0  # the whole second's budget, at once
+    assert limiter.ready_in(Kind.FILES, 1) > 0.9  # and no more
+
+
+def test_a_worker_that_hears_another_keeps_the_window_it_started_with():
+    clock = MockClock(wall=1_800_000_000.05)
+    board = Board()
+    keeper_for(clock, board, "b")
+    clock.advance(0.1)
+    a, accounts, _ = keeper_for(clock, board, "a")
+    clock.advance(CUTOFF)
+    a.update(urls(5000), 1, 2)
+    assert a.shares()["main"].urls == JOINING_SHARE
+    assert accounts.limiters["main"].ready_in(Kind.FILES, 1) > 0.4

@@ -38,6 +38,7 @@ log = structlog.get_logger("worker.kafka.exchange")
 SILENT_AFTER = REPORT_TTL - 1.0
 SEND_WAIT = 0.5
 POLL_MS = 200  # a read returns as soon as a report arrives; spinning faster costs the consumer
+FIRST_POLL_MS = 20
 # After a refusal (an ACL, a topic that may not be created), how long before asking again.
 DENIED_RETRY = 30.0
 TOPIC_CONFIG = {
@@ -120,11 +121,14 @@ class KafkaBudgetExchange:
         next_report = 0.0
         while not self._stop.is_set():
             try:
-                if self._producer is None or self._consumer is None:
-                    self._producer, self._consumer = self._connect()
-                if self._clock.monotonic() >= next_report:
+                if self._producer is None:
+                    self._ensure_topic()
+                    self._producer = self._connect_producer()
+                if self._clock.monotonic() >= next_report or self._first_due():
                     next_report = self._clock.monotonic() + REPORT_INTERVAL
                     self._send(self._producer)
+                if self._consumer is None:
+                    self._consumer = self._connect_consumer()
                 self._read(self._consumer)
                 if warned:
                     log.info("budget exchange working again", topic=self._topic)
@@ -138,13 +142,24 @@ class KafkaBudgetExchange:
                     warned = str(exc)
                 self._stop.wait(DENIED_RETRY if denied else REPORT_INTERVAL)
 
-    def _connect(self) -> tuple[KafkaProducer, KafkaConsumer]:
-        """Clients on the budget topic, which is made first if it is missing and this worker may
-        (one partition, compacted); an admin's topic is used as it is."""
-        self._ensure_topic()
-        settings = options(self._config)
-        producer = KafkaProducer(**settings, linger_ms=0, acks=1, max_block_ms=2000)
-        consumer = KafkaConsumer(**settings, group_id=None, enable_auto_commit=False)
+    def _first_due(self) -> bool:
+        """Whether the first report is waiting to go: it goes at once, since a lone worker
+        takes the whole budget only ``CUTOFF`` after it (``ShareKeeper``)."""
+        with self._lock:
+            return self.first_sent is None and bool(self._reports)
+
+    def _connect_producer(self) -> KafkaProducer:
+        """The writer, made first: the first report goes before the reader is set up, since a
+        lone worker takes the whole budget only ``CUTOFF`` after it."""
+        producer = KafkaProducer(**options(self._config), linger_ms=0, acks=1, max_block_ms=2000)
+        # The topic's metadata now, while connecting, rather than in the first report's send.
+        producer.partitions_for(self._topic)
+        return producer
+
+    def _connect_consumer(self) -> KafkaConsumer:
+        """The reader of the budget topic (made by ``_ensure_topic`` if missing and this worker
+        may: one partition, compacted; an admin's topic is used as it is)."""
+        consumer = KafkaConsumer(**options(self._config), group_id=None, enable_auto_commit=False)
         parts = consumer.partitions_for_topic(self._topic) or {0}
         tps = [TopicPartition(self._topic, p) for p in sorted(parts)]
         consumer.assign(tps)
@@ -157,7 +172,7 @@ class KafkaBudgetExchange:
         for tp, found in starts.items():
             if found is not None:
                 consumer.seek(tp, found.offset)
-        return producer, consumer
+        return consumer
 
     def _ensure_topic(self) -> None:
         if ensure_topic(self._config, self._topic, 1, TOPIC_CONFIG, "one partition, compacted"):
@@ -197,7 +212,9 @@ class KafkaBudgetExchange:
             self.board.record(account, self.member, r._replace(at=at))
 
     def _read(self, consumer: KafkaConsumer) -> None:
-        batches = consumer.poll(timeout_ms=POLL_MS, max_records=10_000)
+        # Until the first report is out, look for it often: it is waited for (``_first_due``).
+        wait = POLL_MS if self.first_sent is not None else FIRST_POLL_MS
+        batches = consumer.poll(timeout_ms=wait, max_records=10_000)
         for records in batches.values():
             for r in records:
                 self._take(r.key, r.value)

@@ -117,6 +117,8 @@ class ShareKeeper:
             # Nobody counts this worker until its first report is in a snapshot.
             self._mode = "joining"
             self._apply_all(Shares(JOINING_SHARE, JOINING_SHARE), "joining", 0)
+            # Reported at once: a lone worker takes the budget ``CUTOFF`` after its first report.
+            self._publish(exchange)
 
     @property
     def mode(self) -> str:
@@ -181,6 +183,7 @@ class ShareKeeper:
             self._allowed[name] = (epoch, 1.0)
             self._members[name] = 1
             self._apply(name, Shares(1.0, 1.0), "demand", 1, hold=False)
+            self._accounts.limiters[name].idle_account()  # nobody reported for seconds
             self._publish(exchange)
 
     def _report(self, exchange: Exchange, pending: Mapping[tuple[str, Kind], int]) -> None:
@@ -261,6 +264,8 @@ class ShareKeeper:
         gained is spendable only a window later (see ``set_share``); the demand split needs no
         hold, since it gives a worker only what nobody was allowed in the last second."""
         cap = self._accounts.settings[name].share
+        # Alone with the whole account: what the API says is left is all this worker's.
+        self._accounts.limiters[name].set_alone(how == "demand" and workers == 1 and cap >= 1.0)
         shares = Shares(min(1.0, shares.urls) * cap, min(1.0, shares.flex) * cap)
         if self._applied.get(name) == shares:
             return
