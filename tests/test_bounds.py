@@ -19,7 +19,8 @@ from tests.helpers import MemoryApi, make_config
 from tests.test_pipeline_unit import build, rec, run_until_idle
 from worker import errors
 from worker.clock import MockClock
-from worker.cloudflare.ratelimit import USED_SPAN, AccountRateLimiter
+from worker.cloudflare.meters import USED_SPAN
+from worker.cloudflare.ratelimit import AccountRateLimiter
 from worker.cloudflare.tiers import Tier, limits_for
 from worker.config.model import GuardSettings, LedgerSettings
 from worker.events import Record
@@ -278,7 +279,7 @@ def test_the_rate_limiter_forgets_what_it_took_even_when_nobody_asks():
     for _ in range(3_000):
         wait, _ = limiter.reserve_ticket(Kind.TAGS, 1)
         clock.advance(max(wait, 0.1))
-    assert len(limiter._used) <= USED_SPAN / 0.1 + 1
+    assert len(limiter._used._taken) <= USED_SPAN / 0.1 + 1
 
 
 _HOLES = """

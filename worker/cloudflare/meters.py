@@ -135,3 +135,29 @@ class Window:
         extra = max(0.0, self.limit - self.total)
         self.sent.append([now, extra])
         self.total += extra
+
+
+# How far back what was taken is remembered, for the demand reported to the budget exchange.
+USED_SPAN = 60.0
+
+
+class Usage:
+    """What was taken lately: (when, URLs, flex requests)."""
+
+    def __init__(self) -> None:
+        self._taken: deque[tuple[float, int, int]] = deque()
+
+    def took(self, now: float, urls: int, flex: bool) -> None:
+        self._taken.append((now, urls, int(flex)))
+        # Pruned here too, not only when read: without the budget exchange nobody reads it.
+        while self._taken[0][0] <= now - USED_SPAN:
+            self._taken.popleft()
+
+    def since(self, now: float, flex_span: float) -> tuple[int, int]:
+        """URLs taken in the last second, flex requests in the last ``flex_span`` seconds (at
+        most ``USED_SPAN``)."""
+        span = max(WINDOW, min(flex_span, USED_SPAN))
+        while self._taken and self._taken[0][0] <= now - span:
+            self._taken.popleft()
+        urls = sum(u for at, u, _ in self._taken if at > now - WINDOW)
+        return urls, sum(f for _, _, f in self._taken)

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import deque
 from dataclasses import dataclass
 
 from worker.clock import Clock
 from worker.cloudflare.backoff import Backoff
-from worker.cloudflare.meters import MIN_WAIT_STEP, WINDOW, Bucket, Ticket, Window
+from worker.cloudflare.meters import MIN_WAIT_STEP, WINDOW, Bucket, Ticket, Usage, Window
 from worker.cloudflare.tiers import PlanLimits
 from worker.errors import Abandoned
 from worker.targets import Kind
@@ -34,8 +33,6 @@ SAFETY = 0.95
 # server counts it in. At 98 %, 12,000 URLs on a 3,000 URL/s plan took five seconds, not four.
 URL_SAFETY = 1.0
 MAX_WAIT_STEP = 0.05
-# How far back what was taken is remembered, for the demand reported to the budget exchange.
-USED_SPAN = 60.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +66,7 @@ class AccountRateLimiter:
         self._caps: dict[Kind, int] = {}
         self._shared = False  # set_share not called yet
         # What was taken lately, for the demand this worker reports: (when, URLs, flex requests).
-        self._used: deque[tuple[float, int, int]] = deque()
+        self._used = Usage()
         self._share_set_at = -math.inf
         # Flex requests out, and whether the exchange says nobody else spends the account.
         self._flex_out: list[Ticket] = []
@@ -157,22 +154,21 @@ class AccountRateLimiter:
                 ticket = [now, float(cost)]
                 self._flex_out.append(ticket)
         if wait == 0:
-            url = kind.metered_per_item
-            self._used.append((now, items if url else 0, 0 if url else 1))
-            # Pruned here too, not only when read: without the budget exchange nobody reads it.
-            while self._used[0][0] <= now - USED_SPAN:
-                self._used.popleft()
+            self._used.took(now, items if kind.metered_per_item else 0, not kind.metered_per_item)
         return wait, ticket
 
     def used(self, now: float, flex_span: float) -> tuple[int, int]:
-        """URLs taken in the last second and flex requests in the last ``flex_span`` seconds
-        (at most ``USED_SPAN``)."""
-        flex_span = min(flex_span, USED_SPAN)
+        """URLs taken in the last second and flex requests in the last ``flex_span`` seconds."""
         with self._lock:
-            while self._used and self._used[0][0] <= now - max(WINDOW, flex_span):
-                self._used.popleft()
-            urls = sum(u for at, u, _ in self._used if at > now - WINDOW)
-            return urls, sum(f for _, _, f in self._used)
+            return self._used.since(now, flex_span)
+
+    def seconds_for(self, kind: Kind, items: int) -> float:
+        """Seconds of this worker's budget that ``items`` of ``kind`` take at its full rate."""
+        with self._lock:
+            if kind.metered_per_item:
+                return items / self._urls.limit
+            requests = -(-items // self.cap(kind))
+            return requests / self._flex.rate
 
     def largest(self, kind: Kind) -> int:
         """The most items of ``kind`` one request may carry within this worker's budget: a URL

@@ -86,6 +86,13 @@ class Intake:
                 pending_records=pending_records,
             )
 
+    def behind(self, consumed: Mapping[TopicPartition, int]) -> bool:
+        """More than a poll's worth of records is still to be read (from the last consumed
+        offsets), and reading goes on (not paused for the backlog)."""
+        if self._paused:
+            return False
+        return sum(self.source.lag(dict(consumed)).values()) > self._max
+
     def pause(self) -> None:
         """Take no more records (the drain)."""
         self.source.pause()

@@ -81,12 +81,16 @@ class Coalescer:
         upcoming = [end for end in ends if end > now]
         return min(upcoming) if upcoming else None
 
-    def ready(self, *, drain: bool = False) -> list[Due]:
-        """What is due now, oldest window first. ``drain`` makes everything due (shutdown)."""
+    def ready(self, *, drain: bool = False, defer: float = 0.0) -> list[Due]:
+        """What is due now, oldest window first. ``drain`` makes everything due (shutdown);
+        ``defer`` keeps every window open that much longer, full requests too."""
         now = self._clock.monotonic()
         out: list[Due] = []
         for (zone_id, mode), bucket in self._buckets.items():
-            whole = drain or now - bucket.first_at >= self._window
+            age = now - bucket.first_at
+            if age < defer and not drain:
+                continue
+            whole = drain or age >= self._window + defer
             for kind in Kind:
                 count = bucket.count(kind)
                 if not count:

@@ -58,6 +58,12 @@ class PurgeLedger:
     def __len__(self) -> int:
         return len(self._sent)
 
+    @property
+    def margin(self) -> float:
+        """How much older than a purge's send a record must be for the purge to cover it (0
+        when the ledger is off: nothing is covered, and nothing is gained by waiting)."""
+        return self._margin if self._enabled else 0.0
+
     def check(
         self, zone_id: str, mode: Mode, target: Target, event_time: float | None
     ) -> _Covered | Pending | None:

@@ -9,6 +9,7 @@ items it owns. Not thread-safe: only the loop's thread touches it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 
 from worker.observe import metrics
@@ -31,6 +32,12 @@ class PendingTargets:
         self._learned = learned
         # Targets counted per step, not per target: the loop handles thousands a second.
         self._tally: dict[tuple[Kind, str], int] = {}
+        self._newest = -math.inf  # the latest event time of a record taken
+
+    def young(self, now: float) -> float:
+        """How much longer the newest record taken stays younger than the ledger's margin
+        (0: it is older): a purge sent before then covers no record of that age read later."""
+        return max(0.0, self._newest + self.ledger.margin - now)
 
     @property
     def size(self) -> int:
@@ -46,6 +53,8 @@ class PendingTargets:
         """Take ``plan``'s targets for ``owner``; returns how many of them it must wait for
         (the ones the ledger finds already purged are done now). Never blocks."""
         event_time = plan.ledger_time
+        if event_time is not None and event_time > self._newest:
+            self._newest = event_time
         check, add, tally = self.ledger.check, self.coalescer.add, self._tally
         waiting = 0
         for zone, mode, target in plan.targets:

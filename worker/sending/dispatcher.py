@@ -67,12 +67,13 @@ class Dispatcher:
         due batch was refused): when the loop should look again."""
         return self._budget_at
 
-    def dispatch(self, *, drain: bool = False) -> int:
+    def dispatch(self, *, drain: bool = False, defer: float = 0.0) -> int:
         """Send every due batch whose budget is there, while threads are free. Never blocks.
-        ``drain`` makes every pending target due (shutdown). Returns how many batches went."""
+        ``drain`` makes every pending target due (shutdown); ``defer`` keeps windows open
+        longer (``Coalescer.ready``). Returns how many batches went."""
         sent = 0
         self._budget_at = None
-        for due in self._coalescer.ready(drain=drain):
+        for due in self._coalescer.ready(drain=drain, defer=defer):
             dest = self._destinations[due.zone_id]
             cap = dest.limiter.cap(due.kind)
             # A small share of the URL budget sends smaller requests, never one above its second.
@@ -101,6 +102,14 @@ class Dispatcher:
             if len(self._futures) >= self._concurrency:
                 break
         return sent
+
+    def budget_bound(self) -> bool:
+        """More is pending for some account than this worker's share of it sends in a
+        second: the budget, not the window, decides when targets go."""
+        for (zone_id, kind), count in self._coalescer.pending_by_kind().items():
+            if self._destinations[zone_id].limiter.seconds_for(kind, count) > 1.0:
+                return True
+        return False
 
     def _submit(self, dest: Destination, batch: Batch, ticket: Ticket | None) -> None:
         batch.sent_at = self._clock.time()

@@ -53,10 +53,15 @@ class Sending:
         is back, and the wall-clock time shares may next change (None: not known)."""
         return self.dispatcher.budget_at, self.shares.next_change()
 
-    def send(self, *, drain: bool = False) -> int:
+    def send(self, *, drain: bool = False, defer: float = 0.0) -> int:
         """Send what is due and has budget, while threads are free; ``drain`` makes everything
-        pending due. Never blocks. Returns the requests sent."""
-        return self.dispatcher.dispatch(drain=drain)
+        pending due, ``defer`` keeps windows open longer. Never blocks. Returns the requests
+        sent."""
+        return self.dispatcher.dispatch(drain=drain, defer=defer)
+
+    def budget_bound(self) -> bool:
+        """More is pending than a second of this worker's budget sends."""
+        return self.dispatcher.budget_bound()
 
     def collect(self, timeout: float = 0.0) -> list[Ended]:
         """The items of every request that ended, waiting up to ``timeout`` for the first."""
