@@ -38,7 +38,7 @@ def main() -> int:
     runs: dict[tuple[str, bool], list[dict[str, Any]]] = {}
     broker = Broker().start()
     try:
-        backlog = bench.Backlog(broker.bootstrap)
+        backlog = bench.aged_backlog(broker.bootstrap)
         for part in PARTS:
             plan = None if part == "ingest" else part
             for pair in range(PAIRS):
