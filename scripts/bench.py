@@ -478,7 +478,7 @@ def unique_backlog(bootstrap: str) -> Workload:
 
 
 def fresh_burst(bootstrap: str, run: int, read: list[float]) -> Workload:
-    """A bulk re-publish: 120,000 events over 24,000 targets, produced just before the drain.
+    """A bulk re-publish: 120,000 events over 32,000 targets, produced just before the drain.
     ``read``: the bare reader's spans on the aged backlog (as many events, as large)."""
     values, urls, tags = backlog_events(n(120_000), max(100, n(8_000)))
     topic = f"bench-burst-{run}"
