@@ -247,3 +247,21 @@ def test_no_urls_left_waits_for_the_reset():
     clock.advance(2)
     lim.learn_left(Kind.FILES, 0, 3)
     assert lim.ready_in(Kind.FILES, 1) == pytest.approx(3)
+
+
+def test_alone_and_following_the_apis_count_the_bucket_refills_at_the_plans_full_rate():
+    def pace(alone):
+        clock = MockClock()
+        lim = AccountRateLimiter(limits_for(Tier.PRO), clock)
+        lim.set_alone(alone)
+        clock.advance(0.3)
+        ticket = lim.reserve_ticket(Kind.TAGS, 1)[1]
+        lim.learn_left(Kind.TAGS, 0, 5)  # the bucket is spent
+        lim.completed(ticket)
+        start = clock.monotonic()
+        for _ in range(10):
+            lim.acquire(Kind.TAGS, 1)
+        return clock.monotonic() - start
+
+    assert pace(alone=True) == pytest.approx(10 / 5, rel=0.02)
+    assert pace(alone=False) == pytest.approx(10 / (5 * SAFETY), rel=0.02)

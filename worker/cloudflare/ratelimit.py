@@ -71,6 +71,7 @@ class AccountRateLimiter:
         # Flex requests out, and whether the exchange says nobody else spends the account.
         self._flex_out: list[Ticket] = []
         self._alone = False
+        self._synced = False  # the bucket was set from the API's count, alone
         now = clock.monotonic()
         self._flex = Bucket(1.0, 1.0, now)
         self._urls = Window(self._url_limit(), now)
@@ -83,11 +84,13 @@ class AccountRateLimiter:
         return self._limits.urls_per_second * URL_SAFETY * self._url_share * self._backoff.factor
 
     def _resize(self, now: float) -> None:
-        scale = SAFETY * self._flex_share * self._backoff.factor
+        # Alone and following the API's count, the bucket needs no slack: each answer resets it.
+        safety = 1.0 if self._alone and self._synced else SAFETY
+        scale = safety * self._flex_share * self._backoff.factor
         flex_rate = self._limits.flex_refill_per_second * scale
         # A worker's burst is its share of the bucket, never less than one request, so a
         # full-size request can always eventually pass.
-        flex_cap = max(1.0, self._limits.flex_bucket * self._flex_share * SAFETY)
+        flex_cap = max(1.0, self._limits.flex_bucket * self._flex_share * safety)
         self._flex.refill(now)
         self._flex.rate = max(flex_rate, 1e-6)
         self._flex.capacity = flex_cap
@@ -180,9 +183,8 @@ class AccountRateLimiter:
             return min(self.cap(kind), max(1, int(self._urls.limit + 1e-9)))
 
     def room(self, kind: Kind) -> int:
-        """How many items of ``kind`` could go in one request right now (URLs only: a flex
-        request costs the same whatever its size). None while shares move: filling a window to
-        the last URL leaves no slack for the requests another worker still has in flight."""
+        """URLs that could go in one request now; none while shares move (filling a window to
+        the last URL leaves no slack for requests another worker still has in flight)."""
         if not kind.metered_per_item:
             return 0
         with self._lock:
@@ -194,20 +196,19 @@ class AccountRateLimiter:
 
     def completed(self, ticket: Ticket | None) -> None:
         """The request a ticket was taken for has ended (answered or failed)."""
-        if ticket is None:
-            return
         with self._lock:
-            for i, out in enumerate(self._flex_out):
-                if out is ticket:
-                    del self._flex_out[i]
-                    return
-            self._urls.restamp(ticket, self._clock.monotonic())
+            flex = next((i for i, out in enumerate(self._flex_out) if out is ticket), None)
+            if flex is not None:
+                del self._flex_out[flex]
+            elif ticket is not None:
+                self._urls.restamp(ticket, self._clock.monotonic())
 
     def set_alone(self, alone: bool) -> None:
-        """Whether this worker is known to be the only one spending the account (the budget
-        exchange heard nobody else): then what the API says is left is all this worker's."""
+        """The budget exchange heard nobody else: what the API says is left is all ours."""
         with self._lock:
-            self._alone = alone
+            if alone != self._alone:
+                self._alone, self._synced = alone, False
+                self._resize(self._clock.monotonic())
 
     def idle_account(self) -> None:
         """Nobody has spent the account for seconds (the budget exchange heard nobody): the URL
@@ -216,11 +217,9 @@ class AccountRateLimiter:
             self._urls.forget_others(self._clock.monotonic())
 
     def learn_left(self, kind: Kind, remaining: int | None, reset: float | None) -> None:
-        """An accepted request's answer said ``remaining`` was left when the API took it
-        (``Ratelimit: "default";r=<remaining>;t=<reset>``); its ticket is still out. Flex: the
-        bucket follows it (``Bucket.learn``): down always, up only alone (else others may be
-        owed the rest); so a worker that starts with an empty bucket learns it is full. URLs:
-        none left means wait for the reset."""
+        """An accepted answer said ``remaining`` was left (``Ratelimit: "default";r=..;t=..``)
+        when the API took the request, whose ticket is still out. Flex: the bucket follows it,
+        up only alone (``Bucket.learn``). URLs: none left means wait for the reset."""
         if remaining is None:
             return
         if kind.metered_per_item:
@@ -230,7 +229,11 @@ class AccountRateLimiter:
             with self._lock:
                 others = len(self._flex_out) - 1
                 alone = self._alone and self._flex_share >= 1.0
-                self._flex.learn(remaining - others, self._clock.monotonic(), rise=alone)
+                now = self._clock.monotonic()
+                self._flex.learn(remaining - others, now, rise=alone)
+                if alone and not self._synced:
+                    self._synced = True
+                    self._resize(now)
 
     def acquire(self, kind: Kind, items: int) -> float:
         """Block until a request of ``items`` of ``kind`` may be sent; return the seconds waited.
