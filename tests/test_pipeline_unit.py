@@ -542,12 +542,12 @@ def _drain_burst(records, clock, plan="pro"):
 
 
 def test_a_fresh_burst_the_budget_cannot_send_at_once_is_read_before_it_is_sent():
-    # 3,000 URLs (four seconds of the free plan's budget), each twice, the repeats read 1.5 s
-    # after the first ones, all younger than the ledger's margin: a purge sent before a repeat
+    # 1,000 URLs (more than a second of the free plan's budget), each six times over three
+    # seconds of reading, all younger than the ledger's margin: a purge sent before a repeat
     # is read would not cover it (the ledger's rule), so the targets wait for the rest.
     clock = MockClock()
-    paths = [f"p{i}" for i in range(3000)]
-    sent, _ = _drain_burst(_burst(clock, paths, 2), clock, plan="free")
+    paths = [f"p{i}" for i in range(1000)]
+    sent, _ = _drain_burst(_burst(clock, paths, 6), clock, plan="free")
     assert sorted(sent) == sorted(f"https://www.example.com/{p}" for p in paths)
 
 
@@ -558,6 +558,15 @@ def test_with_budget_to_spare_a_fresh_burst_waits_for_nothing_but_its_window():
     sent, first_send = _drain_burst(_burst(clock, paths, 150), clock)
     assert first_send is not None and first_send - started < 2.5  # window 1 s + start
     assert len(sent) > len(paths)  # repeats read after a purge went again: latency first
+
+
+def test_a_fresh_burst_of_targets_that_do_not_repeat_waits_for_nothing():
+    clock = MockClock()
+    started = clock.monotonic()
+    paths = [f"p{i}" for i in range(6000)]
+    sent, first_send = _drain_burst(_burst(clock, paths, 1), clock, plan="free")
+    assert first_send is not None and first_send - started < 2.5
+    assert sorted(sent) == sorted(f"https://www.example.com/{p}" for p in paths)
 
 
 def test_an_aged_backlog_the_budget_cannot_send_at_once_waits_for_nothing():

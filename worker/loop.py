@@ -200,6 +200,7 @@ class Loop:
         """Hand the plans ready (or ``plans``) to the pending stage and the outcome stage."""
         ready = self.planning.poll() if plans is None else plans
         self.pending.learn()  # what receipts told since, before any target meets the ledger
+        self.pending.begin()
         for ref, plan in ready:
             if ref in self.outcome.records:  # else its partition was revoked or rewound
                 self.outcome.planned(ref, plan, self.pending.add(ref, plan))
@@ -218,8 +219,9 @@ class Loop:
         targets go, a purge sent now would go again for the records still to come (the ledger
         covers only records older than the margin at the send: a bulk re-publish sent 1.6
         items per distinct one). So what is pending waits for them, at most the margin; with
-        budget to spare, old records, or nothing more to read, nothing waits."""
-        if not self.pending.young(self.clock.time()) or not self.sending.budget_bound():
+        budget to spare, old records, targets that do not repeat, or nothing more to read,
+        nothing waits."""
+        if not self.pending.repeating(self.clock.time()) or not self.sending.budget_bound():
             return 0.0
         if not self.intake.behind(self.outcome.records.last_seen()):
             return 0.0

@@ -19,6 +19,8 @@ from worker.pending.ledger import COVERED, Key, PurgeLedger
 from worker.planning.planner import Planned
 from worker.targets import Kind
 
+# The share of targets meeting a pending one, from which a young backlog is worth waiting for.
+REPEATING = 0.1
 # What the ledger learns from outside between steps: the receipts feed's ``take``.
 Learned = Callable[[], Sequence[tuple[Key, float]]]
 
@@ -33,11 +35,16 @@ class PendingTargets:
         # Targets counted per step, not per target: the loop handles thousands a second.
         self._tally: dict[tuple[Kind, str], int] = {}
         self._newest = -math.inf  # the latest event time of a record taken
+        # Of the targets lately taken that were not already purged, the share that met one
+        # pending or in flight: how likely what is pending is to meet more of itself.
+        self.repeats = 0.0
+        self._size = 0
 
-    def young(self, now: float) -> float:
-        """How much longer the newest record taken stays younger than the ledger's margin
-        (0: it is older): a purge sent before then covers no record of that age read later."""
-        return max(0.0, self._newest + self.ledger.margin - now)
+    def repeating(self, now: float) -> bool:
+        """Whether waiting for the records still unread would save sends: the newest record
+        taken is younger than the ledger's margin (a purge sent now would not cover its repeats
+        read later), and targets lately met themselves again (at least one in ten)."""
+        return self._newest + self.ledger.margin > now and self.repeats >= REPEATING
 
     @property
     def size(self) -> int:
@@ -78,8 +85,16 @@ class PendingTargets:
         gone: the work would only be done again by their new owner). Returns the items gone."""
         return self.coalescer.discard(drop)
 
+    def begin(self) -> None:
+        """A step's targets are about to be taken (the sends since took some out)."""
+        self._size = self.coalescer.pending
+
     def flush_metrics(self) -> None:
-        """Count the targets taken since the last call."""
+        """Count the targets taken since ``begin``."""
+        met = sum(n for (_, how), n in self._tally.items() if how != "sent")
+        if met:
+            again = met - (self.coalescer.pending - self._size)
+            self.repeats = 0.5 * self.repeats + 0.5 * again / met
         for (kind, how), n in self._tally.items():
             metrics.child(metrics.TARGETS, kind.value).inc(n)
             if how:
