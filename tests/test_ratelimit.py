@@ -212,20 +212,22 @@ def test_what_the_api_says_is_left_lowers_the_bucket_always_and_raises_it_only_a
     tickets = [lim.reserve_ticket(Kind.TAGS, 100)[1] for _ in range(2)]
     assert lim.reserve(Kind.TAGS, 100) > 0
     # Not known to be alone: an answer saying 20 are left may be owed to others.
-    lim.learn_left(Kind.TAGS, 20, 4)
+    lim.learn_left(Kind.TAGS, 20, 4, tickets[0])
     assert lim.reserve(Kind.TAGS, 100) > 0
     lim.set_alone(True)
-    lim.learn_left(Kind.TAGS, 20, 4)  # the other request out may not be counted in the 20 yet
+    # The request taken after it may not be counted in the 20 yet.
+    lim.learn_left(Kind.TAGS, 20, 4, tickets[0])
     burst = [lim.reserve_ticket(Kind.TAGS, 100) for _ in range(19)]
     assert [wait for wait, _ in burst] == [0.0] * 19
     assert lim.reserve(Kind.TAGS, 100) > 0
-    for _, ticket in [*burst, (0, tickets[1])]:
+    for _, ticket in [*burst, (0, tickets[0]), (0, tickets[1])]:
         lim.completed(ticket)
     # Fewer left than the model thinks (someone else spent them): believed at once, alone or not.
     lim.set_alone(False)
-    clock.advance(1.0)  # 4.75 tokens back; the answer to the first request out says 1
-    lim.learn_left(Kind.TAGS, 1, 4)
-    lim.completed(tickets[0])
+    clock.advance(1.0)  # 4.75 tokens back
+    late = lim.reserve_ticket(Kind.TAGS, 100)[1]
+    lim.learn_left(Kind.TAGS, 1, 4, late)
+    lim.completed(late)
     assert lim.reserve(Kind.TAGS, 100) == 0
     assert lim.reserve(Kind.TAGS, 100) > 0
 
@@ -236,7 +238,7 @@ def test_the_bucket_never_rises_above_this_workers_part_of_it():
     lim.set_alone(True)
     clock.advance(0.3)
     ticket = lim.reserve_ticket(Kind.TAGS, 1)[1]
-    lim.learn_left(Kind.TAGS, 1000, 0)  # nonsense from the API: capped at the bucket
+    lim.learn_left(Kind.TAGS, 1000, 0, ticket)  # nonsense from the API: capped at the bucket
     lim.completed(ticket)
     assert sum(lim.reserve(Kind.TAGS, 1) == 0 for _ in range(30)) == int(25 * SAFETY)
 
@@ -245,7 +247,7 @@ def test_no_urls_left_waits_for_the_reset():
     clock = MockClock()
     lim = AccountRateLimiter(limits_for(Tier.PRO), clock)
     clock.advance(2)
-    lim.learn_left(Kind.FILES, 0, 3)
+    lim.learn_left(Kind.FILES, 0, 3, None)
     assert lim.ready_in(Kind.FILES, 1) == pytest.approx(3)
 
 
@@ -256,7 +258,7 @@ def test_alone_and_following_the_apis_count_the_bucket_refills_at_the_plans_full
         lim.set_alone(alone)
         clock.advance(0.3)
         ticket = lim.reserve_ticket(Kind.TAGS, 1)[1]
-        lim.learn_left(Kind.TAGS, 0, 5)  # the bucket is spent
+        lim.learn_left(Kind.TAGS, 0, 5, ticket)  # the bucket is spent
         lim.completed(ticket)
         start = clock.monotonic()
         for _ in range(10):
@@ -279,3 +281,18 @@ def test_urls_are_spent_to_the_plans_limit_alone_and_with_two_percent_spare_when
     clock.advance(1)
     assert lim.reserve(Kind.FILES, 1000) == 0
     assert lim.reserve(Kind.FILES, 471) > 0
+
+
+def test_an_answer_is_never_taken_to_count_requests_the_api_may_have_taken_after_it():
+    # Answers come back in any order: a request taken after this one may be answered first, yet
+    # the API took it after this one, so this answer's count does not include it.
+    clock = MockClock()
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock)
+    lim.set_alone(True)
+    clock.advance(1.0)
+    first = lim.reserve_ticket(Kind.TAGS, 1)[1]
+    second = lim.reserve_ticket(Kind.TAGS, 1)[1]
+    lim.completed(second)  # answered first
+    lim.learn_left(Kind.TAGS, 3, 1, first)  # 3 left after the first: 2 after the second
+    lim.completed(first)
+    assert [lim.reserve(Kind.TAGS, 1) == 0 for _ in range(3)] == [True, True, False]

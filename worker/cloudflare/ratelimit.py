@@ -1,15 +1,8 @@
-"""A client-side model of one account's purge budget, so the worker never causes a 429.
-
-Two budgets, on an injected clock:
-
-- flex requests (tags, hosts, prefixes, everything): the documented token bucket and refill rate;
-- URLs: at most ``urls_per_second`` in any one-second window. Cloudflare meters URLs as a
-  per-second moving average, and a token bucket lets a window exceed that by its capacity (a
-  bucket holding one 100-URL request on a 1,500 URL/s plan still allows 1,525 in some second).
-
-When several workers share an account, each spends only its share of each budget (``set_share``:
-from the demand exchange, or the partitions it owns). A 429 anyway slows it (``backoff.py``).
-"""
+"""A client-side model of one account's purge budget, so the worker never causes a 429, on an
+injected clock: flex requests (tags, hosts, prefixes, everything) on the documented token
+bucket; URLs at most ``urls_per_second`` in any one-second window (Cloudflare meters a moving
+second, and a bucket would let a second exceed the plan by its capacity). Each worker spends
+its share of each (``set_share``); a 429 anyway slows it (``backoff.py``)."""
 
 from __future__ import annotations
 
@@ -70,6 +63,7 @@ class AccountRateLimiter:
         self._share_set_at = -math.inf
         # Flex requests out, and whether the exchange says nobody else spends the account.
         self._flex_out: list[Ticket] = []
+        self._flex_taken = 0
         self._alone = False
         self._synced = False  # the bucket was set from the API's count, alone
         now = clock.monotonic()
@@ -122,8 +116,7 @@ class AccountRateLimiter:
                 self._urls.hold(self._urls.limit - before, now)
 
     def reserve(self, kind: Kind, items: int) -> float:
-        """Take one request's budget if it is there (0), else nothing and the wait for it."""
-        return self.reserve_ticket(kind, items)[0]
+        return self.reserve_ticket(kind, items)[0]  # the wait (0: taken)
 
     def reserve_ticket(self, kind: Kind, items: int) -> tuple[float, Ticket | None]:
         """``reserve``, with a ticket to hand to ``completed`` when the request ends."""
@@ -155,7 +148,9 @@ class AccountRateLimiter:
             wait = self._flex.take(cost, now)
             ticket = None
             if wait == 0:
-                ticket = [now, float(cost)]
+                # Its place among flex requests, and how many were out: see ``learn_left``.
+                self._flex_taken += 1
+                ticket = [now, float(cost), self._flex_taken, len(self._flex_out)]
                 self._flex_out.append(ticket)
         if wait == 0:
             self._used.took(now, items if kind.metered_per_item else 0, not kind.metered_per_item)
@@ -212,15 +207,17 @@ class AccountRateLimiter:
                 self._resize(self._clock.monotonic())
 
     def idle_account(self) -> None:
-        """Nobody has spent the account for seconds (the budget exchange heard nobody): the URL
-        window need not count what others may have spent (see ``Window``)."""
+        """Nobody spent the account for seconds: the URL window forgets others' spend."""
         with self._lock:
             self._urls.forget_others(self._clock.monotonic())
 
-    def learn_left(self, kind: Kind, remaining: int | None, reset: float | None) -> None:
-        """An accepted answer said ``remaining`` was left (``Ratelimit: "default";r=..;t=..``)
-        when the API took the request, whose ticket is still out. Flex: the bucket follows it,
-        up only alone (``Bucket.learn``). URLs: none left means wait for the reset."""
+    def learn_left(
+        self, kind: Kind, remaining: int | None, reset: float | None, ticket: Ticket | None
+    ) -> None:
+        """The answer to ``ticket``'s request said ``remaining`` was left when the API took it
+        (``Ratelimit: "default";r=..;t=..``). Flex: the bucket follows it, less every request
+        the API may have taken after it (out when it was taken, or taken since: answers come
+        back in any order), up only alone (``Bucket.learn``). URLs: none left means wait."""
         if remaining is None:
             return
         if kind.metered_per_item:
@@ -228,7 +225,9 @@ class AccountRateLimiter:
                 self.pause(reset)
         elif not self._flex_cost_per_item:  # else the API's count is not in tokens
             with self._lock:
-                others = len(self._flex_out) - 1
+                others = len(self._flex_out)
+                if ticket is not None and len(ticket) == 4:
+                    others = self._flex_taken - int(ticket[2]) + int(ticket[3])
                 alone = self._alone and self._flex_share >= 1.0
                 now = self._clock.monotonic()
                 self._flex.learn(remaining - others, now, rise=alone)

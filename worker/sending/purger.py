@@ -153,7 +153,7 @@ class Purger:
                     metrics.LIMITER_WAIT.inc(waited)
             out.requests += 1
             try:
-                request_id = self._attempt(dest, kind, mode, items)
+                request_id = self._attempt(dest, kind, mode, items, held)
                 if request_id:
                     out.request_ids.append(request_id)
             finally:
@@ -174,9 +174,14 @@ class Purger:
         call_with_retries(attempt, self._policy, self._clock, on_retry, self._cancel)
 
     def _attempt(
-        self, dest: Destination, kind: Kind, mode: Mode, items: Sequence[object]
+        self,
+        dest: Destination,
+        kind: Kind,
+        mode: Mode,
+        items: Sequence[object],
+        ticket: Ticket | None = None,
     ) -> str | None:
-        """One request; returns the API's request id."""
+        """One request (its budget taken as ``ticket``); returns the API's request id."""
         started = time.perf_counter()
         status: int | None = None
         try:
@@ -195,7 +200,7 @@ class Purger:
             metrics.REQUEST_SECONDS.labels(kind.value).observe(time.perf_counter() - started)
         dest.limiter.on_success()
         # What the API says is left: the model follows it (before this request's ticket ends).
-        dest.limiter.learn_left(kind, accepted.remaining, accepted.reset_seconds)
+        dest.limiter.learn_left(kind, accepted.remaining, accepted.reset_seconds, ticket)
         metrics.ITEMS_SENT.labels(kind.value).inc(len(items))
         log.info(
             "purge accepted",
