@@ -182,6 +182,9 @@ def config(
             "dead_letter_topic": f"{topic}.dlq",
             "max_poll_records": 2000,
             "receipts_topic": f"{group}.receipts" if receipts else None,
+            # Each group its own budget exchange: a drain must not hear the worker of the drain
+            # before it (which spent another emulator's budget) and wait for it to leave.
+            "budget_topic": f"{group}.shares",
         },
         "cloudflare": {
             "base_url": emulator.url + "/client/v4",
