@@ -367,7 +367,7 @@ def test_a_worker_reports_from_the_start_and_alone_sends_urls_at_once():
     assert limiter.ready_in(Kind.FILES, 100) > 0.5  # the window started full
     keeper.update(urls(5000), 1, 1)
     assert keeper.shares()["main"].urls == 1.0
-    assert limiter.reserve(Kind.FILES, 1500) == 0  # the whole second's budget, at once
+    assert limiter.reserve(Kind.FILES, 1470) == 0  # the whole second's budget, at once
     assert limiter.ready_in(Kind.FILES, 1) > 0.9  # and no more
 
 

@@ -21,9 +21,10 @@ from worker.targets import Kind
 # lockstep (requests arrive a little after they leave), and a 429 costs far more than the few
 # percent left unused.
 SAFETY = 0.95
-# A lone worker's URLs need no slack: a request holds its window from the reservation until a
-# second after it completed, which covers the second the server counts it in (at 98 %, 12,000
-# URLs on 3,000 URL/s took five seconds, not four). Workers sharing an account keep 2 %.
+# URLs need less slack than the bucket: a request holds the window from its reservation until a
+# second after it completed, which covers the second the server counts it in. Spending it all
+# alone cost a 429 when replicas joined mid-drain: the lone worker's last second was full when
+# the split moved, and splits apply on each worker's own clock.
 URL_SAFETY = 0.98
 MAX_WAIT_STEP = 0.05
 
@@ -75,8 +76,7 @@ class AccountRateLimiter:
         self._flex.tokens = self._flex.capacity if start_full else 0.0
 
     def _url_limit(self) -> float:
-        safety = 1.0 if self._alone else URL_SAFETY
-        return self._limits.urls_per_second * safety * self._url_share * self._backoff.factor
+        return self._limits.urls_per_second * URL_SAFETY * self._url_share * self._backoff.factor
 
     def _resize(self, now: float) -> None:
         # Alone and following the API's count, the bucket needs no slack: each answer resets it.
