@@ -107,10 +107,13 @@ def test_rate_budget_holds_across_three_replicas(
         # evenly over the partitions: this measures how they split the account's budget.
         for _ in range(3):
             workers.start()
+        # The shares settle before the assignment can: wait for both, or a burst may land on
+        # one replica that a rebalance then interrupts mid-drain.
+        in_group = settled(workers, 3, 6)
         wait_for(
-            lambda: all('"share": 0.333' in workers.log(i) for i in range(3)),
+            lambda: in_group() and all('"share": 0.333' in workers.log(i) for i in range(3)),
             timeout=60,
-            what="three replicas with a third of the budget each",
+            what="three replicas with two partitions and a third of the budget each",
         )
         produce(kafka_bootstrap, topic, events, key=None, spread=6)
         wait_for(
