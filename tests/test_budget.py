@@ -148,6 +148,7 @@ class FakeExchange:
         self.up = True
         self.closed = False
         self.first_sent = None
+        self.caught_up = True
 
     def publish(self, reports):
         at = self.clock.time() + self.skew
@@ -367,8 +368,64 @@ def test_a_worker_reports_from_the_start_and_alone_sends_urls_at_once():
     assert limiter.ready_in(Kind.FILES, 100) > 0.5  # the window started full
     keeper.update(urls(5000), 1, 1)
     assert keeper.shares()["main"].urls == 1.0
-    assert limiter.reserve(Kind.FILES, 1470) == 0  # the whole second's budget, at once
+    assert limiter.reserve(Kind.FILES, 1000) == 0  # the plan's whole second, at once
+    assert limiter.reserve(Kind.FILES, 500) == 0
     assert limiter.ready_in(Kind.FILES, 1) > 0.9  # and no more
+
+
+def test_a_worker_that_has_not_read_the_exchange_yet_is_not_alone():
+    clock = MockClock(wall=1_800_000_000.05)
+    keeper, _, exchange = keeper_for(clock, Board(), "a")
+    exchange.caught_up = False  # reports written before it started may be unread
+    clock.advance(CUTOFF)
+    keeper.update(urls(5000), 1, 1)
+    assert keeper.shares()["main"].urls == JOINING_SHARE
+    exchange.caught_up = True
+    keeper.update(urls(5000), 1, 1)
+    assert keeper.shares()["main"].urls == 1.0
+
+
+def test_a_lone_worker_keeps_slack_as_soon_as_it_hears_another():
+    # Alone it spends the plan's whole URL figure; the moment another worker's report arrives
+    # it keeps 2 % spare, before any split moves the shares.
+    clock = MockClock(wall=1_800_000_000.05)
+    board = Board()
+    a, accounts, _ = keeper_for(clock, board, "a")
+    clock.advance(CUTOFF)
+    a.update(urls(5000), 1, 1)
+    limiter = accounts.limiters["main"]
+    assert limiter.reserve(Kind.FILES, 1000) == 0
+    assert limiter.reserve(Kind.FILES, 500) == 0
+    clock.advance(1.01)
+    keeper_for(clock, board, "b")  # its first report goes out as it starts
+    clock.advance(0.2)
+    a.update(urls(5000), 1, 2)
+    assert a.shares()["main"].urls == 1.0  # the split has not moved yet
+    assert limiter.reserve(Kind.FILES, 1000) == 0
+    assert limiter.reserve(Kind.FILES, 471) > 0
+    assert limiter.reserve(Kind.FILES, 470) == 0
+
+
+def test_a_worker_joining_one_that_was_alone_spends_nothing_for_a_window():
+    # The worker alone may have spent the plan's whole second just before it heard this one.
+    clock = MockClock(wall=1_800_000_000.05)
+    board = Board()
+    a, _, _ = keeper_for(clock, board, "a")
+    clock.advance(CUTOFF)
+    a.update(urls(5000), 1, 1)
+    clock.advance(2.0)
+    a.update(urls(5000), 1, 1)
+    b, accounts, _ = keeper_for(clock, board, "b")
+    clock.advance(CUTOFF + 0.01)
+    b.update(urls(5000), 1, 2)
+    assert b.shares()["main"].urls == JOINING_SHARE
+    clock.advance(0.9)
+    a.update(urls(5000), 1, 2)
+    b.update(urls(5000), 1, 2)
+    # Started 1.3 s ago, so its start-up window is over; the hold from hearing the other is not.
+    assert accounts.limiters["main"].ready_in(Kind.FILES, 1) > 0
+    clock.advance(0.2)
+    assert accounts.limiters["main"].ready_in(Kind.FILES, 1) == 0
 
 
 def test_a_worker_that_hears_another_keeps_the_window_it_started_with():

@@ -269,6 +269,20 @@ def test_alone_and_following_the_apis_count_the_bucket_refills_at_the_plans_full
     assert pace(alone=False) == pytest.approx(10 / (5 * SAFETY), rel=0.02)
 
 
+def test_urls_are_spent_to_the_plans_limit_alone_and_with_two_percent_spare_when_shared():
+    clock = MockClock()
+    lim = AccountRateLimiter(limits_for(Tier.PRO), clock)
+    clock.advance(1)
+    assert lim.reserve(Kind.FILES, 1000) == 0
+    assert lim.reserve(Kind.FILES, 471) > 0  # shared (or not known to be alone): 98 %
+    lim.set_alone(True)
+    assert lim.reserve(Kind.FILES, 500) == 0
+    lim.set_alone(False)  # another worker appeared: less at once
+    clock.advance(1)
+    assert lim.reserve(Kind.FILES, 1000) == 0
+    assert lim.reserve(Kind.FILES, 471) > 0
+
+
 def test_an_answer_is_never_taken_to_count_requests_the_api_may_have_taken_after_it():
     # Answers come back in any order: a request taken after this one may be answered first, yet
     # the API took it after this one, so this answer's count does not include it.

@@ -39,7 +39,8 @@ from worker.receipts import source_of
 from worker.sending.accounts import Accounts
 from worker.sending.dispatcher import Dispatcher
 from worker.sending.purger import Purger
-from worker.sending.shares import Exchange, ShareKeeper
+from worker.sending.shares import ShareKeeper
+from worker.sending.split import Exchange
 from worker.sending.stage import Sending
 
 log = structlog.get_logger("worker.app")

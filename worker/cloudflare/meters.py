@@ -54,6 +54,30 @@ class Bucket:
             self.tokens = left
 
 
+class FlexTickets:
+    """Flex requests out and taken, so that an answer's count of the bucket is never taken to
+    include requests the API may have taken after it (answers come back in any order). A
+    ticket is [when, cost, its place among those taken, how many were out when it was taken]."""
+
+    def __init__(self) -> None:
+        self.out = 0
+        self.taken = 0
+
+    def take(self, now: float, cost: float) -> Ticket:
+        self.taken += 1
+        self.out += 1
+        return [now, cost, float(self.taken), float(self.out - 1)]
+
+    def done(self) -> None:
+        self.out = max(0, self.out - 1)
+
+    def after(self, ticket: Ticket | None) -> int:
+        """Requests the API may have taken after ``ticket``'s: out then, or taken since."""
+        if ticket is None or len(ticket) != 4:
+            return self.out
+        return self.taken - int(ticket[2]) + int(ticket[3])
+
+
 class Window:
     """What was sent in the last second; a send fits while that total stays within ``limit``.
 

@@ -8,29 +8,35 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from worker.clock import Clock
 from worker.cloudflare.backoff import Backoff
-from worker.cloudflare.meters import MIN_WAIT_STEP, WINDOW, Bucket, Ticket, Usage, Window
+from worker.cloudflare.meters import (
+    MIN_WAIT_STEP,
+    WINDOW,
+    Bucket,
+    FlexTickets,
+    Ticket,
+    Usage,
+    Window,
+)
 from worker.cloudflare.tiers import PlanLimits
 from worker.errors import Abandoned
 from worker.targets import Kind
 
-# Spend a little under the documented budget: the server's window and ours do not tick in
-# lockstep (requests arrive a little after they leave), and a 429 costs far more than the few
-# percent left unused.
+# Spend a little under the documented bucket: the server's and ours do not tick in lockstep, and
+# a 429 costs far more than the few percent left unused.
 SAFETY = 0.95
 # URLs need less slack than the bucket: a request holds the window from its reservation until a
-# second after it completed, which covers the second the server counts it in. Spending it all
-# alone cost a 429 when replicas joined mid-drain: the lone worker's last second was full when
-# the split moved, and splits apply on each worker's own clock.
+# second after it completed, which covers the second the server counts it in, so a worker alone
+# on the account spends the plan's whole figure. Workers sharing it keep 2 %: each applies a
+# split on its own clock.
 URL_SAFETY = 0.98
 MAX_WAIT_STEP = 0.05
 
 
-@dataclass(frozen=True)
-class LimiterState:
+class LimiterState(NamedTuple):
     share: float
     flex_share: float
     factor: float
@@ -63,8 +69,7 @@ class AccountRateLimiter:
         self._used = Usage()
         self._share_set_at = -math.inf
         # Flex requests out, and whether the exchange says nobody else spends the account.
-        self._flex_out: list[Ticket] = []
-        self._flex_taken = 0
+        self._flex_out = FlexTickets()
         self._alone = False
         self._synced = False  # the bucket was set from the API's count, alone
         now = clock.monotonic()
@@ -76,7 +81,8 @@ class AccountRateLimiter:
         self._flex.tokens = self._flex.capacity if start_full else 0.0
 
     def _url_limit(self) -> float:
-        return self._limits.urls_per_second * URL_SAFETY * self._url_share * self._backoff.factor
+        safety = 1.0 if self._alone else URL_SAFETY
+        return self._limits.urls_per_second * safety * self._url_share * self._backoff.factor
 
     def _resize(self, now: float) -> None:
         # Alone and following the API's count, the bucket needs no slack: each answer resets it.
@@ -95,13 +101,11 @@ class AccountRateLimiter:
     def set_share(
         self, share: float, flex_share: float | None = None, *, hold: bool = True
     ) -> None:
-        """Spend only this fraction (0 < share <= 1) of the account's URL budget, and of its flex
-        bucket (``flex_share``, the same when not given), from now on.
-
-        With ``hold``, URL budget gained (the first share, or a larger one) is spendable only a
-        window from now: whoever spent it before still has its last second of requests in the
-        server's window. Without, the caller knows that nobody else may spend it (the budget
-        exchange's split)."""
+        """Spend this fraction (0 < share <= 1) of the account's URL budget, and of its flex
+        bucket (``flex_share``; the same when not given), from now on. With ``hold``, URL budget
+        gained is spendable only a window from now: whoever spent it before still has its last
+        second of requests in the server's window. Without, the caller knows nobody else may
+        spend it (the budget exchange's split)."""
         with self._lock:
             now = self._clock.monotonic()
             before = 0.0 if not self._shared else self._urls.limit
@@ -115,8 +119,8 @@ class AccountRateLimiter:
             if self._urls.limit > before and (hold or before == 0.0):
                 self._urls.hold(self._urls.limit - before, now)
 
-    def reserve(self, kind: Kind, items: int) -> float:
-        return self.reserve_ticket(kind, items)[0]  # the wait (0: taken)
+    def reserve(self, kind: Kind, items: int) -> float:  # the wait (0: taken)
+        return self.reserve_ticket(kind, items)[0]
 
     def reserve_ticket(self, kind: Kind, items: int) -> tuple[float, Ticket | None]:
         """``reserve``, with a ticket to hand to ``completed`` when the request ends."""
@@ -129,8 +133,7 @@ class AccountRateLimiter:
             return self._budget(kind, items, take=False)[0]
 
     def _budget(self, kind: Kind, items: int, *, take: bool) -> tuple[float, Ticket | None]:
-        """The wait for a request of ``items`` of ``kind`` (0: it may go now), taking the budget
-        when ``take`` and it is there. Call with the lock held."""
+        """The wait for ``items`` of ``kind`` (0: may go now), taken if ``take``; lock held."""
         now = self._clock.monotonic()
         blocked = self._backoff.blocked_until - now
         if blocked > 0:
@@ -146,12 +149,7 @@ class AccountRateLimiter:
         else:
             cost = items if self._flex_cost_per_item else 1
             wait = self._flex.take(cost, now)
-            ticket = None
-            if wait == 0:
-                # Its place among flex requests, and how many were out: see ``learn_left``.
-                self._flex_taken += 1
-                ticket = [now, float(cost), self._flex_taken, len(self._flex_out)]
-                self._flex_out.append(ticket)
+            ticket = self._flex_out.take(now, float(cost)) if wait == 0 else None
         if wait == 0:
             self._used.took(now, items if kind.metered_per_item else 0, not kind.metered_per_item)
         return wait, ticket
@@ -193,9 +191,8 @@ class AccountRateLimiter:
     def completed(self, ticket: Ticket | None) -> None:
         """The request a ticket was taken for has ended (answered or failed)."""
         with self._lock:
-            flex = next((i for i, out in enumerate(self._flex_out) if out is ticket), None)
-            if flex is not None:
-                del self._flex_out[flex]
+            if ticket is not None and len(ticket) == 4:
+                self._flex_out.done()
             elif ticket is not None:
                 self._urls.restamp(ticket, self._clock.monotonic())
 
@@ -205,6 +202,12 @@ class AccountRateLimiter:
             if alone != self._alone:
                 self._alone, self._synced = alone, False
                 self._resize(self._clock.monotonic())
+
+    def hold_window(self) -> None:
+        """Spend no URLs for a window from now (another worker's last second may be full)."""
+        with self._lock:
+            now = self._clock.monotonic()
+            self._urls.hold(self._urls.limit, now)
 
     def idle_account(self) -> None:
         """Nobody spent the account for seconds: the URL window forgets others' spend."""
@@ -225,9 +228,7 @@ class AccountRateLimiter:
                 self.pause(reset)
         elif not self._flex_cost_per_item:  # else the API's count is not in tokens
             with self._lock:
-                others = len(self._flex_out)
-                if ticket is not None and len(ticket) == 4:
-                    others = self._flex_taken - int(ticket[2]) + int(ticket[3])
+                others = self._flex_out.after(ticket)
                 alone = self._alone and self._flex_share >= 1.0
                 now = self._clock.monotonic()
                 self._flex.learn(remaining - others, now, rise=alone)

@@ -67,6 +67,11 @@ class KafkaBudgetExchange:
         self._reports: dict[str, Report] = {}
         self._sent_ok = -1e18
         self.first_sent: float | None = None  # wall-clock time of the first report that went out
+        # Whether the reader has read every report written before it started: until then, an
+        # empty board proves nothing (see ``ShareKeeper``: a worker that hears nobody takes
+        # the whole budget).
+        self.caught_up = False
+        self._ends: dict[TopicPartition, int] = {}
         self._read_ok = -1e18
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="budget-exchange", daemon=True)
@@ -168,6 +173,7 @@ class KafkaBudgetExchange:
         # take the budget without waiting for a boundary).
         since = int((self._clock.time() - REPORT_TTL) * 1000)
         starts = consumer.offsets_for_times(dict.fromkeys(tps, since))
+        self._ends = consumer.end_offsets(tps)
         consumer.seek_to_end(*tps)
         for tp, found in starts.items():
             if found is not None:
@@ -218,6 +224,8 @@ class KafkaBudgetExchange:
         for records in batches.values():
             for r in records:
                 self._take(r.key, r.value)
+        if not self.caught_up:
+            self.caught_up = all(consumer.position(tp) >= end for tp, end in self._ends.items())
         with self._lock:
             self._read_ok = self._clock.time()
 

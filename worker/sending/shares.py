@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Protocol
 
 import structlog
 
@@ -46,8 +45,8 @@ from worker.sending.split import (
     MAX_FLOORS,
     REPORT_INTERVAL,
     REPORT_TTL,
-    Board,
     Demand,
+    Exchange,
     Report,
     Shares,
     allocate,
@@ -56,25 +55,6 @@ from worker.sending.split import (
 from worker.targets import Kind
 
 log = structlog.get_logger("worker.sending")
-
-
-class Exchange(Protocol):
-    """How reports travel between workers (``worker.kafka.exchange.KafkaBudgetExchange``)."""
-
-    member: str
-    board: Board
-    # Wall-clock time this worker's first report went out (None: not yet).
-    first_sent: float | None
-
-    def publish(self, reports: Mapping[str, Report]) -> None:
-        """What to report from now on, per account key (``at`` is set when sent). Never
-        blocks."""
-
-    def healthy(self) -> bool:
-        """Whether reports went out and came in lately."""
-
-    def close(self, timeout: float) -> None:
-        """Stop; tell the others this worker is gone (its last reports, marked ``left``)."""
 
 
 class ShareKeeper:
@@ -105,6 +85,10 @@ class ShareKeeper:
         self._mode = "none"
         self._demand: dict[str, Demand] = {}
         self._members: dict[str, int] = {}  # workers in the last split, per account
+        # Per account: whether another worker's reports were heard lately (a lone worker spends
+        # the plan's whole URL figure only while nobody else is), and joiners that held back.
+        self._heard: dict[str, bool] = dict.fromkeys(accounts.limiters, False)
+        self._held: set[str] = set()
         # Per account: the epoch of the split last applied (None: not split by demand) and the
         # share of URLs allowed since, in the exchange's terms (before the group's cap).
         self._allowed: dict[str, tuple[int | None, float]] = dict.fromkeys(
@@ -172,13 +156,18 @@ class ShareKeeper:
         lately, and a worker starting now hears this one's reports before its own first split
         (both starting at once would each hear the other within ``CUTOFF``)."""
         first = exchange.first_sent
-        if first is None or now < first + CUTOFF:
+        if first is None or now < first + CUTOFF or not exchange.caught_up:
             return
         for name, key in self._keys().items():
             if self._allowed[name][0] != JOINING_EPOCH:
                 continue
             heard = exchange.board.snapshot(key, now + CUTOFF)
             if set(heard) - {exchange.member}:
+                if name not in self._held:
+                    # A worker alone until now spends the whole URL figure; it drops to less
+                    # when it hears this one, but its last second may still be full.
+                    self._held.add(name)
+                    self._accounts.limiters[name].hold_window()
                 continue
             self._allowed[name] = (epoch, 1.0)
             self._members[name] = 1
@@ -188,6 +177,16 @@ class ShareKeeper:
 
     def _report(self, exchange: Exchange, pending: Mapping[tuple[str, Kind], int]) -> None:
         self._demand = self._accounts.demand(pending, self._clock.monotonic())
+        now = self._clock.time()
+        for name, key in self._keys().items():
+            if self._mode == "demand" and self._members.get(name, 1) <= 1:
+                # Alone, until a report says otherwise: then at once, not at the next split.
+                heard = exchange.board.snapshot(key, now + CUTOFF)
+                self._heard[name] = any(
+                    m != exchange.member and not r.left for m, r in heard.items()
+                )
+                if self._heard[name]:
+                    self._accounts.limiters[name].set_alone(False)
         for name, d in self._demand.items():
             metrics.BUDGET_DEMAND.labels(name, "urls").set(d.urls)
             metrics.BUDGET_DEMAND.labels(name, "flex").set(d.flex)
@@ -265,7 +264,8 @@ class ShareKeeper:
         hold, since it gives a worker only what nobody was allowed in the last second."""
         cap = self._accounts.settings[name].share
         # Alone with the whole account: what the API says is left is all this worker's.
-        self._accounts.limiters[name].set_alone(how == "demand" and workers == 1 and cap >= 1.0)
+        alone = how == "demand" and workers == 1 and cap >= 1.0 and not self._heard[name]
+        self._accounts.limiters[name].set_alone(alone)
         shares = Shares(min(1.0, shares.urls) * cap, min(1.0, shares.flex) * cap)
         if self._applied.get(name) == shares:
             return

@@ -1,7 +1,8 @@
 """The arithmetic of sharing an account's budget by demand: what each worker reports, the
 max-min fair split every worker computes alike (``allocate``), the step from one epoch's split
 to the next that never lets a second hold more than the budget (``next_shares``), and the board
-of every member's recent reports. No I/O and no clock: ``worker.sending.shares`` drives it.
+of every member's recent reports, and what carries them (``Exchange``). No I/O and no clock:
+``worker.sending.shares`` drives it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 EPOCH = 1.0
 CUTOFF = 0.4
@@ -146,3 +147,24 @@ class Board:
                 elif history[-1].at <= boundary - REPORT_TTL:
                     del members[member]
         return out
+
+
+class Exchange(Protocol):
+    """How reports travel between workers (``worker.kafka.exchange.KafkaBudgetExchange``)."""
+
+    member: str
+    board: Board
+    # Wall-clock time this worker's first report went out (None: not yet).
+    first_sent: float | None
+    # Whether every report written before this worker started has been read.
+    caught_up: bool
+
+    def publish(self, reports: Mapping[str, Report]) -> None:
+        """What to report from now on, per account key (``at`` is set when sent). Never
+        blocks."""
+
+    def healthy(self) -> bool:
+        """Whether reports went out and came in lately."""
+
+    def close(self, timeout: float) -> None:
+        """Stop; tell the others this worker is gone (its last reports, marked ``left``)."""
