@@ -1,5 +1,6 @@
 """The purge ledger: what an accepted purge already covers, in flight or done, and forgetting."""
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -127,3 +128,73 @@ def test_prefix_enumeration_agrees_with_the_coalescers_covers(path_segs, prefix_
     prefix = "h.com/" + "/".join(prefix_segs)
     enumerated = set(prefixes_covering(path)) | {path}
     assert covers(prefix, path) == (prefix in enumerated)
+
+
+# -- records that share a plan's list of targets ---------------------------------------------------
+
+
+def pending_stage(max_entries: int = 100_000):
+    from worker.clock import MockClock
+    from worker.pending.coalescer import Coalescer
+    from worker.pending.stage import PendingTargets
+
+    ledger = PurgeLedger(LedgerSettings(margin_seconds=5.0, max_entries=max_entries))
+    return PendingTargets(Coalescer(0.5, lambda zone, kind: 30, MockClock()), ledger), ledger
+
+
+def plan_of(targets, event_time):
+    from worker.planning.planner import Planned
+
+    return Planned("e", event_time, event_time, False, targets, [], [], [])
+
+
+def routed(*targets):
+    from worker.planning.planner import Routed
+    from worker.planning.routing import Zone
+
+    zone = Zone("z", Z, "main", ())
+    return [Routed(zone, P, t) for t in targets]
+
+
+def test_records_sharing_a_plan_get_the_ledgers_verdict_target_by_target():
+    # The planning process gives records with the same plan one list; the stage remembers when
+    # its targets were purged. Each record must still get exactly the ledger's own verdict.
+    stage, ledger = pending_stage()
+    a, b = Target.url("https://example.com/a"), Target.tag("t")
+    shared = routed(a, b)
+    purged(ledger, a, b, at=SENT)
+    assert stage.add("r1", plan_of(shared, SENT - 10)) == 0
+    assert stage.add("r2", plan_of(shared, SENT - 10)) == 0  # now remembered
+    assert stage.add("r3", plan_of(shared, SENT - 6)) == 0
+    assert stage.add("r4", plan_of(shared, SENT - 4)) == 2  # within the margin: both again
+    purged(ledger, a, at=SENT + 100)  # a later send only widens what is covered
+    assert stage.add("r5", plan_of(shared, SENT - 6)) == 0
+    assert stage.add("r6", plan_of(shared, SENT + 50)) == 1  # a's later send covers it, b's not
+
+
+def test_a_forgotten_entry_ends_what_the_stage_remembered():
+    stage, ledger = pending_stage(max_entries=2)
+    a, b, c = (Target.url(f"https://example.com/{n}") for n in "abc")
+    shared = routed(a, b)
+    purged(ledger, a, b, at=SENT)
+    assert stage.add("r1", plan_of(shared, SENT - 10)) == 0
+    assert stage.add("r2", plan_of(shared, SENT - 10)) == 0
+    purged(ledger, c, at=SENT)  # the ledger holds two entries: the oldest, a, is forgotten
+    assert ledger.check(Z, P, a, SENT - 10) is None
+    assert stage.add("r3", plan_of(shared, SENT - 10)) == 1  # a is sent again
+
+
+def test_a_covered_shared_plan_is_judged_without_looking_up_each_target(monkeypatch):
+    stage, ledger = pending_stage()
+    shared = routed(*(Target.url(f"https://example.com/{n}") for n in range(3)))
+    purged(ledger, *(r.target for r in shared), at=SENT)
+    stage.add("r1", plan_of(shared, SENT - 10))
+    stage.add("r2", plan_of(shared, SENT - 10))
+
+    def no_lookups(*args):
+        raise AssertionError("looked up")
+
+    monkeypatch.setattr(ledger, "check", no_lookups)
+    assert stage.add("r3", plan_of(shared, SENT - 10)) == 0
+    with pytest.raises(AssertionError, match="looked up"):  # a copy of the list is not shared
+        stage.add("r4", plan_of(list(shared), SENT - 10))

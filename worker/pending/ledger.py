@@ -15,8 +15,10 @@ Not thread-safe: only the loop's thread touches it.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
 from worker.config.model import LedgerSettings
 from worker.observe import metrics
@@ -54,6 +56,8 @@ class PurgeLedger:
         # Kinds with entries per zone and mode: a URL is looked up under prefixes, hosts and
         # everything only where some exist, which keeps the common case to one look-up.
         self._kinds: dict[tuple[str, Mode, Kind], int] = {}
+        # Entries forgotten so far: what was learned from ``purged_since`` holds while this does.
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._sent)
@@ -91,6 +95,18 @@ class PurgeLedger:
                         if found is not None:
                             break
         return found
+
+    def purged_since(self, targets: Iterable[tuple[Any, Mode, Target]]) -> float | None:
+        """The earliest send among the accepted purges of exactly these routed targets (None:
+        one has none). Sends only move later, so until an entry is forgotten (``evictions``)
+        every record whose event time + margin is below it is covered, target by target."""
+        low = math.inf
+        for zone, mode, target in targets:
+            sent = self._sent.get(key_of(zone.id, mode, target))
+            if sent is None:
+                return None
+            low = min(low, sent)
+        return low if low < math.inf else None
 
     def _find(self, key: Key, horizon: float) -> _Covered | Pending | None:
         sent = self._sent.get(key)
@@ -159,6 +175,7 @@ class PurgeLedger:
         while len(self._sent) > self._settings.max_entries:
             evicted, _ = self._sent.popitem(last=False)
             self._count(evicted, -1)
+            self.evictions += 1
 
     def _count(self, key: Key, delta: int) -> None:
         kind = (key[0], key[1], key[2])

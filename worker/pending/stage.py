@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Sequence
+from typing import NamedTuple
 
 from worker.observe import metrics
 from worker.pending.bucket import Owner, Pending
 from worker.pending.coalescer import Coalescer
 from worker.pending.ledger import COVERED, Key, PurgeLedger
-from worker.planning.planner import Planned
+from worker.planning.planner import Planned, Routed
 from worker.targets import Kind
 
 # The share of targets meeting a pending one, from which a young backlog is worth waiting for.
 REPEATING = 0.1
 # What the ledger learns from outside between steps: the receipts feed's ``take``.
 Learned = Callable[[], Sequence[tuple[Key, float]]]
+# Shared target lists remembered at most (then started over).
+MAX_PLANS = 50_000
+
+
+class _Plan(NamedTuple):
+    targets: Sequence[Routed]
+    since: float | None  # the earliest send among their accepted purges (None: not yet known)
+    tally: tuple[tuple[tuple[Kind, str], int], ...]
 
 
 class PendingTargets:
@@ -39,6 +48,11 @@ class PendingTargets:
         # pending or in flight: how likely what is pending is to meet more of itself.
         self.repeats = 0.0
         self._size = 0
+        # Per list of targets that records share (the planning process gives records with the
+        # same plan one list): its targets and, once a second record of it found every one
+        # already purged, the earliest of their sends and the tally of a covered record.
+        self._plans: dict[int, _Plan] = {}
+        self._evictions = ledger.evictions
 
     def repeating(self, now: float) -> bool:
         """Whether waiting for the records still unread would save sends: the newest record
@@ -62,7 +76,21 @@ class PendingTargets:
         event_time = plan.ledger_time
         if event_time is not None and event_time > self._newest:
             self._newest = event_time
-        check, add, tally = self.ledger.check, self.coalescer.add, self._tally
+        tally, targets = self._tally, plan.targets
+        if event_time is not None and self.ledger.evictions == self._evictions:
+            known = self._plans.get(id(targets))
+            if (
+                known is not None
+                and known.targets is targets
+                and known.since is not None
+                and known.since > event_time + self.ledger.margin
+            ):
+                # Every target purged by a request sent after this record's margin: the same
+                # verdict as the ledger's, target by target, in one comparison.
+                for key, n in known.tally:
+                    tally[key] = tally.get(key, 0) + n
+                return 0
+        check, add = self.ledger.check, self.coalescer.add
         waiting = 0
         for zone, mode, target in plan.targets:
             verdict = check(zone.id, mode, target, event_time)
@@ -78,7 +106,27 @@ class PendingTargets:
                     how = ""
             key = (target.kind, how)
             tally[key] = tally.get(key, 0) + 1
+        if not waiting and targets and event_time is not None:
+            self._covered(targets)
         return waiting
+
+    def _covered(self, targets: Sequence[Routed]) -> None:
+        """Every target of ``targets`` was already purged: the second time a record with this
+        very list is, remember when they were (``PurgeLedger.purged_since``)."""
+        plans = self._plans
+        if self.ledger.evictions != self._evictions or len(plans) >= MAX_PLANS:
+            plans.clear()
+            self._evictions = self.ledger.evictions
+        known = plans.get(id(targets))
+        if known is None or known.targets is not targets:
+            plans[id(targets)] = _Plan(targets, None, ())
+        elif known.since is None:
+            counts: dict[tuple[Kind, str], int] = {}
+            for routed in targets:
+                key = (routed.target.kind, "sent")
+                counts[key] = counts.get(key, 0) + 1
+            since = self.ledger.purged_since(targets)
+            plans[id(targets)] = _Plan(targets, since, tuple(counts.items()))
 
     def discard(self, drop: Callable[[Owner], bool]) -> int:
         """Forget the pending work of owners for which ``drop`` is true (their partitions are

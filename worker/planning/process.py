@@ -74,6 +74,9 @@ class PlanningProcess:
         self._batches: deque[int] = deque()  # sizes of the batches sent and not yet answered
         # Routed targets by number, as the child numbered them: each crosses the pipe once.
         self._targets: list[Routed] = []
+        # One list per set of numbers: records with the same plan share their targets' list,
+        # which lets the pending stage remember what it found for the plan (``PendingTargets``).
+        self._lists: dict[tuple[int, ...], list[Routed]] = {}
 
     def start(self) -> PlanningProcess:
         # What is buffered now would be written twice, once by each process.
@@ -121,17 +124,26 @@ class PlanningProcess:
             raise self._died(exc) from None
         if len(rows) != self._batches.popleft():
             raise self._died(None)
-        table = self._targets
+        table, lists = self._targets, self._lists
         if reset:
             table.clear()
+        if reset or len(lists) >= NUMBERED_TARGETS:
+            lists.clear()
         table.extend(new)
+
+        def shared(ids: tuple[int, ...]) -> list[Routed]:
+            found = lists.get(ids)
+            if found is None:
+                found = lists[ids] = [table[i] for i in ids]
+            return found
+
         return [
             Planned(
                 event_id,
                 event_time,
                 ledger_time,
                 skipped,
-                [table[i] for i in ids],
+                shared(ids),
                 errors,
                 [table[i] for i in warm],
                 dropped,
@@ -212,7 +224,7 @@ class _Numbering:
             plan.event_time,
             plan.ledger_time,
             plan.skipped,
-            self._number(plan.targets),
+            tuple(self._number(plan.targets)),
             plan.errors,
             self._number(plan.warm),
             plan.dropped,
