@@ -84,9 +84,9 @@ class Planned(NamedTuple):
     ledger_time: float | None  # what the purge ledger goes by (None: always purge)
     skipped: bool
     targets: Sequence[Routed]
-    errors: list[PermanentError]
+    errors: Sequence[PermanentError]
     warm: Sequence[Routed]
-    dropped: list[UnknownZone]
+    dropped: Sequence[UnknownZone]
 
     @staticmethod
     def of(plan: RecordPlan, use_event_time: bool) -> Planned:

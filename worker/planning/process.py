@@ -145,7 +145,7 @@ class PlanningProcess:
                 skipped,
                 shared(ids),
                 errors,
-                [table[i] for i in warm],
+                [table[i] for i in warm] if warm else (),
                 dropped,
             )
             for event_id, event_time, ledger_time, skipped, ids, errors, warm, dropped in rows
@@ -225,9 +225,11 @@ class _Numbering:
             plan.ledger_time,
             plan.skipped,
             tuple(self._number(plan.targets)),
-            plan.errors,
-            self._number(plan.warm),
-            plan.dropped,
+            # Most plans have none of these: an empty tuple crosses the pipe as one byte and
+            # comes back as the one empty tuple, not a new list per record.
+            tuple(plan.errors),
+            tuple(self._number(plan.warm)),
+            tuple(plan.dropped),
         )
 
     def take_new(self) -> list[Routed]:
