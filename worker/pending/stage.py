@@ -25,7 +25,7 @@ REPEATING = 0.1
 # What the ledger learns from outside between steps: the receipts feed's ``take``.
 Learned = Callable[[], Sequence[tuple[Key, float]]]
 # Shared target lists remembered at most (then started over).
-MAX_PLANS = 50_000
+MAX_PLANS = 10_000
 
 
 class _Plan(NamedTuple):

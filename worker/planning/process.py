@@ -39,6 +39,8 @@ CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 # Routed targets numbered before the numbering starts over.
 NUMBERED_TARGETS = 50_000
+# Target lists kept for records to share (then started over): a backlog repeats far fewer plans.
+SHARED_LISTS = 10_000
 
 
 def usable_cpus(cgroup: Path = CGROUP_CPU_MAX) -> float:
@@ -127,7 +129,7 @@ class PlanningProcess:
         table, lists = self._targets, self._lists
         if reset:
             table.clear()
-        if reset or len(lists) >= NUMBERED_TARGETS:
+        if reset or len(lists) >= SHARED_LISTS:
             lists.clear()
         table.extend(new)
 
