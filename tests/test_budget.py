@@ -149,6 +149,7 @@ class FakeExchange:
         self.closed = False
         self.first_sent = None
         self.caught_up = True
+        self.read_back = False
 
     def publish(self, reports):
         at = self.clock.time() + self.skew
@@ -383,6 +384,27 @@ def test_a_worker_that_has_not_read_the_exchange_yet_is_not_alone():
     exchange.caught_up = True
     keeper.update(urls(5000), 1, 1)
     assert keeper.shares()["main"].urls == 1.0
+
+
+def test_a_worker_that_read_its_first_report_back_needs_no_delivery_bound():
+    # Every report before its own is read: one that heard nobody is alone at once; one that
+    # heard another (whose clock runs ahead, so its report seems to come from the future) is not.
+    clock = MockClock(wall=1_800_000_000.05)
+    keeper, _, exchange = keeper_for(clock, Board(), "a")
+    clock.advance(0.05)
+    keeper.update(urls(5000), 1, 1)
+    assert keeper.shares()["main"].urls == JOINING_SHARE  # not read back yet, CUTOFF not over
+    exchange.read_back = True
+    keeper.update(urls(5000), 1, 1)
+    assert keeper.shares()["main"].urls == 1.0
+
+    board = Board()
+    keeper_for(clock, board, "b", skew=0.3)
+    c, _, late = keeper_for(clock, board, "c")
+    late.read_back = True
+    clock.advance(0.05)
+    c.update(urls(5000), 1, 2)
+    assert c.shares()["main"].urls == JOINING_SHARE
 
 
 def test_a_lone_worker_keeps_slack_as_soon_as_it_hears_another():

@@ -399,3 +399,36 @@ def test_replicas_joining_mid_drain_repeat_almost_nothing_and_lose_nothing(
     assert repeated <= 0.005 * n
     assert r429 == 0
     assert busiest <= PRO
+
+
+def test_a_starting_worker_has_read_every_report_before_its_own_once_it_reads_its_own_back(
+    make_topic, kafka_bootstrap
+):
+    """The budget topic is one ordered log: a worker that has read its own first report back
+    has read every report written before it, so it may decide it is alone without waiting
+    out the delivery bound; one that starts after it hears it."""
+    from worker.clock import SystemClock
+    from worker.config.settings import KafkaSettings
+    from worker.kafka.exchange import KafkaBudgetExchange
+    from worker.sending.split import Demand, Report
+
+    topic = make_topic("shares")
+    settings = KafkaSettings(bootstrap_servers=[kafka_bootstrap], topics=["cms"], group_id="g")
+    report = {"acct": Report(0.0, Demand(1.0, 0.0), -1, 0.001)}
+    first = KafkaBudgetExchange(settings, topic, SystemClock())
+    first.publish(report)
+    first.start()
+    second = None
+    try:
+        wait_for(lambda: first.read_back, timeout=20, what="the first report read back")
+        assert first.caught_up
+        assert first.board.heard("acct", 0.0) == {first.member}
+        second = KafkaBudgetExchange(settings, topic, SystemClock())
+        second.publish(report)
+        second.start()
+        wait_for(lambda: second.read_back, timeout=20, what="the second report read back")
+        assert second.board.heard("acct", 0.0) == {first.member, second.member}
+    finally:
+        first.close()
+        if second is not None:
+            second.close()

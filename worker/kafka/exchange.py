@@ -72,6 +72,12 @@ class KafkaBudgetExchange:
         # the whole budget).
         self.caught_up = False
         self._ends: dict[TopicPartition, int] = {}
+        # Where the first report landed, and whether the reader has read past it on a topic of
+        # one partition: then every report written before it has been read (one log, in order),
+        # so a worker that has heard nobody is alone without waiting for a delivery bound.
+        self._first_at: tuple[int, int] | None = None
+        self._single = False
+        self.read_back = False
         self._read_ok = -1e18
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="budget-exchange", daemon=True)
@@ -167,6 +173,7 @@ class KafkaBudgetExchange:
         consumer = KafkaConsumer(**options(self._config), group_id=None, enable_auto_commit=False)
         parts = consumer.partitions_for_topic(self._topic) or {0}
         tps = [TopicPartition(self._topic, p) for p in sorted(parts)]
+        self._single = len(tps) == 1
         consumer.assign(tps)
         # From a few seconds back, not from the end: a starting worker must know at once who
         # else is spending the account (see ``ShareKeeper``: a worker that hears nobody may
@@ -188,13 +195,18 @@ class KafkaBudgetExchange:
         with self._lock:
             reports = dict(self._reports)
         if reports:
-            self._write(producer, reports, SEND_WAIT)
+            landed = self._write(producer, reports, SEND_WAIT)
+            if self._first_at is None and landed:
+                self._first_at = landed[0]
             with self._lock:
                 self._sent_ok = self._clock.time()
                 if self.first_sent is None:
                     self.first_sent = self._sent_ok
 
-    def _write(self, producer: KafkaProducer, reports: dict[str, Report], wait: float) -> None:
+    def _write(
+        self, producer: KafkaProducer, reports: dict[str, Report], wait: float
+    ) -> list[tuple[int, int]]:
+        """Send ``reports``; returns where each landed (partition, offset)."""
         at = round(self._clock.time(), 3)
         futures = []
         for account, r in reports.items():
@@ -211,11 +223,14 @@ class KafkaBudgetExchange:
                 producer.send(self._topic, key=self._key(account), value=json.dumps(value).encode())
             )
         producer.flush(timeout=wait)
+        landed = []
         for future in futures:
-            future.get(timeout=0)  # raises what the send ran into
+            meta = future.get(timeout=0)  # raises what the send ran into
+            landed.append((meta.partition, meta.offset))
         for account, r in reports.items():
             # The same figures the others read from the topic: every member splits alike.
             self.board.record(account, self.member, r._replace(at=at))
+        return landed
 
     def _read(self, consumer: KafkaConsumer) -> None:
         # Until the first report is out, look for it often: it is waited for (``_first_due``).
@@ -226,6 +241,9 @@ class KafkaBudgetExchange:
                 self._take(r.key, r.value)
         if not self.caught_up:
             self.caught_up = all(consumer.position(tp) >= end for tp, end in self._ends.items())
+        if not self.read_back and self._single and self._first_at is not None:
+            partition, offset = self._first_at
+            self.read_back = consumer.position(TopicPartition(self._topic, partition)) > offset
         with self._lock:
             self._read_ok = self._clock.time()
 

@@ -150,20 +150,23 @@ class ShareKeeper:
             self._apply_all(Shares(part, part), "partitions", 0)
 
     def _alone(self, exchange: Exchange, now: float, epoch: int) -> None:
-        """A joining worker that has heard no other worker on an account, from the last few
-        seconds of reports and for ``CUTOFF`` after its own first report went out, takes the
-        whole of it at once instead of waiting for a boundary: nobody has spent the account
-        lately, and a worker starting now hears this one's reports before its own first split
-        (both starting at once would each hear the other within ``CUTOFF``)."""
+        """A joining worker that has heard no other worker on an account in the last few
+        seconds of reports takes the whole of it at once instead of waiting for a boundary, as
+        soon as it has read every report written before its own first one: its first report
+        read back from the topic's one partition, or ``CUTOFF`` (the delivery bound) after it
+        went out. A worker starting just after this one then hears this one's report before it
+        may take anything."""
         first = exchange.first_sent
-        if first is None or now < first + CUTOFF or not exchange.caught_up:
+        if first is None:
+            return
+        waited = now >= first + CUTOFF and exchange.caught_up
+        if not (waited or exchange.read_back):
             return
         for name, key in self._keys().items():
             if self._allowed[name][0] != JOINING_EPOCH:
                 continue
-            heard = exchange.board.snapshot(key, now + CUTOFF)
-            if set(heard) - {exchange.member}:
-                if name not in self._held:
+            if exchange.board.heard(key, now - REPORT_TTL) - {exchange.member}:
+                if waited and name not in self._held:
                     # A worker alone until now spends the whole URL figure; it drops to less
                     # when it hears this one, but its last second may still be full.
                     self._held.add(name)
@@ -181,12 +184,10 @@ class ShareKeeper:
         for name, key in self._keys().items():
             if self._mode == "demand" and self._members.get(name, 1) <= 1:
                 # Alone, until a report says otherwise: then at once, not at the next split.
-                heard = exchange.board.snapshot(key, now + CUTOFF)
-                self._heard[name] = any(
-                    m != exchange.member and not r.left for m, r in heard.items()
-                )
-                if self._heard[name]:
+                others = exchange.board.heard(key, now - REPORT_TTL) - {exchange.member}
+                if others:
                     self._accounts.limiters[name].set_alone(False)
+                self._heard[name] = bool(others)
         for name, d in self._demand.items():
             metrics.BUDGET_DEMAND.labels(name, "urls").set(d.urls)
             metrics.BUDGET_DEMAND.labels(name, "flex").set(d.flex)
@@ -199,9 +200,8 @@ class ShareKeeper:
 
     def _promise(self, name: str, allowed: float) -> None:
         """Nothing waiting and nothing sent for a second: keep to the floor until the next
-        boundary, and say so. The others may then give the rest to a burst at the boundary
-        instead of waiting a second for this worker's unused share to leave the window. (A
-        lower share is always safe to take at once; it is not raised before the boundary.)"""
+        boundary, and say so, so the others may give the rest to a burst at the boundary (a
+        lower share is always safe to take at once; it is not raised before the boundary)."""
         floor = min(FLOOR, MAX_FLOORS / max(1, self._members.get(name, 1)))
         if allowed <= floor:
             return

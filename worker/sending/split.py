@@ -131,6 +131,12 @@ class Board:
             while len(history) > 1 and history[1].at <= report.at - CUTOFF - EPOCH:
                 history.popleft()
 
+    def heard(self, account: str, since: float) -> set[str]:
+        """Members with a report sent after ``since`` (by their clocks, which may run ahead)."""
+        with self._lock:
+            members = self._reports.get(account, {})
+            return {m for m, history in members.items() if history and history[-1].at > since}
+
     def snapshot(self, account: str, boundary: float) -> dict[str, Report]:
         """Each member's latest report sent at least ``CUTOFF`` before ``boundary`` and less
         than ``REPORT_TTL`` before it (a member silent that long is presumed gone)."""
@@ -158,6 +164,9 @@ class Exchange(Protocol):
     first_sent: float | None
     # Whether every report written before this worker started has been read.
     caught_up: bool
+    # Whether every report written before this worker's first one has been read (its first
+    # report read back from the one partition every report goes to).
+    read_back: bool
 
     def publish(self, reports: Mapping[str, Report]) -> None:
         """What to report from now on, per account key (``at`` is set when sent). Never
