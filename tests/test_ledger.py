@@ -15,7 +15,7 @@ SENT = 10_000.0
 
 
 def purged(ledger: PurgeLedger, *targets: Target, at: float = SENT, zone: str = Z) -> None:
-    items = [Pending(t, {"r": 1}) for t in targets]
+    items = [Pending(t, ["r"]) for t in targets]
     ledger.sending(zone, P, items, at)
     ledger.settled(zone, P, items, at, set(targets))
 
@@ -65,7 +65,7 @@ def test_covering_purges_count():
 def test_an_in_flight_purge_is_joined_and_its_outcome_decides():
     ledger = PurgeLedger(LedgerSettings())
     url = Target.url("https://a.com/x")
-    item = Pending(url, {"r1": 1})
+    item = Pending(url, ["r1"])
     ledger.sending(Z, P, [item], SENT)
     assert ledger.check(Z, P, url, SENT - 60) is item  # join it, do not send again
     assert ledger.check(Z, P, url, SENT) is None  # newer than the send: needs its own purge
@@ -79,7 +79,7 @@ def test_an_in_flight_purge_is_joined_and_its_outcome_decides():
 def test_a_newer_send_of_the_same_item_is_not_cleared_by_the_older_one_ending():
     ledger = PurgeLedger(LedgerSettings())
     url = Target.url("https://a.com/x")
-    first, second = Pending(url, {"r1": 1}), Pending(url, {"r2": 1})
+    first, second = Pending(url, ["r1"]), Pending(url, ["r2"])
     ledger.sending(Z, P, [first], SENT)
     ledger.sending(Z, P, [second], SENT + 30)
     ledger.settled(Z, P, [first], SENT, accepted=set())

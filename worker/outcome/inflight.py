@@ -6,8 +6,8 @@ Not thread-safe: only the loop's thread touches it.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
@@ -47,7 +47,8 @@ class InFlight:
     event_id: str | None = None
     event_time: float | None = None
     remaining: int = 0
-    failures: list[PermanentError] = field(default_factory=list)
+    # The one empty tuple until something fails: no list per record in a backlog.
+    failures: Sequence[PermanentError] = ()
     skipped: bool = False
     # Its dead letter was counted by the guard (a write tried again is not counted twice).
     judged: bool = False
@@ -112,7 +113,7 @@ class InFlightRecords:
         if state is None:
             return
         if error is not None:
-            state.failures.append(error)
+            state.failures = [*state.failures, error]
         state.remaining -= count
         if state.remaining == 0:
             self._ready.append(ref)

@@ -78,7 +78,7 @@ class Outcome:
         state.event_id, state.event_time = plan.event_id, plan.event_time
         state.skipped = plan.skipped
         if plan.errors:
-            state.failures.extend(plan.errors)
+            state.failures = [*state.failures, *plan.errors]
         if plan.warm and self.warmer is not None:
             state.warm = list(plan.warm)
         for dropped in plan.dropped:
@@ -96,7 +96,14 @@ class Outcome:
             self.receipts.purged(purged, self.records)
         settle = self.records.settle
         for owners, error in ended:
-            for owner, count in owners.items():
+            if error is None:
+                for owner in owners:
+                    settle(owner, 1)  # type: ignore[arg-type]
+                continue
+            counts: dict[object, int] = {}  # one failure per record, however many targets
+            for owner in owners:
+                counts[owner] = counts.get(owner, 0) + 1
+            for owner, count in counts.items():
                 settle(owner, count, error)  # type: ignore[arg-type]
 
     def finish(self, *, final: bool = False) -> None:

@@ -19,19 +19,20 @@ Owner = Hashable
 
 @dataclass(slots=True)
 class Pending:
-    """A pending item: its target, and how many of each owner's (record's) targets it stands
-    for; a record is purged once every item it owns has ended."""
+    """A pending item: its target, and the owners (records) whose targets it stands for, one
+    entry per target (an owner may appear more than once); a record is purged once every item
+    it owns has ended. A list, not a count per owner: tens of thousands of records wait in a
+    burst, and a small dict per item costs four times as much."""
 
     target: Target
-    owners: dict[Owner, int] = field(default_factory=dict)
+    owners: list[Owner] = field(default_factory=list)
 
     def join(self, owner: Owner) -> None:
         """One more target of ``owner`` rides on this item (a duplicate, or a covered one)."""
-        self.owners[owner] = self.owners.get(owner, 0) + 1
+        self.owners.append(owner)
 
     def absorb(self, other: Pending) -> None:
-        for owner, count in other.owners.items():
-            self.owners[owner] = self.owners.get(owner, 0) + count
+        self.owners += other.owners
 
 
 class ZoneBucket:
@@ -61,7 +62,7 @@ class ZoneBucket:
 
     def add(self, target: Target, owner: Owner) -> None:
         """Add one target for ``owner``, merged into whatever pending item covers it."""
-        item = Pending(target, {owner: 1})
+        item = Pending(target, [owner])
         if self.everything is not None:
             self.everything.absorb(item)
             return
@@ -162,14 +163,12 @@ class ZoneBucket:
         for table in tables:
             for key in list(table):
                 pending = table[key]
-                pending.owners = {o: c for o, c in pending.owners.items() if not drop(o)}
+                pending.owners = [o for o in pending.owners if not drop(o)]
                 if not pending.owners:
                     del table[key]
                     removed += 1
         if self.everything is not None:
-            self.everything.owners = {
-                o: c for o, c in self.everything.owners.items() if not drop(o)
-            }
+            self.everything.owners = [o for o in self.everything.owners if not drop(o)]
             if not self.everything.owners:
                 self.everything = None
                 removed += 1

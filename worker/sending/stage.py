@@ -8,7 +8,7 @@ the loop tells this stage what is pending and which partitions are this worker's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from worker.errors import PermanentError
@@ -17,9 +17,9 @@ from worker.sending.dispatcher import Dispatcher
 from worker.sending.shares import ShareKeeper
 from worker.targets import Kind, Mode
 
-# One pending item's outcome: the owners it stood for (and how many of each one's targets),
-# and why it failed (None: purged).
-Ended = tuple[Mapping[Owner, int], PermanentError | None]
+# One pending item's outcome: the owners it stood for (once per target of each), and why it
+# failed (None: purged).
+Ended = tuple[Sequence[Owner], PermanentError | None]
 
 
 class Purged(NamedTuple):
