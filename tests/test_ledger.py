@@ -198,3 +198,17 @@ def test_a_covered_shared_plan_is_judged_without_looking_up_each_target(monkeypa
     assert stage.add("r3", plan_of(shared, SENT - 10)) == 0
     with pytest.raises(AssertionError, match="looked up"):  # a copy of the list is not shared
         stage.add("r4", plan_of(list(shared), SENT - 10))
+
+
+def test_a_plan_covered_by_a_host_purge_is_not_asked_about_again(monkeypatch):
+    # Its targets have no send of their own to remember: every record is judged target by
+    # target, and the stage does not look for their sends again with each one.
+    stage, ledger = pending_stage()
+    shared = routed(*(Target.url(f"https://example.com/{n}") for n in range(3)))
+    purged(ledger, Target.host("example.com"), at=SENT)
+    asked = []
+    real = ledger.purged_since
+    monkeypatch.setattr(ledger, "purged_since", lambda targets: asked.append(1) or real(targets))
+    for n in range(5):
+        assert stage.add(f"r{n}", plan_of(shared, SENT - 10)) == 0
+    assert len(asked) == 1

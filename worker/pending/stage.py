@@ -30,7 +30,9 @@ MAX_PLANS = 10_000
 
 class _Plan(NamedTuple):
     targets: Sequence[Routed]
-    since: float | None  # the earliest send among their accepted purges (None: not yet known)
+    # The earliest send among their accepted purges (None: not yet known; -inf: not of exactly
+    # these targets).
+    since: float | None
     tally: tuple[tuple[tuple[Kind, str], int], ...]
 
 
@@ -125,7 +127,9 @@ class PendingTargets:
             for routed in targets:
                 key = (routed.target.kind, "sent")
                 counts[key] = counts.get(key, 0) + 1
+            # Covered by a host, prefix or everything purge: not remembered, and not asked again.
             since = self.ledger.purged_since(targets)
+            since = -math.inf if since is None else since
             plans[id(targets)] = _Plan(targets, since, tuple(counts.items()))
 
     def discard(self, drop: Callable[[Owner], bool]) -> int:
