@@ -68,12 +68,21 @@ class FlexTickets:
         self.out += 1
         return [now, cost, float(self.taken), float(self.out - 1)]
 
-    def done(self) -> None:
+    @staticmethod
+    def made(ticket: Ticket) -> bool:
+        """Whether ``ticket`` is a flex ticket (a URL request's is the window's entry)."""
+        return len(ticket) == 4
+
+    def done(self, ticket: Ticket) -> bool:
+        """``ticket``'s request has ended; False if it is not a flex ticket."""
+        if not self.made(ticket):
+            return False
         self.out = max(0, self.out - 1)
+        return True
 
     def after(self, ticket: Ticket | None) -> int:
         """Requests the API may have taken after ``ticket``'s: out then, or taken since."""
-        if ticket is None or len(ticket) != 4:
+        if ticket is None or not self.made(ticket):
             return self.out
         return self.taken - int(ticket[2]) + int(ticket[3])
 

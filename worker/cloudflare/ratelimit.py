@@ -191,9 +191,7 @@ class AccountRateLimiter:
     def completed(self, ticket: Ticket | None) -> None:
         """The request a ticket was taken for has ended (answered or failed)."""
         with self._lock:
-            if ticket is not None and len(ticket) == 4:
-                self._flex_out.done()
-            elif ticket is not None:
+            if ticket is not None and not self._flex_out.done(ticket):
                 self._urls.restamp(ticket, self._clock.monotonic())
 
     def set_alone(self, alone: bool) -> None:

@@ -9,6 +9,7 @@ and never holds it back. Not thread-safe: only the loop's thread touches it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 
@@ -100,10 +101,8 @@ class Outcome:
                 for owner in owners:
                     settle(owner, 1)  # type: ignore[arg-type]
                 continue
-            counts: dict[object, int] = {}  # one failure per record, however many targets
-            for owner in owners:
-                counts[owner] = counts.get(owner, 0) + 1
-            for owner, count in counts.items():
+            # One failure per record, however many of its targets the item stood for.
+            for owner, count in Counter(owners).items():
                 settle(owner, count, error)  # type: ignore[arg-type]
 
     def finish(self, *, final: bool = False) -> None:
