@@ -115,18 +115,30 @@ def _receipts(config: Config, sink: ReceiptSink | None) -> Receipts | None:
     return Receipts(sink, source, config.kafka.dead_letter_topic, sink.member)
 
 
-def seed_guard(config: Config, guard: DeadLetterGuard, clock: Clock) -> None:
-    """Let the dead-letter guard go on from where the worker before this one was: the window's
-    figures carried by the latest dead letter written within it. A worker restarted in a crash
-    loop must not dead-letter another guard's worth on every start, nor trip on its
-    predecessor's dead letters when the stream is under the limit."""
+# What the dead-letter topic says the guard's window held: (written at, window figures) per dead
+# letter within it; None when it could not be read.
+GuardSeed = list[tuple[float, str | None]] | None
+
+
+def read_guard_seed(config: Config, clock: Clock) -> GuardSeed:
+    """The dead letters written within the guard's window, for ``seed_guard`` (a round trip or
+    more to the cluster: the worker reads them while it checks its access)."""
     settings = config.delivery.dead_letter_guard
-    if guard.off:
-        return
+    if settings.off:
+        return []
     try:
-        found = recent_dead_letters(config.kafka, clock.time() - settings.window_seconds)
+        return recent_dead_letters(config.kafka, clock.time() - settings.window_seconds)
     except PurgeWorkerError as exc:
         log.warning("could not read the dead-letter topic's recent records", error=str(exc))
+        return None
+
+
+def seed_guard(guard: DeadLetterGuard, found: GuardSeed, clock: Clock) -> None:
+    """Let the dead-letter guard go on from where the worker before this one was: the window's
+    figures carried by the latest dead letter written within it (``read_guard_seed``). A worker
+    restarted in a crash loop must not dead-letter another guard's worth on every start, nor
+    trip on its predecessor's dead letters when the stream is under the limit."""
+    if guard.off or not found:
         return
     windows = sorted((at, text) for at, text in found if text)
     if windows and guard.seed(windows[-1][1], clock.time() - windows[-1][0]):

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import structlog
@@ -136,14 +137,14 @@ def _start(
             receipts.close(timeout=0.1)
 
     try:
-        clients = _clients(config, stop)
+        clients = _clients(config, stop, clock)
     except PurgeWorkerError:
         abandon()
         raise
     if clients is None:
         abandon()
         return None
-    source, sink = clients
+    source, sink, seed = clients
     if feed is not None:
         source.on_assign(feed.mark)
     warmer = None
@@ -162,7 +163,7 @@ def _start(
     )
     # A stream its predecessor found over the limit stops this worker at its first dead letter,
     # before it purges anything again; a fixed deploy that dead-letters nothing goes on.
-    app.seed_guard(config, loop.outcome.guard, clock)
+    app.seed_guard(loop.outcome.guard, seed, clock)
     return loop, warmer, feed
 
 
@@ -205,20 +206,24 @@ def _warm_receipts(
 
 
 def _clients(
-    config: Config, stop: threading.Event
-) -> tuple[KafkaSource, KafkaDeadLetterSink] | None:
-    """The consumer and the dead-letter writer, once the cluster says the worker may do what it
-    does there; None if stopped or given up."""
+    config: Config, stop: threading.Event, clock: SystemClock
+) -> tuple[KafkaSource, KafkaDeadLetterSink, app.GuardSeed] | None:
+    """The consumer, the dead-letter writer and the dead letters within the guard's window, once
+    the cluster says the worker may do what it does there; None if stopped or given up."""
     source, sink = _connect(config, stop)
     if source is None or sink is None:
         return None
-    try:
-        _verify_access(config)
-    except PurgeWorkerError:
-        source.close(timeout=1.0)
-        sink.close(timeout=1.0)
-        raise
-    return source, sink
+    # Both ask the cluster a round trip or more, and the group is joined only after them: side
+    # by side, a backlog's first records come ~0.1 s sooner.
+    with ThreadPoolExecutor(1, thread_name_prefix="guard-seed") as pool:
+        seed = pool.submit(app.read_guard_seed, config, clock)
+        try:
+            _verify_access(config)
+        except PurgeWorkerError:
+            source.close(timeout=1.0)
+            sink.close(timeout=1.0)
+            raise
+        return source, sink, seed.result()
 
 
 def _verify_access(config: Config) -> None:

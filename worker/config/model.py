@@ -201,6 +201,10 @@ class GuardSettings(Section):
     min_records: int = Field(default=100, ge=1)
     window_seconds: float = Field(default=60.0, ge=1)
 
+    @property
+    def off(self) -> bool:
+        return self.max_ratio >= 1.0
+
 
 class DeliverySettings(Section):
     concurrency: int = Field(default=4, ge=1, le=64)

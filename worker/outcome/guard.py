@@ -37,7 +37,7 @@ class DeadLetterGuard:
 
     @property
     def off(self) -> bool:
-        return self._config.max_ratio >= 1.0
+        return self._config.off
 
     @property
     def inherited_over(self) -> bool:
