@@ -106,6 +106,33 @@ def test_events_become_exactly_the_expected_purges():
     assert sink.records == []
 
 
+@planning
+def test_records_no_rule_fires_for_finish_at_once_between_purged_ones(remote):
+    """A stream of page views with an update among them: the views finish as soon as they are
+    planned (nothing pending for them, none dead-lettered), the update once purged, and every
+    offset commits."""
+    views = [rec(i, cloudevent("page.viewed", {"n": i})) for i in (0, 1, 3, 4)]
+    update = rec(2, cloudevent("article.updated", {"slug": "a", "locales": ["en"], "id": 1}))
+    pipeline, source, sink, api = build([*views[:2], update, *views[2:]], remote=remote)
+    try:
+        for _ in range(50):
+            step(pipeline)
+            if pipeline.planning.waiting or len(pipeline.outcome.records) > 1:
+                continue
+            break
+        # The update waits for its window; the views around it are finished.
+        assert len(pipeline.outcome.records) == 1
+        assert pipeline.outcome.records.committable() == {("cms", 0): 2}
+        # Its URL, the two cache-key variants of its mobile page, its tag: nothing of the views.
+        assert pipeline.pending.size == 4
+        run_until_idle(pipeline, source)
+        assert source.committed == {("cms", 0): 5}
+        assert len(api.items("files")) == 3 and api.items("tags") == ["article-1"]
+        assert sink.records == []
+    finally:
+        pipeline.planning.close()
+
+
 def test_subsumption_host_swallows_urls_and_prefix_swallows_longer():
     records = [
         rec(0, cloudevent("article.published", {"slug": "a", "locales": ["en"], "id": 1})),

@@ -15,7 +15,7 @@ import pytest
 from tests.helpers import cloudevent, make_config
 from worker.events import Record
 from worker.planning import process
-from worker.planning.planner import Planned, Planner
+from worker.planning.planner import SKIPPED, Planned, Planner
 from worker.planning.process import PlannerDied, PlanningProcess, usable_cpus, wanted
 
 RULES = [
@@ -77,6 +77,22 @@ def test_the_process_plans_exactly_what_the_loop_would(config, remote):
         same(g, w)
     for g, w in zip(remote.collect(), want[:10], strict=True):
         same(g, w)
+
+
+def test_records_no_rule_fires_for_share_one_plan_across_the_pipe(config, remote):
+    """In a stream of page views most records match no rule: each crosses back as one byte and
+    becomes the one shared plan, which the loop finishes without pending anything."""
+    views = [
+        Record("cms", 0, i, None, cloudevent("page.viewed", {"n": i}, f"v{i}"), (), 1_800_000_000)
+        for i in range(3)
+    ]
+    batch = [*views, *records(20)]
+    remote.submit(batch)
+    got = remote.collect()
+    assert all(plan is SKIPPED for plan in got[:3])
+    assert not any(plan is SKIPPED for plan in got[3:])
+    assert Planned.of(Planner(config.planning).plan(views[0]), use_event_time=False) is SKIPPED
+    assert SKIPPED.skipped and not (SKIPPED.targets or SKIPPED.errors or SKIPPED.warm)
 
 
 def test_numbering_starts_over_without_mixing_targets_up(config, monkeypatch):

@@ -28,7 +28,7 @@ from worker.observe import metrics
 from worker.outcome.inflight import Ref
 from worker.outcome.stage import Outcome
 from worker.pending.stage import PendingTargets
-from worker.planning.planner import Planned
+from worker.planning.planner import SKIPPED, Planned
 from worker.planning.stage import Planning
 from worker.runtime import tune_gc
 from worker.sending.stage import Sending
@@ -201,8 +201,11 @@ class Loop:
         ready = self.planning.poll() if plans is None else plans
         self.pending.learn()  # what receipts told since, before any target meets the ledger
         self.pending.begin()
+        records = self.outcome.records
         for ref, plan in ready:
-            if ref in self.outcome.records:  # else its partition was revoked or rewound
+            if plan is SKIPPED:  # no rule fired: nothing to pend
+                records.skip(ref)
+            elif ref in records:  # else its partition was revoked or rewound
                 self.outcome.planned(ref, plan, self.pending.add(ref, plan))
         self.pending.flush_metrics()
 

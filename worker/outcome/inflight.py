@@ -106,6 +106,13 @@ class InFlightRecords:
         if state is not None and state.remaining == 0:
             self._ready.append(ref)
 
+    def skip(self, ref: Ref) -> None:
+        """Planned, and no rule fired for it: ready to finish (ignored if no longer tracked)."""
+        state = self._records.get(ref)
+        if state is not None:
+            state.skipped = True
+            self._ready.append(ref)
+
     def settle(self, ref: Ref, count: int, error: PermanentError | None = None) -> None:
         """``count`` of the record's targets ended (failed with ``error``, or done). Work for a
         record that is no longer tracked (revoked meanwhile) is ignored."""

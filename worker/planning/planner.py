@@ -90,6 +90,8 @@ class Planned(NamedTuple):
 
     @staticmethod
     def of(plan: RecordPlan, use_event_time: bool) -> Planned:
+        if plan.skipped:
+            return SKIPPED
         event = plan.event
         if event is None:
             event_id = event_time = ledger_time = None
@@ -107,6 +109,11 @@ class Planned(NamedTuple):
             plan.warm,
             plan.dropped,
         )
+
+
+# The plan of every record no rule fired for: nothing of its event matters to the loop, which
+# finishes it at once (in a stream of page views, most records).
+SKIPPED = Planned(None, None, None, True, (), (), (), ())
 
 
 class _Known(NamedTuple):

@@ -28,7 +28,7 @@ from typing import Any
 
 from worker.errors import PurgeWorkerError
 from worker.events import Record
-from worker.planning.planner import Planned, Planner, PlanningSettings, Routed
+from worker.planning.planner import SKIPPED, Planned, Planner, PlanningSettings, Routed
 from worker.runtime import freeze_before_fork, tune_gc_forked
 from worker.targets import Mode, Target
 
@@ -139,19 +139,25 @@ class PlanningProcess:
                 found = lists[ids] = [table[i] for i in ids]
             return found
 
-        return [
-            Planned(
-                event_id,
-                event_time,
-                ledger_time,
-                skipped,
-                shared(ids),
-                errors,
-                [table[i] for i in warm] if warm else (),
-                dropped,
+        plans: list[Planned] = []
+        for row in rows:
+            if row is None:
+                plans.append(SKIPPED)
+                continue
+            event_id, event_time, ledger_time, skipped, ids, errors, warm, dropped = row
+            plans.append(
+                Planned(
+                    event_id,
+                    event_time,
+                    ledger_time,
+                    skipped,
+                    shared(ids),
+                    errors,
+                    [table[i] for i in warm] if warm else (),
+                    dropped,
+                )
             )
-            for event_id, event_time, ledger_time, skipped, ids, errors, warm, dropped in rows
-        ]
+        return plans
 
     def close(self) -> None:
         """Stop the child (it exits when the pipe closes); batches not collected are dropped."""
@@ -220,7 +226,9 @@ class _Numbering:
         self._numbers.clear()
         return True
 
-    def row(self, plan: Planned) -> tuple[Any, ...]:
+    def row(self, plan: Planned) -> tuple[Any, ...] | None:
+        if plan is SKIPPED:
+            return None  # one byte across the pipe, and the one shared plan back
         return (
             plan.event_id,
             plan.event_time,
