@@ -7,8 +7,14 @@ configuration (topic, zone name): never from event content, never a secret.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _P = "purge_worker_"
@@ -89,8 +95,51 @@ PENDING_TARGETS = Gauge(
     _P + "pending_targets", "Targets pending in the coalescer", registry=REGISTRY
 )
 PENDING_RECORDS = Gauge(_P + "pending_records", "Records not yet committable", registry=REGISTRY)
+
+
+class StepHistogram:
+    """A histogram the loop adds a step's values to at once. prometheus_client's takes ~1 µs an
+    observation (a lock, then a walk of the buckets), a tenth of what the loop spends on a record
+    in a backlog; here a step's values are counted into their buckets first, then added under
+    one lock. Exposed as prometheus_client's own are (buckets, count, sum)."""
+
+    def __init__(
+        self, name: str, doc: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self._name, self._doc = name, doc
+        self._bounds = (*buckets, math.inf)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_all(self, values: Iterable[float]) -> None:
+        """Observe each of ``values`` (a negative one, a clock's skew, as zero)."""
+        bounds, counts, total = self._bounds, [0] * len(self._bounds), 0.0
+        for value in values:
+            seen = max(0.0, value)
+            counts[bisect_left(bounds, seen)] += 1  # the first bucket whose bound is ≥ it
+            total += seen
+        with self._lock:
+            self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
+            self._sum += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = self._counts, self._sum
+        cumulative = itertools.accumulate(counts)
+        # The bounds as prometheus_client writes them: 1.0, not 1; +Inf last.
+        labels = ["+Inf" if b == math.inf else repr(float(b)) for b in self._bounds]
+        yield HistogramMetricFamily(
+            self._name,
+            self._doc,
+            buckets=list(zip(labels, cumulative, strict=True)),
+            sum_value=total,
+        )
+
+
 # Event age at purge: now minus the event's own time (the lag to alert on).
-EVENT_AGE = Histogram(
+EVENT_AGE = StepHistogram(
     _P + "event_age_seconds",
     "Seconds from the event's time to its purge being accepted",
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600),

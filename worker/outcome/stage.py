@@ -118,6 +118,7 @@ class Outcome:
     def _finish(self, ready: list[tuple[Ref, InFlight]], final: bool) -> None:
         now, now_wall = self.clock.monotonic(), self.clock.time()
         finished: dict[tuple[str, str], int] = {}
+        ages: list[float] = []
         for ref, state in ready:
             if state.failures:
                 if self.tripped or final or now < self._retry_at:
@@ -128,11 +129,12 @@ class Outcome:
             outcome = "skipped" if state.skipped else "purged"
             finished[(ref.topic, outcome)] = finished.get((ref.topic, outcome), 0) + 1
             if not state.skipped and state.event_time:
-                metrics.EVENT_AGE.observe(max(0.0, now_wall - state.event_time))
+                ages.append(now_wall - state.event_time)
             if state.warm and self.warmer is not None:
                 self.warmer.submit(state.warm)  # never blocks, never fails the record
             self.records.finish(ref)
             self.last_record = now_wall
+        metrics.EVENT_AGE.observe_all(ages)
         for (topic, outcome), n in finished.items():
             metrics.child(metrics.RECORDS, topic, outcome).inc(n)
         metrics.LAST_RECORD_TIME.set(self.last_record)
