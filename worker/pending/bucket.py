@@ -62,28 +62,41 @@ class ZoneBucket:
 
     def add(self, target: Target, owner: Owner) -> None:
         """Add one target for ``owner``, merged into whatever pending item covers it."""
-        item = Pending(target, [owner])
         if self.everything is not None:
-            self.everything.absorb(item)
+            self.everything.join(owner)
             return
         kind = target.kind
-        if kind is Kind.EVERYTHING:
-            self._add_everything(item)
+        # URLs and tags, the targets a backlog repeats, join their pending item without making
+        # one of their own first.
+        if kind is Kind.FILES:
+            self._add_file(target, owner)
+        elif kind is Kind.TAGS:
+            self._join(self.tags, target.value, target, owner)
+        elif kind is Kind.EVERYTHING:
+            self._add_everything(Pending(target, [owner]))
         elif kind is Kind.HOSTS:
-            self._add_host(item)
-        elif kind is Kind.PREFIXES:
-            self._add_prefix(item)
-        elif kind is Kind.FILES:
-            self._add_file(item)
+            self._add_host(Pending(target, [owner]))
         else:
-            self._merge(self.tags, target.value, item)
+            self._add_prefix(Pending(target, [owner]))
 
-    def _merge(
-        self, table: dict[str, Pending] | dict[Target, Pending], key: object, item: Pending
+    def _join(
+        self,
+        table: dict[str, Pending] | dict[Target, Pending],
+        key: object,
+        target: Target,
+        owner: Owner,
     ) -> None:
         existing = table.get(key)  # type: ignore[call-overload]
         if existing is None:
-            table[key] = item  # type: ignore[index]
+            table[key] = Pending(target, [owner])  # type: ignore[index]
+            self.size += 1
+        else:
+            existing.join(owner)
+
+    def _merge(self, table: dict[str, Pending], key: str, item: Pending) -> None:
+        existing = table.get(key)
+        if existing is None:
+            table[key] = item
             self.size += 1
         else:
             existing.absorb(item)
@@ -131,18 +144,23 @@ class ZoneBucket:
         on_host[prefix] = item
         self.size += 1
 
-    def _add_file(self, item: Pending) -> None:
-        path = bare(item.target.value)
+    def _add_file(self, target: Target, owner: Owner) -> None:
+        path = bare(target.value)
         host_key = netloc(path)
         host = self.hosts.get(host_key)
         if host is not None:
-            host.absorb(item)
+            host.join(owner)
             return
-        for key, cover in self.prefixes.get(host_key, {}).items():
-            if covers(key, path):
-                cover.absorb(item)
-                return
-        self._merge(self.files.setdefault(host_key, {}), item.target, item)
+        prefixes = self.prefixes.get(host_key)
+        if prefixes:
+            for key, cover in prefixes.items():
+                if covers(key, path):
+                    cover.join(owner)
+                    return
+        files = self.files.get(host_key)
+        if files is None:
+            files = self.files[host_key] = {}
+        self._join(files, target, target, owner)
 
     def _all(self) -> Iterator[Pending]:
         if self.everything:
