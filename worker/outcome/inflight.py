@@ -6,7 +6,7 @@ Not thread-safe: only the loop's thread touches it.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -95,6 +95,11 @@ class InFlightRecords:
     def get(self, ref: Hashable) -> InFlight | None:
         """``ref``'s state, if it is a record still in flight."""
         return self._records.get(ref) if isinstance(ref, Ref) else None
+
+    def states(self, refs: Iterable[Hashable]) -> list[InFlight]:
+        """The states of those of ``refs`` still in flight, in their order."""
+        get = self._records.get
+        return [state for ref in refs if (state := get(ref)) is not None]  # type: ignore[call-overload]
 
     def expect(self, ref: Ref, count: int = 1) -> None:
         """``ref`` waits for ``count`` more target outcomes."""

@@ -8,6 +8,7 @@ fails, so receipts neither hold back a commit nor fail a record.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import chain
 from typing import Protocol
 
 from worker.errors import PermanentError
@@ -66,21 +67,15 @@ class Receipts:
                 request_ids=p.request_ids,
                 events=(),
             )
-            seen: set[object] = set()
             named, written = Records(), False
-            for item in p.items:
-                for owner in item.owners:
-                    if owner in seen:
-                        continue
-                    seen.add(owner)
-                    state = records.get(owner)
-                    if state is None:
-                        continue
-                    r = _origin(state)
-                    named.add(state.event_id, r.topic, r.partition, r.offset)
-                    if named.size >= MAX_RECORDS_BYTES:
-                        self.sink.submit(*purge_receipt(receipt, self.source, self.member, named))
-                        named, written = Records(), True
+            # Each owner once, in the order met (a record may own several of the items).
+            owners = dict.fromkeys(chain.from_iterable(item.owners for item in p.items))
+            for state in records.states(owners):
+                r = state.record.origin or state.record  # a replayed dead letter's first record
+                named.add(state.event_id, r.topic, r.partition, r.offset)
+                if named.size >= MAX_RECORDS_BYTES:
+                    self.sink.submit(*purge_receipt(receipt, self.source, self.member, named))
+                    named, written = Records(), True
             if named.size or not written:  # every purge is told, even for no record still here
                 self.sink.submit(*purge_receipt(receipt, self.source, self.member, named))
 
