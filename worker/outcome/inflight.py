@@ -69,7 +69,8 @@ class InFlightRecords:
     def __init__(self) -> None:
         self._records: dict[Ref, InFlight] = {}
         self._offsets = OffsetTracker()
-        self._ready: list[Ref] = []
+        # Records ready to finish, with their states (``forget`` takes out those it drops).
+        self._ready: list[tuple[Ref, InFlight]] = []
         self._seq = 0
 
     def __len__(self) -> int:
@@ -109,14 +110,14 @@ class InFlightRecords:
         """Planning is over: a record waiting for nothing is ready to finish."""
         state = self._records.get(ref)
         if state is not None and state.remaining == 0:
-            self._ready.append(ref)
+            self._ready.append((ref, state))
 
     def skip(self, ref: Ref) -> None:
         """Planned, and no rule fired for it: ready to finish (ignored if no longer tracked)."""
         state = self._records.get(ref)
         if state is not None:
             state.skipped = True
-            self._ready.append(ref)
+            self._ready.append((ref, state))
 
     def settle(self, ref: Ref, count: int, error: PermanentError | None = None) -> None:
         """``count`` of the record's targets ended (failed with ``error``, or done). Work for a
@@ -128,16 +129,16 @@ class InFlightRecords:
             state.failures = [*state.failures, error]
         state.remaining -= count
         if state.remaining == 0:
-            self._ready.append(ref)
+            self._ready.append((ref, state))
 
     def take_ready(self) -> list[tuple[Ref, InFlight]]:
         """Records whose every target has ended, oldest first; call ``finish`` or ``hold``."""
         ready, self._ready = self._ready, []
-        return [(ref, self._records[ref]) for ref in ready if ref in self._records]
+        return ready
 
     def hold(self, ref: Ref) -> None:
         """Not finished after all (its dead-letter write must wait): offer it again later."""
-        self._ready.append(ref)
+        self._ready.append((ref, self._records[ref]))
 
     def finish(self, ref: Ref) -> None:
         """The record is purged or confirmed on the dead-letter topic: its offset may commit."""
@@ -150,7 +151,7 @@ class InFlightRecords:
         gone = {ref for ref in self._records if ref.tp in tps}
         for ref in gone:
             del self._records[ref]
-        self._ready = [ref for ref in self._ready if ref not in gone]
+        self._ready = [(ref, state) for ref, state in self._ready if ref not in gone]
         return gone
 
     def to_commit(self) -> dict[TopicPartition, int]:
