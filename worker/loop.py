@@ -205,8 +205,8 @@ class Loop:
         for ref, plan in ready:
             if plan is SKIPPED:  # no rule fired: nothing to pend
                 records.skip(ref)
-            elif ref in records:  # else its partition was revoked or rewound
-                self.outcome.planned(ref, plan, self.pending.add(ref, plan))
+            elif (state := records.get(ref)) is not None:  # else revoked or rewound meanwhile
+                self.outcome.planned(ref, state, plan, self.pending.add(ref, plan))
         self.pending.flush_metrics()
 
     def _send_and_settle(self, *, send: bool = True) -> None:

@@ -90,9 +90,6 @@ class InFlightRecords:
         self._records[ref] = InFlight(record, arrived)
         return ref
 
-    def state(self, ref: Ref) -> InFlight:
-        return self._records[ref]
-
     def get(self, ref: Hashable) -> InFlight | None:
         """``ref``'s state, if it is a record still in flight."""
         return self._records.get(ref) if isinstance(ref, Ref) else None
@@ -102,14 +99,11 @@ class InFlightRecords:
         get = self._records.get
         return [state for ref in refs if (state := get(ref)) is not None]  # type: ignore[call-overload]
 
-    def expect(self, ref: Ref, count: int = 1) -> None:
-        """``ref`` waits for ``count`` more target outcomes."""
-        self._records[ref].remaining += count
-
-    def planned(self, ref: Ref) -> None:
-        """Planning is over: a record waiting for nothing is ready to finish."""
-        state = self._records.get(ref)
-        if state is not None and state.remaining == 0:
+    def planned(self, ref: Ref, state: InFlight, waiting: int) -> None:
+        """Planning is over and ``ref`` (whose state is ``state``) waits for ``waiting`` target
+        outcomes: none, and it is ready to finish."""
+        state.remaining += waiting
+        if state.remaining == 0:
             self._ready.append((ref, state))
 
     def skip(self, ref: Ref) -> None:

@@ -73,9 +73,9 @@ class Outcome:
         from an earlier position: ``forget`` it first."""
         return self.records.open(record, arrived)
 
-    def planned(self, ref: Ref, plan: Planned, waiting: int) -> None:
-        """``ref``'s plan is known and it waits for ``waiting`` target outcomes."""
-        state = self.records.state(ref)
+    def planned(self, ref: Ref, state: InFlight, plan: Planned, waiting: int) -> None:
+        """``ref``'s plan is known and it waits for ``waiting`` target outcomes; ``state`` is its
+        (``InFlightRecords.get``)."""
         state.event_id, state.event_time = plan.event_id, plan.event_time
         state.skipped = plan.skipped
         if plan.errors:
@@ -86,9 +86,7 @@ class Outcome:
             state.log.warning("target dropped: unknown zone", error=str(dropped))
         if self.debug:  # builds nothing per record unless asked for
             state.log.debug("record planned", targets=len(plan.targets), failures=len(plan.errors))
-        if waiting:
-            self.records.expect(ref, waiting)
-        self.records.planned(ref)
+        self.records.planned(ref, state, waiting)
 
     def settle(self, ended: Iterable[Ended], purged: Iterable[Purged] = ()) -> None:
         """Targets whose requests ended: each owner's share of them is done (or failed);
