@@ -71,7 +71,7 @@ class Receipts:
             # Each owner once, in the order met (a record may own several of the items).
             owners = dict.fromkeys(chain.from_iterable(item.owners for item in p.items))
             for state in records.states(owners):
-                r = state.record.origin or state.record  # a replayed dead letter's first record
+                r = _origin(state)
                 named.add(state.event_id, r.topic, r.partition, r.offset)
                 if named.size >= MAX_RECORDS_BYTES:
                     self.sink.submit(*purge_receipt(receipt, self.source, self.member, named))
