@@ -74,8 +74,8 @@ class Outcome:
         return self.records.open(record, arrived)
 
     def planned(self, ref: Ref, state: InFlight, plan: Planned, waiting: int) -> None:
-        """``ref``'s plan is known and it waits for ``waiting`` target outcomes; ``state`` is its
-        (``InFlightRecords.get``)."""
+        """``ref``'s plan is known and it waits for ``waiting`` target outcomes. ``state``: its
+        state, which the loop has already looked up (``InFlightRecords.get``)."""
         state.event_id, state.event_time = plan.event_id, plan.event_time
         state.skipped = plan.skipped
         if plan.errors:

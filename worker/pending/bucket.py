@@ -75,7 +75,7 @@ class ZoneBucket:
         elif kind is Kind.EVERYTHING:
             self._add_everything(Pending(target, [owner]))
         elif kind is Kind.HOSTS:
-            self._add_host(Pending(target, [owner]))
+            self._add_host(target, owner)
         else:
             self._add_prefix(Pending(target, [owner]))
 
@@ -93,14 +93,6 @@ class ZoneBucket:
         else:
             existing.join(owner)
 
-    def _merge(self, table: dict[str, Pending], key: str, item: Pending) -> None:
-        existing = table.get(key)
-        if existing is None:
-            table[key] = item
-            self.size += 1
-        else:
-            existing.absorb(item)
-
     def _add_everything(self, item: Pending) -> None:
         for pending in self._all():
             item.absorb(pending)
@@ -111,9 +103,9 @@ class ZoneBucket:
         self.everything = item
         self.size = 1
 
-    def _add_host(self, item: Pending) -> None:
-        host = item.target.value
-        self._merge(self.hosts, host, item)
+    def _add_host(self, target: Target, owner: Owner) -> None:
+        host = target.value
+        self._join(self.hosts, host, target, owner)
         keeper = self.hosts[host]
         for table in (self.prefixes, self.files):
             swallowed = table.pop(host, None)
