@@ -534,16 +534,19 @@ def test_the_last_record_in_flight_is_committed_at_once_not_at_the_next_interval
     assert loop.outcome.records and source.committed[("cms", 0)] == 5
 
 
-def _burst(clock, paths, repeats, *, age=0.0):
+def _burst(clock, paths, repeats, *, age=0.0, over=0.0):
     """Records of ``paths`` ``repeats`` times over, the repeats in later parts of the topic;
-    stamped ``age`` seconds before now."""
-    at_ms = int((clock.time() - age) * 1000)
+    produced evenly over ``over`` seconds ending ``age`` seconds before now."""
     values = [
         cloudevent("image.updated", {"host": "www.example.com", "path": p})
         for _ in range(repeats)
         for p in paths
     ]
-    return [Record("cms", 0, i, b"k", v, (), at_ms) for i, v in enumerate(values)]
+    start, step = clock.time() - age - over, over / len(values)
+    return [
+        Record("cms", 0, i, b"k", v, (), int((start + i * step) * 1000))
+        for i, v in enumerate(values)
+    ]
 
 
 def _drain_burst(records, clock, plan="pro"):
@@ -575,6 +578,17 @@ def test_a_fresh_burst_the_budget_cannot_send_at_once_is_read_before_it_is_sent(
     clock = MockClock()
     paths = [f"p{i}" for i in range(1000)]
     sent, _ = _drain_burst(_burst(clock, paths, 6), clock, plan="free")
+    assert sorted(sent) == sorted(f"https://www.example.com/{p}" for p in paths)
+
+
+def test_a_fresh_burst_is_held_until_read_though_what_was_read_grows_old_meanwhile():
+    # Produced over 1 s ending 3 s before the drain, read over 3 s: the newest record read is
+    # older than the ledger's margin (5 s) from 1.5 s on, but the 3,000 still unread are
+    # younger, and each repeats every path again. A purge sent when the records read grow old
+    # would not cover them.
+    clock = MockClock()
+    paths = [f"p{i}" for i in range(1000)]
+    sent, _ = _drain_burst(_burst(clock, paths, 6, age=3.0, over=1.0), clock, plan="free")
     assert sorted(sent) == sorted(f"https://www.example.com/{p}" for p in paths)
 
 

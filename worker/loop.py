@@ -70,6 +70,8 @@ class Loop:
     # Held by the loop except while it waits inside ``poll``: a revocation (which the Kafka
     # client runs on its own thread while ``poll`` waits) settles records only while it holds it.
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
+    # A young backlog is being held back until it is read (``_defer``).
+    _held: bool = field(init=False, default=False, repr=False)
 
     def __post_init__(self) -> None:
         self.intake.on_revoke(self._settle_for_handover)
@@ -223,12 +225,18 @@ class Loop:
         covers only records older than the margin at the send: a bulk re-publish sent 1.6
         items per distinct one). So what is pending waits for them, at most the margin; with
         budget to spare, old records, targets that do not repeat, or nothing more to read,
-        nothing waits."""
-        if not self.pending.repeating(self.clock.time()) or not self.sending.budget_bound():
-            return 0.0
-        if not self.intake.behind(self.outcome.records.last_seen()):
-            return 0.0
-        return self.pending.ledger.margin
+        nothing waits.
+
+        Once a young backlog is held, it is held until it is read: the records still unread
+        are younger than those read, so the newest record read growing old says nothing of
+        them (a hold that ended there sent 1.2 to 1.4 items per distinct one)."""
+        held = self._held or self.pending.repeating(self.clock.time())
+        self._held = (
+            held
+            and self.sending.budget_bound()
+            and self.intake.behind(self.outcome.records.last_seen())
+        )
+        return self.pending.ledger.margin if self._held else 0.0
 
     def _settle(self, timeout: float = 0.0) -> bool:
         """Hand the requests that ended (waiting up to ``timeout`` for one) to the outcome
