@@ -212,3 +212,24 @@ def test_a_plan_covered_by_a_host_purge_is_not_asked_about_again(monkeypatch):
     for n in range(5):
         assert stage.add(f"r{n}", plan_of(shared, SENT - 10)) == 0
     assert len(asked) == 1
+
+
+def test_targets_count_as_repeating_until_steps_have_measured_them():
+    # A young backlog's first full requests wait for the measure: sent before the first repeat
+    # was read, they all went again.
+    stage, _ = pending_stage()
+
+    def step(name, paths):
+        stage.begin()
+        for n, path in enumerate(paths):
+            stage.add(
+                f"{name}-{n}", plan_of(routed(Target.url(f"https://example.com/{path}")), SENT)
+            )
+        stage.flush_metrics()
+
+    assert stage.repeating
+    for s in range(4):
+        step(f"s{s}", [f"{s}/{n}" for n in range(10)])
+    assert not stage.repeating  # four steps of targets met once each
+    step("again", [f"3/{n}" for n in range(10)])  # the last step's ten again, still pending
+    assert stage.repeating

@@ -227,12 +227,14 @@ class Loop:
         budget to spare, old records, targets that do not repeat, or nothing more to read,
         nothing waits.
 
-        Once a young backlog is held, it is held until it is read: the records still unread
-        are younger than those read, so the newest record read growing old says nothing of
-        them (a hold that ended there sent 1.2 to 1.4 items per distinct one)."""
-        held = self._held or self.pending.repeating(self.clock.time())
+        Once a young backlog is held, it is held until it is read (or its targets are measured
+        not to repeat): the records still unread are younger than those read, so the newest
+        record read growing old says nothing of them (a hold that ended there sent 1.2 to 1.4
+        items per distinct one)."""
+        young = self._held or self.pending.young(self.clock.time())
         self._held = (
-            held
+            young
+            and self.pending.repeating
             and self.sending.budget_bound()
             and self.intake.behind(self.outcome.records.last_seen())
         )
