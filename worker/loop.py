@@ -115,13 +115,15 @@ class Loop:
         arrived = self.outcome.arrived(len(records))
         self.planning.submit([self._open(record, arrived) for record in records], records)
         self._pend()
+        # Before the sends: a share that changed since the last step (the whole budget, once
+        # this worker knows it is alone) is spent in this step, not the next.
+        self._follow_shares()
         self._send_and_settle(send=not holding)
         self.outcome.finish()
         self.status.last_record = self.outcome.last_record
         self.intake.backpressure(self.pending.size, len(self.outcome.records))
         if not holding:  # the revocation commits; the group refuses other commits meanwhile
             self.outcome.commits.maybe_commit()
-        self._follow_shares()
 
     @property
     def idle(self) -> bool:
