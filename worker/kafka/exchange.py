@@ -170,7 +170,13 @@ class KafkaBudgetExchange:
     def _connect_consumer(self) -> KafkaConsumer:
         """The reader of the budget topic (made by ``_ensure_topic`` if missing and this worker
         may: one partition, compacted; an admin's topic is used as it is)."""
-        consumer = KafkaConsumer(**options(self._config), group_id=None, enable_auto_commit=False)
+        # The broker's version, as the writer learned it: kafka-python does not ask again, and
+        # so asks for this topic's metadata at once instead of 100 ms after asking for the
+        # cluster's (its metadata backoff), which a starting worker would wait for.
+        known = self._producer.config["api_version"] if self._producer is not None else None
+        consumer = KafkaConsumer(
+            **options(self._config), api_version=known, group_id=None, enable_auto_commit=False
+        )
         parts = consumer.partitions_for_topic(self._topic) or {0}
         tps = [TopicPartition(self._topic, p) for p in sorted(parts)]
         self._single = len(tps) == 1
