@@ -549,13 +549,13 @@ def _burst(clock, paths, repeats, *, age=0.0, over=0.0):
     ]
 
 
-def _drain_burst(records, clock, plan="pro", poll=100):
+def _drain_burst(records, clock, plan="pro"):
     pipeline, source, _, api = build(
         records,
         plan=plan,
         clock=clock,
         cloudflare__accounts={"main": {"plan": plan}},
-        kafka={"topics": ["cms"], "dead_letter_topic": "dlq", "max_poll_records": poll},
+        kafka={"topics": ["cms"], "dead_letter_topic": "dlq", "max_poll_records": 100},
     )
     first_send = None
     for _ in range(4000):
