@@ -36,6 +36,7 @@ def main() -> int:
     from scripts.kafka_broker import Broker
 
     runs: dict[tuple[str, bool], list[dict[str, Any]]] = {}
+    bench.compiled()
     broker = Broker().start()
     try:
         backlog = bench.aged_backlog(broker.bootstrap)
