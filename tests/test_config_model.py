@@ -10,8 +10,9 @@ from tests.helpers import config_dict
 from worker.config.load import load, parse
 from worker.config.model import CoalesceSettings, DeliverySettings, LedgerSettings
 from worker.config.schema import config_schema, section_schema
-from worker.errors import ConfigError
-from worker.kafka.client import options
+from worker.errors import ConfigError, RetryableError
+from worker.kafka import client
+from worker.kafka.client import KafkaError, connecting, options
 
 ENV = {"CLOUDFLARE_API_TOKEN": TOKEN}
 BASE = config_dict("http://127.0.0.1:1/client/v4")
@@ -121,6 +122,29 @@ def test_sasl_password_must_be_in_the_environment():
     config = parse(data, "site.yaml", {**ENV, "KPW": "hunter2-secret"})
     assert options(config.kafka)["sasl_plain_password"] == "hunter2-secret"
     assert "hunter2-secret" in config.secrets()
+
+
+def test_clients_made_after_one_reached_a_cluster_are_told_its_version(monkeypatch):
+    monkeypatch.setattr(client, "_VERSIONS", {})
+    config = parse(BASE, "s", ENV).kafka
+    other = parse(with_("kafka.bootstrap_servers", ["elsewhere:9092"]), "s", ENV).kafka
+    assert "api_version" not in options(config)  # the first client probes
+
+    class Refused:
+        def __init__(self) -> None:
+            raise KafkaError("no broker")
+
+    with pytest.raises(RetryableError):
+        connecting(Refused, config, "connecting")
+    assert "api_version" not in options(config)  # nothing learned from a failure
+
+    class Connected:
+        def __init__(self) -> None:
+            self.config = {"api_version": (4, 1)}
+
+    connecting(Connected, config, "connecting")
+    assert options(config)["api_version"] == (4, 1)
+    assert "api_version" not in options(other)  # another cluster is probed
 
 
 def test_port_zero_or_null_turns_a_listener_off():

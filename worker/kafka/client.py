@@ -45,6 +45,12 @@ _REFUSALS = (
 )
 # How long a refusal met by any client still explains another's failure to connect.
 REFUSAL_MEMORY = 30.0
+# The brokers' version per cluster (bootstrap servers and protocol), as the first client to
+# reach it learned it. Every later client is told it: kafka-python then skips its own probe,
+# and with it the 100 ms it waits after the probe before asking for any topic's metadata (its
+# metadata backoff, which ``retry_backoff_ms`` does not set). A starting worker's access check
+# and guard read, and each producer's first send, waited for it.
+_VERSIONS: dict[tuple[tuple[str, ...], str], tuple[int, ...]] = {}
 
 
 def options(settings: KafkaSettings) -> dict[str, Any]:
@@ -57,6 +63,9 @@ def options(settings: KafkaSettings) -> dict[str, Any]:
         "security_protocol": sec.protocol,
         "bootstrap_timeout_ms": BOOTSTRAP_MS,
     }
+    known = _VERSIONS.get(_cluster(settings))
+    if known is not None:
+        opts["api_version"] = known
     if sec.sasl_mechanism:
         opts["sasl_mechanism"] = sec.sasl_mechanism
         opts["sasl_plain_username"] = sec.sasl_username
@@ -65,6 +74,18 @@ def options(settings: KafkaSettings) -> dict[str, Any]:
     if sec.protocol in ("SSL", "SASL_SSL"):
         opts["ssl_context"] = tls_context(settings)
     return opts
+
+
+def _cluster(settings: KafkaSettings) -> tuple[tuple[str, ...], str]:
+    return tuple(settings.bootstrap_servers), settings.security.protocol
+
+
+def learn_version(settings: KafkaSettings, client: Any) -> None:
+    """Remember the brokers' version a connected ``client`` learned, for the clients made
+    after it (``options``)."""
+    version = getattr(client, "config", {}).get("api_version")
+    if isinstance(version, tuple) and version:
+        _VERSIONS.setdefault(_cluster(settings), version)
 
 
 def tls_context(settings: KafkaSettings) -> ssl.SSLContext:
@@ -145,13 +166,15 @@ def connecting(make: Callable[[], T], settings: KafkaSettings, doing: str) -> T:
     # A refusal another client met lately (the budget exchange connects first) counts too.
     started = time.time() - REFUSAL_MEMORY
     try:
-        return make()
+        client = make()
     except KafkaError as exc:
         seen = [*_FAILURES.since(started), exc]
         refused = next((c for c in (_refusal(e, settings) for e in seen) if c), None)
         if refused is not None:
             raise AccessError(f"{doing}: {refused}") from None
         raise unavailable(doing, exc) from None
+    learn_version(settings, client)
+    return client
 
 
 def _refusal_like(arg: BaseException) -> bool:

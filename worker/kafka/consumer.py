@@ -137,8 +137,13 @@ class KafkaSource:
         self._config = config
         self._listener = _Listener()
         self._paused = False
+        opts = options(config)
+        # Probed, never told: told the brokers' version, kafka-python 3.0.12 may join the group
+        # before it has the topics' metadata, and the leader then assigns nothing (seen: an
+        # empty assignment for a minute, nothing read).
+        opts.pop("api_version", None)
         settings = {
-            **options(config),
+            **opts,
             "group_id": config.group_id,
             "enable_auto_commit": False,
             "auto_offset_reset": config.auto_offset_reset,

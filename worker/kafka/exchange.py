@@ -28,7 +28,7 @@ from worker.clock import Clock
 from worker.config.settings import KafkaSettings
 from worker.errors import AccessError, PurgeWorkerError
 from worker.kafka.admin import ensure_topic
-from worker.kafka.client import options
+from worker.kafka.client import learn_version, options
 from worker.sending.split import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report
 
 log = structlog.get_logger("worker.kafka.exchange")
@@ -163,6 +163,7 @@ class KafkaBudgetExchange:
         """The writer, made first: the first report goes before the reader is set up, since a
         lone worker takes the whole budget only ``CUTOFF`` after it."""
         producer = KafkaProducer(**options(self._config), linger_ms=0, acks=1, max_block_ms=2000)
+        learn_version(self._config, producer)
         # The topic's metadata now, while connecting, rather than in the first report's send.
         producer.partitions_for(self._topic)
         return producer
@@ -170,13 +171,9 @@ class KafkaBudgetExchange:
     def _connect_consumer(self) -> KafkaConsumer:
         """The reader of the budget topic (made by ``_ensure_topic`` if missing and this worker
         may: one partition, compacted; an admin's topic is used as it is)."""
-        # The broker's version, as the writer learned it: kafka-python does not ask again, and
-        # so asks for this topic's metadata at once instead of 100 ms after asking for the
-        # cluster's (its metadata backoff), which a starting worker would wait for.
-        known = self._producer.config["api_version"] if self._producer is not None else None
-        consumer = KafkaConsumer(
-            **options(self._config), api_version=known, group_id=None, enable_auto_commit=False
-        )
+        # ``options`` holds the broker's version the writer learned: the reader asks for this
+        # topic's metadata at once, not after kafka-python's 100 ms metadata backoff.
+        consumer = KafkaConsumer(**options(self._config), group_id=None, enable_auto_commit=False)
         parts = consumer.partitions_for_topic(self._topic) or {0}
         tps = [TopicPartition(self._topic, p) for p in sorted(parts)]
         self._single = len(tps) == 1
