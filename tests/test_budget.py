@@ -34,8 +34,8 @@ from worker.targets import Kind
 
 def test_a_hot_member_takes_all_but_the_idle_floors():
     shares = allocate({"a": 12.0, "b": 0.0, "c": 0.0})
-    assert shares["a"] == pytest.approx(0.98)
-    assert shares["b"] == shares["c"] == pytest.approx(0.01)
+    assert shares["a"] == pytest.approx(0.99)
+    assert shares["b"] == shares["c"] == pytest.approx(0.005)
 
 
 def test_idle_members_split_the_budget_evenly():
@@ -231,8 +231,8 @@ def test_the_keeper_splits_by_demand_and_caps_by_the_groups_share():
         clock.advance(REPORT_INTERVAL)
         hot.update(urls(5000), 1, 2)
         idle.update(urls(0), 1, 2)
-    assert hot.shares()["main"].urls == pytest.approx(0.99 * 0.5)
-    assert idle.shares()["main"].urls == pytest.approx(0.01 * 0.5)
+    assert hot.shares()["main"].urls == pytest.approx(0.995 * 0.5)
+    assert idle.shares()["main"].urls == pytest.approx(0.005 * 0.5)
 
 
 def test_without_the_exchange_the_share_is_the_part_of_the_partitions():
