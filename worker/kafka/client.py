@@ -45,11 +45,8 @@ _REFUSALS = (
 )
 # How long a refusal met by any client still explains another's failure to connect.
 REFUSAL_MEMORY = 30.0
-# The brokers' version per cluster (bootstrap servers and protocol), as the first client to
-# reach it learned it. Every later client is told it: kafka-python then skips its own probe,
-# and with it the 100 ms it waits after the probe before asking for any topic's metadata (its
-# metadata backoff, which ``retry_backoff_ms`` does not set). A starting worker's access check
-# and guard read, and each producer's first send, waited for it.
+# The brokers' version per cluster, as its first client learned it. Told it, a client skips
+# kafka-python's probe and the 100 ms it then waits before asking for topic metadata.
 _VERSIONS: dict[tuple[tuple[str, ...], str], tuple[int, ...]] = {}
 
 
@@ -63,8 +60,7 @@ def options(settings: KafkaSettings) -> dict[str, Any]:
         "security_protocol": sec.protocol,
         "bootstrap_timeout_ms": BOOTSTRAP_MS,
     }
-    known = _VERSIONS.get(_cluster(settings))
-    if known is not None:
+    if known := _VERSIONS.get((tuple(settings.bootstrap_servers), sec.protocol)):
         opts["api_version"] = known
     if sec.sasl_mechanism:
         opts["sasl_mechanism"] = sec.sasl_mechanism
@@ -76,16 +72,11 @@ def options(settings: KafkaSettings) -> dict[str, Any]:
     return opts
 
 
-def _cluster(settings: KafkaSettings) -> tuple[tuple[str, ...], str]:
-    return tuple(settings.bootstrap_servers), settings.security.protocol
-
-
 def learn_version(settings: KafkaSettings, client: Any) -> None:
-    """Remember the brokers' version a connected ``client`` learned, for the clients made
-    after it (``options``)."""
-    version = getattr(client, "config", {}).get("api_version")
+    """Remember the brokers' version ``client`` learned, for the clients made after it."""
+    version, servers = getattr(client, "config", {}).get("api_version"), settings.bootstrap_servers
     if isinstance(version, tuple) and version:
-        _VERSIONS.setdefault(_cluster(settings), version)
+        _VERSIONS.setdefault((tuple(servers), settings.security.protocol), version)
 
 
 def tls_context(settings: KafkaSettings) -> ssl.SSLContext:
