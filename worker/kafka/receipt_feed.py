@@ -44,8 +44,12 @@ class ReceiptFeed:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._caught_up = threading.Event()
-        # ``mark``'s events, each set once the feed has read what was written before it.
-        self._marks: list[threading.Event] = []
+        # ``mark``'s events, each set once the feed has read what was written before it: with
+        # the end offsets then, when the mark found them (else the feed asks).
+        self._marks: list[tuple[threading.Event, dict[Any, int] | None]] = []
+        # The partitions followed, once assigned, and how far each is read (and handed over).
+        self._partitions: list[Any] = []
+        self._read: dict[Any, int] = {}
         # False once the feed cannot read: marks are set at once. A feed that is starting reads
         # (or gives up) soon, so marks wait for it.
         self._reading = True
@@ -64,11 +68,35 @@ class ReceiptFeed:
         previous owner purged before their records meet it."""
         done = threading.Event()
         with self._lock:
-            if self._reading and not self._stop.is_set():
-                self._marks.append(done)
+            if not self._reading or self._stop.is_set():
+                done.set()
                 return done
-        done.set()
+            partitions = self._partitions
+            if not partitions:  # still starting: the feed asks for the ends once it can
+                self._marks.append((done, None))
+                return done
+        # The feed's own client may be waiting on a fetch the broker holds (up to ``POLL_MS``),
+        # and its end offsets would queue behind it: asked on a connection of their own they
+        # come in a few ms, and a feed that has read them already sets the mark at once.
+        threading.Thread(
+            target=self._mark_at, args=(done, partitions), name="receipts-mark", daemon=True
+        ).start()
         return done
+
+    def _mark_at(self, done: threading.Event, partitions: list[Any]) -> None:
+        try:
+            ends: dict[Any, int] | None = end_offsets(self._settings, partitions)
+        except (KafkaError, PurgeWorkerError):
+            ends = None  # the feed's client asks them instead
+        with self._lock:
+            if (
+                not self._reading
+                or self._stop.is_set()
+                or (ends is not None and _up_to(self._read, ends))
+            ):
+                done.set()
+            else:
+                self._marks.append((done, ends))
 
     def take(self) -> list[tuple[LedgerKey, float]]:
         with self._lock:
@@ -95,7 +123,7 @@ class ReceiptFeed:
         with self._lock:
             self._reading = reading
             marks, self._marks = ([], self._marks) if reading else (self._marks, [])
-        _set(marks)
+        _set([done for done, _ in marks])
 
     def _run(self) -> None:
         warned = ""
@@ -146,29 +174,30 @@ class ReceiptFeed:
                 **options(self._settings),
                 group_id=None,
                 enable_auto_commit=False,
-                # A fetch that waits at the broker holds up the end offsets a ``mark`` asks
-                # for on the same connection: short waits keep a new owner's wait short.
+                # A fetch that waits at the broker holds up end offsets asked on the same
+                # connection: short waits keep a mark short when it could not ask them itself.
                 fetch_max_wait_ms=POLL_MS,
             ),
             self._settings,
             "cannot reach Kafka for the receipts topic",
         )
-        waiting: list[threading.Event] = []  # marks taken, set once ``marked`` is reached
-        marked: dict[Any, int] = {}
+        # Marks taken, each set once the feed has read up to its end offsets.
+        waiting: list[tuple[threading.Event, dict[Any, int]]] = []
         try:
             ends = self._seek(consumer)
             if _reached(consumer, ends):
                 self._restored_all()  # nothing in the span: no poll's wait for the first records
+            self._note_read(consumer, ends)
             self._reading_now(True)
             while not self._stop.is_set():
-                if not waiting:
-                    with self._lock:
-                        waiting, self._marks = self._marks, []
-                    if waiting:  # what was written before them ends below these offsets
+                with self._lock:
+                    taken, self._marks = self._marks, []
+                if taken:
+                    if any(at is None for _, at in taken):  # what was written before them
                         with translated(f"cannot read {self.topic}"):
-                            marked = consumer.end_offsets(list(ends))
-                        if _reached(consumer, marked):  # read already: no poll's wait
-                            waiting = _set(waiting)
+                            now = consumer.end_offsets(list(ends))
+                    waiting += [(done, now if at is None else at) for done, at in taken]
+                    waiting = _settle(waiting, self._read)  # read already: no poll's wait
                 with translated(f"cannot read {self.topic}"):
                     batches = consumer.poll(timeout_ms=POLL_MS, max_records=5_000)
                 own = self._own
@@ -191,16 +220,49 @@ class ReceiptFeed:
                     self.restored += len(entries)
                     if _reached(consumer, ends):
                         self._restored_all()
-                if waiting and _reached(consumer, marked):
-                    waiting = _set(waiting)
+                self._note_read(consumer, ends)
+                waiting = _settle(waiting, self._read)
         finally:
-            _set(waiting)  # the feed stops reading them: nobody waits
+            _set([done for done, _ in waiting])  # the feed stops reading them: nobody waits
             consumer.close(autocommit=False, timeout_ms=500)
+
+    def _note_read(self, consumer: Any, ends: dict[Any, int]) -> None:
+        """How far each partition is read, its receipts handed over (for ``mark``)."""
+        read = {tp: consumer.position(tp) for tp in ends}
+        with self._lock:
+            self._partitions, self._read = list(ends), read
+
+
+def end_offsets(settings: KafkaSettings, partitions: list[Any]) -> dict[Any, int]:
+    """The end offsets of ``partitions`` now, asked by a client made for it."""
+    consumer = connecting(
+        lambda: KafkaConsumer(**options(settings), group_id=None, enable_auto_commit=False),
+        settings,
+        "cannot reach Kafka for the receipts topic",
+    )
+    try:
+        with translated("cannot ask the receipts topic's end offsets"):
+            ends: dict[Any, int] = consumer.end_offsets(partitions)
+        return ends
+    finally:
+        consumer.close(autocommit=False, timeout_ms=0)
 
 
 def _reached(consumer: Any, ends: dict[Any, int]) -> bool:
-    """The feed has read every partition up to ``ends`` (the span's at start, or a mark's)."""
+    """The feed has read every partition up to ``ends`` (the span's at start)."""
     return all(consumer.position(tp) >= end for tp, end in ends.items())
+
+
+def _up_to(read: dict[Any, int], ends: dict[Any, int]) -> bool:
+    return all(read.get(tp, -1) >= end for tp, end in ends.items())
+
+
+def _settle(
+    waiting: list[tuple[threading.Event, dict[Any, int]]], read: dict[Any, int]
+) -> list[tuple[threading.Event, dict[Any, int]]]:
+    """Set the marks whose ends are read; the others go on waiting."""
+    _set([done for done, ends in waiting if _up_to(read, ends)])
+    return [(done, ends) for done, ends in waiting if not _up_to(read, ends)]
 
 
 def _set(events: list[threading.Event]) -> list[threading.Event]:
