@@ -85,3 +85,17 @@ def emulator_factory():
 @pytest.fixture
 def emulator(emulator_factory):
     return emulator_factory()
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_outlives_its_test() -> Iterator[None]:
+    """A test that fails before it stops its workers must not leave them running: one whose
+    broker is gone went on for half an hour beside the rest of the suite."""
+    from tests.kafka_helpers import STARTED
+
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

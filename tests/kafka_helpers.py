@@ -120,6 +120,10 @@ class RunningWorker:
             raise self.error
 
 
+# Every worker process a test started, so none outlives its test (``conftest``).
+STARTED: list[subprocess.Popen] = []
+
+
 class Workers:
     def __init__(self, cfg, tmp_path):
         self.cfg = cfg
@@ -138,6 +142,7 @@ class Workers:
         )
         log.close()
         self.procs.append(proc)
+        STARTED.append(proc)
         return proc
 
     def stop_all(self):
