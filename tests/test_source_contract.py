@@ -115,6 +115,21 @@ def test_every_record_once_in_offset_order_per_partition(world):
         source.close(1.0)
 
 
+def test_a_source_polled_the_moment_it_is_opened_reads_every_partition(world):
+    """A Kafka consumer that joins its group before it knows the topic's partitions is
+    assigned none until its next metadata refresh, minutes later: a worker that started fast
+    read nothing. Each source here is polled the moment it is made."""
+    w, topic = world
+    w.write(topic, values(PARTITIONS * PER_PARTITION))
+    for _ in range(6):
+        source = w.open(topic, f"g-{uuid.uuid4().hex[:8]}")
+        try:
+            got = poll_until(source, PARTITIONS * PER_PARTITION, seconds=10)
+            assert {r.partition for r in got} == set(range(PARTITIONS))
+        finally:
+            source.close(1.0)
+
+
 def test_a_poll_takes_at_most_max_records_and_an_empty_one_waits_its_timeout(world):
     w, topic = world
     w.write(topic, values(8))

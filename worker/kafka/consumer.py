@@ -32,6 +32,10 @@ HANDOVER_STEP = 0.01
 # ones for the receipts written since the feed's last poll.
 RESTORE_WAIT = 15.0
 CATCH_UP_WAIT = 2.0
+# How long a new consumer waits for its topics' partitions before the first poll joins the
+# group (a topic that does not exist is reported by the access check instead).
+METADATA_WAIT = 2.0
+METADATA_STEP = 0.005
 
 
 class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
@@ -137,13 +141,8 @@ class KafkaSource:
         self._config = config
         self._listener = _Listener()
         self._paused = False
-        opts = options(config)
-        # Probed, never told: told the brokers' version, kafka-python 3.0.12 may join the group
-        # before it has the topics' metadata, and the leader then assigns nothing (seen: an
-        # empty assignment for a minute, nothing read).
-        opts.pop("api_version", None)
         settings = {
-            **opts,
+            **options(config),
             "group_id": config.group_id,
             "enable_auto_commit": False,
             "auto_offset_reset": config.auto_offset_reset,
@@ -159,6 +158,23 @@ class KafkaSource:
         self._listener.consumer = self._consumer
         self._consumer.subscribe(list(config.topics), listener=self._listener)
         self._heard_at: float | None = None
+        self._await_metadata(config.topics)
+
+    def _await_metadata(self, topics: Sequence[str]) -> None:
+        """Wait (at most ``METADATA_WAIT``) until the client knows the topics' partitions, which
+        it asks for in the background once subscribed. kafka-python 3.0.12 joins the group at
+        the first poll whether it knows them or not, and a leader that does not assigns
+        nothing: a worker whose first poll came soon after it started read nothing for
+        minutes. (Asking with ``partitions_for_topic`` instead fetches every topic's metadata,
+        after which the group never finished rebalancing.)"""
+        cluster = getattr(self._consumer, "_cluster", None)  # kafka-python's: read defensively
+        deadline = time.monotonic() + METADATA_WAIT
+        while (
+            cluster is not None
+            and any(cluster.partitions_for_topic(t) is None for t in topics)
+            and time.monotonic() < deadline
+        ):
+            time.sleep(METADATA_STEP)
 
     def poll(self, timeout: float, max_records: int) -> list[Record]:
         """Raises ``AccessError`` when the group or a topic may not be read."""
