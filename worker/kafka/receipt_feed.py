@@ -185,9 +185,9 @@ class ReceiptFeed:
         waiting: list[tuple[threading.Event, dict[Any, int]]] = []
         try:
             ends = self._seek(consumer)
-            if _reached(consumer, ends):
-                self._restored_all()  # nothing in the span: no poll's wait for the first records
             self._note_read(consumer, ends)
+            if _up_to(self._read, ends):
+                self._restored_all()  # nothing in the span: no poll's wait for the first records
             self._reading_now(True)
             while not self._stop.is_set():
                 with self._lock:
@@ -216,11 +216,11 @@ class ReceiptFeed:
                         self._entries.extend(entries)
                 # Read from the earliest receipt of the span on: the last known is the newest.
                 self._since = time.time() - 1.0
+                self._note_read(consumer, ends)
                 if not self._caught_up.is_set():
                     self.restored += len(entries)
-                    if _reached(consumer, ends):
+                    if _up_to(self._read, ends):
                         self._restored_all()
-                self._note_read(consumer, ends)
                 waiting = _settle(waiting, self._read)
         finally:
             _set([done for done, _ in waiting])  # the feed stops reading them: nobody waits
@@ -248,12 +248,8 @@ def end_offsets(settings: KafkaSettings, partitions: list[Any]) -> dict[Any, int
         consumer.close(autocommit=False, timeout_ms=0)
 
 
-def _reached(consumer: Any, ends: dict[Any, int]) -> bool:
-    """The feed has read every partition up to ``ends`` (the span's at start)."""
-    return all(consumer.position(tp) >= end for tp, end in ends.items())
-
-
 def _up_to(read: dict[Any, int], ends: dict[Any, int]) -> bool:
+    """Every partition is read up to ``ends`` (the span's at start, or a mark's)."""
     return all(read.get(tp, -1) >= end for tp, end in ends.items())
 
 
@@ -261,11 +257,15 @@ def _settle(
     waiting: list[tuple[threading.Event, dict[Any, int]]], read: dict[Any, int]
 ) -> list[tuple[threading.Event, dict[Any, int]]]:
     """Set the marks whose ends are read; the others go on waiting."""
-    _set([done for done, ends in waiting if _up_to(read, ends)])
-    return [(done, ends) for done, ends in waiting if not _up_to(read, ends)]
+    left = []
+    for done, ends in waiting:
+        if _up_to(read, ends):
+            done.set()
+        else:
+            left.append((done, ends))
+    return left
 
 
-def _set(events: list[threading.Event]) -> list[threading.Event]:
+def _set(events: list[threading.Event]) -> None:
     for done in events:
         done.set()
-    return []
