@@ -25,6 +25,7 @@ from worker.sending.split import (
     Report,
     Shares,
     allocate,
+    last_allowed,
     next_shares,
 )
 from worker.targets import Kind
@@ -137,6 +138,29 @@ def test_reports_out_of_order_are_ignored():
     assert board.snapshot("acc", 101.0)["a"].demand.urls == 1
 
 
+def test_what_a_member_was_allowed_is_read_from_its_newest_report_before_the_boundary():
+    board, t, epoch = Board(), 1000.0, 1000
+    # Gave its even share back after the cutoff: the newer, lower figure counts.
+    board.record("acc", "idle", report(t - 0.9, 0, epoch=999, allowed=0.333))
+    board.record("acc", "idle", report(t - 0.2, 0, epoch=999, allowed=0.005))
+    # Applied the last split only after the cutoff: known from its newer report.
+    board.record("acc", "slow", report(t - 0.9, 0, epoch=998, allowed=0.005))
+    board.record("acc", "slow", report(t - 0.1, 0, epoch=999, allowed=0.2))
+    # Never said what it had in the ending epoch: unknown (it may have risen).
+    board.record("acc", "silent", report(t - 0.9, 0, epoch=998, allowed=0.005))
+    # Its report stamped at the boundary already carries the new split: not counted.
+    board.record("acc", "hot", report(t - 0.5, 9, epoch=999, allowed=0.333))
+    board.record("acc", "hot", report(t, 9, epoch=1000, allowed=0.99))
+    live = board.snapshot("acc", t)
+    assert live["idle"].allowed == 0.333 and live["slow"].epoch == 998
+    assert last_allowed(live, board.newest("acc", t), epoch) == {
+        "idle": 0.005,
+        "slow": 0.2,
+        "silent": None,
+        "hot": 0.333,
+    }
+
+
 # -- the keeper -----------------------------------------------------------------------------------
 
 
@@ -148,11 +172,14 @@ class FakeExchange:
         self.up = True
         self.closed = False
         self.first_sent = None
+        self.at = 0.0
         self.caught_up = True
         self.read_back = False
 
     def publish(self, reports):
-        at = self.clock.time() + self.skew
+        # What is published twice in one instant goes out once, as the latest of it.
+        at = max(self.clock.time() + self.skew, self.at + 1e-6)
+        self.at = at
         if self.first_sent is None:
             self.first_sent = at
         self.last = reports
@@ -333,6 +360,31 @@ def test_workers_whose_demand_moves_never_overrun_the_account_together(skews):
     # the gain is held for a window.
     rate = sent_while_busy / busy_time
     assert rate >= 0.8 * 1500 * URL_SAFETY, f"{rate:.0f} URL/s while busy"
+
+
+def test_a_burst_beside_idle_members_whose_loops_look_late_gets_the_budget_at_one_boundary():
+    """Idle loops look at a boundary and then seldom (here 0.7 s later, past the next cutoff),
+    and give back what the split spread to them only then. The next split reads that from their
+    newest report, so a burst that began before the cutoff takes all but the floors at the next
+    boundary, not one later (three replicas of one hot partition lost a second of budget to
+    this, at times two)."""
+    clock = MockClock(wall=1_800_000_000.0)
+    board = Board()
+    hot, _, _ = keeper_for(clock, board, "hot")
+    idle = [keeper_for(clock, board, m)[0] for m in ("b", "c")]
+    step, backlog, shares = 0.05, 0, {}
+    for tick in range(int(8 / step)):
+        now = tick * step
+        if tick == int(5.1 / step):
+            backlog = 50_000  # after the boundary at 5 s, before the cutoff of the one at 6 s
+        hot.update(urls(backlog), 1, 6)
+        if tick % int(1 / step) in (0, int(0.7 / step)):
+            for keeper in idle:
+                keeper.update(urls(0), 1, 6)
+        shares[round(now, 2)] = hot.shares()["main"].urls
+        clock.advance(step)
+    assert shares[5.5] < 0.34  # the split at 5 s did not know of the burst
+    assert shares[6.0] == pytest.approx(0.99)
 
 
 def test_a_worker_that_hears_nobody_takes_the_account_without_waiting_for_a_boundary():

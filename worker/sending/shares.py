@@ -12,18 +12,17 @@ Shares move only at epoch boundaries, wall-clock multiples of ``EPOCH``, and eve
 computes the split for a boundary from the same snapshot: each member's latest report sent at
 least ``CUTOFF`` before it. Cloudflare meters URLs over a moving second, so a window that straddles
 a boundary holds requests sent under the old shares and the new ones. Each report therefore also
-says what share of URLs the member was allowed in the epoch now ending; at the boundary a share
-that falls falls at once, and shares that rise take only what the old shares leave free
-(``next_shares``), so that in every second the members' old-or-new shares add up to at most the
-budget. What this needs: clocks within a few hundred milliseconds of each other (NTP), reports
-delivered within ``CUTOFF``, and each worker applying a boundary's split within a few hundred
-milliseconds of it (the loop wakes for it).
+says what share of URLs the member was allowed in the epoch now ending (its newest report before
+the boundary counts: an idle member gives back its even share when its loop next looks, often
+after the cutoff); a share that falls falls at once, and shares that rise take only what the old
+shares leave free (``next_shares``), so that in every second the members' old-or-new shares add
+up to at most the budget. What this needs: clocks within a few hundred milliseconds of each other
+(NTP), reports delivered within ``CUTOFF``, and each worker applying a boundary's split within a
+few hundred milliseconds of it (the loop wakes for it).
 
-A worker that has not yet appeared in a snapshot spends almost nothing (``JOINING_SHARE``); one
-that falls silent for ``REPORT_TTL`` is no longer counted. When the exchange cannot be reached,
-each worker falls back to its part of the partitions. The reports travel on a Kafka topic
-(``worker.kafka.exchange``); the arithmetic is in ``worker.sending.split``. This module
-decides this worker's share and gives it to the rate limiters.
+A worker not yet in a snapshot spends almost nothing (``JOINING_SHARE``); one silent for
+``REPORT_TTL`` no longer counts; without the exchange, each worker shares by partitions.
+Reports go by Kafka (``worker.kafka.exchange``); the arithmetic is in ``worker.sending.split``.
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ from worker.sending.split import (
     Report,
     Shares,
     allocate,
+    last_allowed,
     next_shares,
 )
 from worker.targets import Kind
@@ -239,7 +239,7 @@ class ShareKeeper:
             flex = allocate({m: r.demand.flex for m, r in live.items()})
             # A joining member's share is known only to itself (it may have taken the whole
             # account, alone, after its last report): nobody else rises this epoch.
-            allowed = {m: r.allowed if r.epoch == epoch - 1 else None for m, r in live.items()}
+            allowed = last_allowed(live, exchange.board.newest(key, boundary), epoch)
             # Members that stopped within the last second may have requests in its window.
             gone = sum(
                 r.allowed for r in snapshot.values() if r.left and r.at > boundary - 2 * EPOCH

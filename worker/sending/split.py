@@ -115,6 +115,23 @@ def next_shares(
     }
 
 
+def last_allowed(
+    live: Mapping[str, Report], newest: Mapping[str, Report], epoch: int
+) -> dict[str, float | None]:
+    """What each member of a split (its ``live`` snapshot) was allowed in the epoch before
+    ``epoch``, for ``next_shares``. Taken from the member's newest report sent before the
+    boundary (``newest``), which may be later than the snapshot's: an idle member that gave its
+    share back after the cutoff. Within an epoch a member's share only falls (a joiner's rises
+    from an epoch of its own), so any report of the ending epoch bounds what it spent in its
+    last second, and the newest bounds it closest. None where that report is of an earlier
+    epoch: the member may have risen since."""
+    out: dict[str, float | None] = {}
+    for member, old in live.items():
+        report = newest.get(member, old)
+        out[member] = report.allowed if report.epoch == epoch - 1 else None
+    return out
+
+
 class Board:
     """Every member's recent reports per account; thread-safe (the exchange writes, the loop
     reads)."""
@@ -139,6 +156,18 @@ class Board:
         with self._lock:
             members = self._reports.get(account, {})
             return {m for m, history in members.items() if history and history[-1].at > since}
+
+    def newest(self, account: str, boundary: float) -> dict[str, Report]:
+        """Each member's latest report sent before ``boundary`` (by its clock: so sent before
+        it applied that boundary's split)."""
+        with self._lock:
+            members = self._reports.get(account, {})
+            out = {}
+            for member, history in members.items():
+                before = [r for r in history if r.at < boundary]
+                if before:
+                    out[member] = before[-1]
+            return out
 
     def snapshot(self, account: str, boundary: float) -> dict[str, Report]:
         """Each member's latest report sent at least ``CUTOFF`` before ``boundary`` and less
