@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -189,6 +190,38 @@ def test_sigterm_during_a_partition_on_an_idle_worker_keeps_the_deadline(
     log = (tmp_path / "w.log").read_text()
     print(f"\nSIGTERM of an idle worker cut off from Kafka: {took:.1f} s (deadline {DEADLINE})")
     assert code == 0 and took <= DEADLINE + 2, (took, log[-3000:])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_worker_cut_off_from_kafka_waits_instead_of_spinning(
+    broker, topics, emulator, tmp_path, unique
+):
+    """kafka-python's clients spun in a partition (a producer's sender on a connection that can
+    take no request, a group member's poll with its heartbeat overdue): a worker used a whole
+    core for as long as the partition lasted, which an autoscaler reads as load. Its CPU over
+    10 s, from 5 s into a partition (the spinning began within 10 s)."""
+    topic, dlq = topics
+    port = free_port()
+    cfg = config(
+        tmp_path, emulator, broker, topic, dlq, f"g-{unique}", observability={"health_port": port}
+    )
+    worker = start(cfg, tmp_path / "w.log")
+    try:
+        wait_for(lambda: probe(port, "/readyz") == 200, 30, what="ready")
+        broker.proxy.hold()
+        time.sleep(5)
+        before = cpu_seconds(worker.pid)
+        time.sleep(10)
+        used = (cpu_seconds(worker.pid) - before) / 10
+    finally:
+        sigterm(worker)
+        broker.proxy.resume()
+    print(f"\nCPU of a worker cut off from Kafka: {used:.2f} of a core")
+    assert used < 0.2, used
 
 
 def dead_lettered(broker: ProxiedBroker, dlq: str) -> set[tuple[str, str]]:

@@ -1,8 +1,7 @@
 """What every Kafka client of the worker shares: connection options from the settings (with the
 TLS context built here), records and offsets translated to and from kafka-python's types, and its
-errors translated into the worker's, the causes of a failed connection named.
-
-Nothing outside ``worker.kafka`` imports kafka-python; this is where its vocabulary ends.
+errors translated into the worker's, the causes of a failed connection named. Nothing outside
+``worker.kafka`` imports kafka-python; this is where its vocabulary ends.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from kafka.structs import OffsetAndMetadata
 from worker.config.settings import KafkaSettings
 from worker.errors import AccessError, RetryableError
 from worker.events import Record, TopicPartition
+from worker.kafka.repairs import mend
 
 _log = structlog.get_logger("worker.kafka")
 
@@ -165,6 +165,7 @@ def connecting(make: Callable[[], T], settings: KafkaSettings, doing: str) -> T:
             raise AccessError(f"{doing}: {refused}") from None
         raise unavailable(doing, exc) from None
     learn_version(settings, client)
+    mend(client)  # so that it waits out an outage instead of spinning
     return client
 
 
@@ -201,8 +202,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _refusal(exc: BaseException, settings: KafkaSettings) -> str | None:
-    """Why Kafka refused the connection, in one line naming what to fix (None: not a refusal,
-    perhaps it is down)."""
+    """Why Kafka refused the connection, in a line naming what to fix (None: perhaps it is down)."""
     sec = settings.security
     chain = list(_chain(exc))
     for e in chain:  # a certificate check names its cause precisely: it goes first

@@ -29,6 +29,7 @@ from worker.config.settings import KafkaSettings
 from worker.errors import AccessError, PurgeWorkerError
 from worker.kafka.admin import ensure_topic
 from worker.kafka.client import learn_version, options
+from worker.kafka.repairs import mend
 from worker.sending.split import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report
 
 log = structlog.get_logger("worker.kafka.exchange")
@@ -164,6 +165,7 @@ class KafkaBudgetExchange:
         lone worker takes the whole budget only ``CUTOFF`` after it."""
         producer = KafkaProducer(**options(self._config), linger_ms=0, acks=1, max_block_ms=2000)
         learn_version(self._config, producer)
+        mend(producer)  # cut off from Kafka, its sender waits instead of spinning
         # The topic's metadata now, while connecting, rather than in the first report's send.
         producer.partitions_for(self._topic)
         return producer

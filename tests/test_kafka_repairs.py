@@ -1,23 +1,22 @@
-"""A Kafka client that cannot reach its broker keeps no socket of its failed attempts open (see
-``worker.kafka.sockets``): a broker outage must not run the worker out of descriptors."""
+"""kafka-python's faults that a broker outage brings out, mended (``worker.kafka.repairs``): a
+client that cannot reach its broker keeps no socket of its failed attempts open."""
 
+import contextlib
 import gc
-import os
 import socket
 import time
+from pathlib import Path
 
 from kafka import KafkaConsumer
 
-from worker.kafka.sockets import close_failed_connects
+from worker.kafka.repairs import close_failed_connects
 
 
 def open_sockets() -> int:
     count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-        except OSError:
-            pass  # closed meanwhile
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            count += fd.readlink().name.startswith("socket:")
     return count
 
 
