@@ -121,10 +121,11 @@ def last_allowed(
     """What each member of a split (its ``live`` snapshot) was allowed in the epoch before
     ``epoch``, for ``next_shares``. Taken from the member's newest report sent before the
     boundary (``newest``), which may be later than the snapshot's: an idle member that gave its
-    share back after the cutoff. Within an epoch a member's share only falls (a joiner's rises
-    from an epoch of its own), so any report of the ending epoch bounds what it spent in its
-    last second, and the newest bounds it closest. None where that report is of an earlier
-    epoch: the member may have risen since."""
+    share back after the cutoff. Within an epoch a share falls only once its member has sent
+    nothing for a second (``ShareKeeper._promise``; a joiner's rises from an epoch of its own),
+    so the newest report of the ending epoch bounds what the member can have in any second that
+    straddles the boundary. None where that report is of an earlier epoch: the member may have
+    risen since."""
     out: dict[str, float | None] = {}
     for member, old in live.items():
         report = newest.get(member, old)
