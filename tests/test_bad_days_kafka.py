@@ -171,9 +171,8 @@ def test_sigterm_with_dead_letter_writes_unconfirmed_exits_on_time_without_a_tra
     assert "Traceback" not in log and "worker stopped" in log
 
 
-def test_sigterm_during_a_partition_on_an_idle_worker_keeps_the_deadline(
-    broker, topics, emulator, tmp_path, unique
-):
+def ready_worker(broker, topics, emulator, tmp_path, unique) -> subprocess.Popen:
+    """An idle worker reaching Kafka through the proxy, started and ready (its log: w.log)."""
     topic, dlq = topics
     port = free_port()
     cfg = config(
@@ -182,6 +181,17 @@ def test_sigterm_during_a_partition_on_an_idle_worker_keeps_the_deadline(
     worker = start(cfg, tmp_path / "w.log")
     try:
         wait_for(lambda: probe(port, "/readyz") == 200, 30, what="ready")
+    except BaseException:
+        sigterm(worker)
+        raise
+    return worker
+
+
+def test_sigterm_during_a_partition_on_an_idle_worker_keeps_the_deadline(
+    broker, topics, emulator, tmp_path, unique
+):
+    worker = ready_worker(broker, topics, emulator, tmp_path, unique)
+    try:
         broker.proxy.hold()
         time.sleep(3)
     finally:
@@ -204,14 +214,8 @@ def test_a_worker_cut_off_from_kafka_waits_instead_of_spinning(
     take no request, a group member's poll with its heartbeat overdue): a worker used a whole
     core for as long as the partition lasted, which an autoscaler reads as load. Its CPU over
     10 s, from 5 s into a partition (the spinning began within 10 s)."""
-    topic, dlq = topics
-    port = free_port()
-    cfg = config(
-        tmp_path, emulator, broker, topic, dlq, f"g-{unique}", observability={"health_port": port}
-    )
-    worker = start(cfg, tmp_path / "w.log")
+    worker = ready_worker(broker, topics, emulator, tmp_path, unique)
     try:
-        wait_for(lambda: probe(port, "/readyz") == 200, 30, what="ready")
         broker.proxy.hold()
         time.sleep(5)
         before = cpu_seconds(worker.pid)

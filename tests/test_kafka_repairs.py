@@ -3,12 +3,12 @@ client that cannot reach its broker keeps no socket of its failed attempts open.
 
 import contextlib
 import gc
-import socket
 import time
 from pathlib import Path
 
 from kafka import KafkaConsumer
 
+from scripts.kafka_broker import free_port
 from worker.kafka.repairs import close_failed_connects
 
 
@@ -20,17 +20,11 @@ def open_sockets() -> int:
     return count
 
 
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_client_retrying_an_unreachable_broker_holds_no_socket_per_attempt():
     assert close_failed_connects()
     consumer = KafkaConsumer(
         "orders",
-        bootstrap_servers=f"127.0.0.1:{unused_port()}",
+        bootstrap_servers=f"127.0.0.1:{free_port()}",
         api_version=(3, 0),
         reconnect_backoff_ms=10,
         reconnect_backoff_max_ms=50,
