@@ -617,3 +617,37 @@ def test_an_aged_backlog_the_budget_cannot_send_at_once_waits_for_nothing():
     sent, first_send = _drain_burst(_burst(clock, paths, 2, age=600), clock, plan="free")
     assert first_send is not None and first_send - started < 2.5
     assert sorted(sent) == sorted(f"https://www.example.com/{p}" for p in paths)
+
+
+def test_a_request_that_ended_during_the_poll_frees_its_thread_before_the_step_pends():
+    """With budget to spare a backlog's requests wait on the loop, not the API: one that ended
+    while the loop polled hands its thread the next batch before the step goes on with the
+    records the poll returned, rather than at the step's end (one turn a step sent a backlog's
+    tag requests four a step, a second and more of a drain)."""
+    images = "image.updated"
+    first = [
+        rec(i, cloudevent(images, {"host": "www.example.com", "path": f"t{i}"})) for i in range(250)
+    ]
+    loop, source, _, api = build(first, coalesce={"window_seconds": 0}, delivery={"concurrency": 1})
+    for _ in range(100):  # a starting worker waits for its first budget
+        step(loop)
+        if loop.sending.in_flight:
+            break
+    # One request is out (and has ended, uncollected); more batches of the 250 URLs are due.
+    assert loop.sending.in_flight == 1 and not loop.sending.on_the_wire
+    assert loop.pending.size >= 50
+
+    seen: list[str] = []
+    sent, pend = loop.sending.send, loop.pending.add
+    loop.sending.send = lambda **kw: seen.append("send") or sent(**kw)  # type: ignore[method-assign]
+    loop.pending.add = lambda *a: seen.append("pend") or pend(*a)  # type: ignore[method-assign]
+    source.add(rec(250, cloudevent(images, {"host": "www.example.com", "path": "t250"})))
+    api.gate.clear()  # the next request stays on the wire
+    try:
+        loop.step()
+        assert seen.index("send") < seen.index("pend")
+        assert loop.sending.in_flight == 1 and loop.sending.on_the_wire
+    finally:
+        api.gate.set()
+    run_until_idle(loop, source)
+    assert sorted(api.items()) == sorted(f"https://www.example.com/t{i}" for i in range(251))
