@@ -35,6 +35,12 @@ CATCH_UP_WAIT = 2.0
 # How long a new consumer waits for its topics' partitions before the first poll joins the
 # group (a topic that does not exist is reported by the access check instead).
 METADATA_WAIT = 2.0
+# How long the broker may hold a fetch for records to come (Kafka's default is 500 ms). The
+# client fetches from a node only once its previous fetch returned, and leaves out partitions
+# whose records are not yet polled: at a backlog's end, those partitions waited out a fetch for
+# the others, half a second in 2 of 5 runs (120,000 records, 3 partitions). An idle worker
+# asks ten times a second instead of twice.
+FETCH_WAIT_MS = 100
 METADATA_STEP = 0.005
 
 
@@ -149,6 +155,7 @@ class KafkaSource:
             "max_poll_records": config.max_poll_records,
             "session_timeout_ms": 10_000,
             "heartbeat_interval_ms": 3_000,
+            "fetch_max_wait_ms": FETCH_WAIT_MS,
             **overrides,
         }
         servers = ",".join(config.bootstrap_servers)
