@@ -304,3 +304,58 @@ def test_a_new_owners_wait_ends_once_the_receipts_written_before_it_are_read(
     assert max(waits) < 1.0  # a poll (100 ms) and the end offsets, with room for a slow CI
     # The end offsets asked beside the feed's fetch, not behind it (which took 50 to 200 ms).
     assert statistics.median(idle) < 0.05
+
+
+def test_a_caught_up_feed_looks_about_once_a_second_and_at_once_for_a_mark(
+    make_topic, kafka_bootstrap
+):
+    """Caught up and with nobody waiting, the feed reads what was written since about once a
+    second: reading each receipt back as it was written cost a backlog's ingest a tenth (a fetch
+    round and a thread's wake beside a busy loop, for receipts its own ledger knows). A mark
+    still ends the pause at once."""
+    from worker.config.settings import KafkaSettings
+    from worker.kafka.receipt_feed import FOLLOW_EVERY, ReceiptFeed
+    from worker.kafka.receipts import KafkaReceiptSink
+    from worker.receipts import Purge, purge_receipt
+    from worker.targets import Kind, Mode, Target
+
+    topic = make_topic("receipts")
+    settings = KafkaSettings(bootstrap_servers=[kafka_bootstrap], topics=["cms"], group_id="g")
+    sink = KafkaReceiptSink(settings, topic, "g/writer")
+    feed = ReceiptFeed(settings, topic, time.time() - 60, 10_000, member="g/reader").start()
+
+    def write(n):
+        now = time.time()
+        url = Target.url(f"https://img.example-cdn.net/f{n}")
+        purge = Purge("cdn", "z", Mode.PURGE, Kind.FILES, (url,), now, now, (), ())
+        sink.submit(*purge_receipt(purge, "purge-worker/g", "g/writer"))
+
+    try:
+        assert feed.mark().wait(15)  # restored: caught up
+        feed.take()
+        # A receipt every 50 ms for 3 s; the entries the loop takes every 20 ms come in lumps.
+        lumps, learned, n = 0, 0, 0
+        started = time.monotonic()
+        while time.monotonic() - started < 3.0:
+            if (time.monotonic() - started) >= n * 0.05:
+                write(n)
+                n += 1
+            got = feed.take()
+            lumps += bool(got)
+            learned += len(got)
+            time.sleep(0.02)
+        # A mark in the middle of a pause is served in a poll, not at the pause's end.
+        write(n)
+        wait_for(sink.written, 10, what="the receipt written")
+        time.sleep(0.05)  # the feed is in its pause now, whatever it read last
+        marked = time.monotonic()
+        assert feed.mark().wait(5)
+        mark_wait = time.monotonic() - marked
+        learned += len(feed.take())
+    finally:
+        feed.close()
+        sink.close(timeout=1.0)
+    print(f"\n{n + 1} receipts learned in {lumps} lumps; the mark waited {mark_wait * 1000:.0f} ms")
+    assert learned == n + 1  # nothing is lost to the pause
+    assert lumps <= 3.0 / FOLLOW_EVERY + 2  # a look a second (each look ~60 lumps before)
+    assert mark_wait < 0.5 * FOLLOW_EVERY

@@ -27,6 +27,12 @@ from worker.receipts import LedgerKey, ledger_entries, member_marker, purge_of, 
 log = structlog.get_logger("worker.kafka.receipt_feed")
 
 POLL_MS = 100
+# Caught up and with nobody waiting, the feed looks again after this long (or at once for a
+# mark). Each look is a fetch round and a thread's wake beside a loop that may be busy: a
+# backlog's own receipts, read back as they were written, cost its ingest a tenth. Learning
+# another worker's purge a second later costs a repeat purge at worst.
+FOLLOW_EVERY = 1.0
+MAX_RECORDS = 5_000
 
 
 class ReceiptFeed:
@@ -43,6 +49,7 @@ class ReceiptFeed:
         self._entries: deque[tuple[LedgerKey, float]] = deque(maxlen=max_entries)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a mark or the stop ends the feed's pause at once
         self._caught_up = threading.Event()
         # ``mark``'s events, each set once the feed has read what was written before it: with
         # the end offsets then, when the mark found them (else the feed asks).
@@ -74,6 +81,7 @@ class ReceiptFeed:
             partitions = self._partitions
             if not partitions:  # still starting: the feed asks for the ends once it can
                 self._marks.append((done, None))
+                self._wake.set()
                 return done
         # The feed's own client may be waiting on a fetch the broker holds (up to ``POLL_MS``),
         # and its end offsets would queue behind it: asked on a connection of their own they
@@ -97,6 +105,7 @@ class ReceiptFeed:
                 done.set()
             else:
                 self._marks.append((done, ends))
+                self._wake.set()
 
     def take(self) -> list[tuple[LedgerKey, float]]:
         with self._lock:
@@ -106,6 +115,7 @@ class ReceiptFeed:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._reading_now(False)
 
     def _restored_all(self) -> None:
@@ -199,7 +209,7 @@ class ReceiptFeed:
                     waiting += [(done, now if at is None else at) for done, at in taken]
                     waiting = _settle(waiting, self._read)  # read already: no poll's wait
                 with translated(f"cannot read {self.topic}"):
-                    batches = consumer.poll(timeout_ms=POLL_MS, max_records=5_000)
+                    batches = consumer.poll(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
                 own = self._own
                 purges = [
                     p
@@ -222,6 +232,10 @@ class ReceiptFeed:
                     if _up_to(self._read, ends):
                         self._restored_all()
                 waiting = _settle(waiting, self._read)
+                taken_all = sum(map(len, batches.values())) < MAX_RECORDS
+                if self._caught_up.is_set() and not waiting and taken_all:
+                    self._wake.wait(FOLLOW_EVERY)
+                    self._wake.clear()
         finally:
             _set([done for done, _ in waiting])  # the feed stops reading them: nobody waits
             consumer.close(autocommit=False, timeout_ms=500)
