@@ -651,3 +651,31 @@ def test_a_request_that_ended_during_the_poll_frees_its_thread_before_the_step_p
         api.gate.set()
     run_until_idle(loop, source)
     assert sorted(api.items()) == sorted(f"https://www.example.com/t{i}" for i in range(251))
+
+
+def _image(offset, path):
+    return rec(offset, cloudevent("image.updated", {"host": "img.example-cdn.net", "path": path}))
+
+
+def test_a_backlog_read_to_its_end_sends_what_it_left_pending_without_waiting_out_its_window():
+    """Nothing more can join what a backlog left pending once all of it is read: it goes then,
+    not a window later. A trickle, never a poll's worth behind, keeps its window."""
+    backlog = [_image(i, f"b{i % 20}") for i in range(1500)]  # 20 URLs, under a request's 30
+    loop, source, _, api = build(backlog, coalesce={"window_seconds": 30})
+    start = loop.clock.monotonic()
+    for _ in range(300):
+        step(loop)
+        if loop.idle:
+            break
+    assert sorted(api.items()) == sorted(f"https://img.example-cdn.net/b{i}" for i in range(20))
+    assert loop.clock.monotonic() - start < 5  # the window is 30 s
+
+    trickle = [_image(i, f"t{i}") for i in range(5)]
+    loop, source, _, api = build(trickle, coalesce={"window_seconds": 30})
+    for _ in range(300):
+        step(loop)
+        if source.positions[("cms", 0)] == 5 and loop.clock.monotonic() > 20:
+            break
+    assert api.items() == [] and loop.pending.size == 5  # still in their window
+    run_until_idle(loop, source)
+    assert len(api.items()) == 5

@@ -218,10 +218,12 @@ class Loop:
 
     def _send_and_settle(self, *, send: bool = True) -> None:
         defer = self._defer() if send else 0.0
+        # A backlog read to its end: what it left pending waits out no window.
+        end = send and self.intake.read_to_end(self.pending.size, self.outcome.records.last_seen)
         if send:
-            self.sending.send(defer=defer)
+            self.sending.send(defer=defer, drain=end)
         if self._settle() and send:
-            self.sending.send(defer=defer)  # threads just freed
+            self.sending.send(defer=defer, drain=end)  # threads just freed
 
     def _turn(self, holding: bool) -> None:
         """Requests that ended meanwhile free their threads for the next batches now: with

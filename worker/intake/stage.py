@@ -38,6 +38,7 @@ class Intake:
         self._assigned = 0
         self._total = 0
         self._last_lag = 0.0
+        self._backlog = False  # see ``read_to_end``
 
     def poll(self, timeout: float) -> list[Record]:
         """Records in offset order per partition; blocks up to ``timeout`` seconds."""
@@ -92,6 +93,24 @@ class Intake:
         if self._paused:
             return False
         return sum(self.source.lag(dict(consumed)).values()) > self._max
+
+    def read_to_end(
+        self, pending: int, consumed: Callable[[], Mapping[TopicPartition, int]]
+    ) -> bool:
+        """A backlog was being read (more than a poll behind) since nothing was last
+        ``pending``, and now all of it is: nothing more can join what it left pending, which
+        may go without waiting out its windows (a drain's last items waited up to a window
+        after its last record was read). A trickle, never a poll's worth behind, keeps its
+        windows. ``consumed()``: the last consumed offsets; partitions not read from yet do not
+        count (at worst, what is pending goes a window early)."""
+        if not pending:
+            self._backlog = False
+            return False
+        offsets = dict(consumed())
+        if self.behind(offsets):
+            self._backlog = True
+            return False
+        return self._backlog and not any(self.source.lag(offsets).values())
 
     def pause(self) -> None:
         """Take no more records (the drain)."""
