@@ -218,8 +218,9 @@ class Loop:
 
     def _send_and_settle(self, *, send: bool = True) -> None:
         defer = self._defer() if send else 0.0
-        # A backlog read to its end: what it left pending waits out no window.
-        end = send and self.intake.read_to_end(self.pending.size, self.outcome.records.last_seen)
+        end = send and self.intake.read_to_end(  # a backlog read: what it left goes now
+            self.pending.size, self.outcome.records.last_seen, self.sending.budget_bound
+        )
         if send:
             self.sending.send(defer=defer, drain=end)
         if self._settle() and send:
@@ -227,8 +228,7 @@ class Loop:
 
     def _turn(self, holding: bool) -> None:
         """Requests that ended meanwhile free their threads for the next batches now: with
-        budget to spare, a backlog's requests would otherwise wait on the loop (one turn a
-        step, up to 4 requests each on the default pool) rather than on the API."""
+        budget to spare, a backlog's requests otherwise wait on the loop, not the API."""
         if self.sending.in_flight:
             self._send_and_settle(send=not holding)
 

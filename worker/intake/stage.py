@@ -95,14 +95,19 @@ class Intake:
         return sum(self.source.lag(dict(consumed)).values()) > self._max
 
     def read_to_end(
-        self, pending: int, consumed: Callable[[], Mapping[TopicPartition, int]]
+        self,
+        pending: int,
+        consumed: Callable[[], Mapping[TopicPartition, int]],
+        budget_bound: Callable[[], bool],
     ) -> bool:
         """A backlog was being read (more than a poll behind) since nothing was last
-        ``pending``, and now all of it is: nothing more can join what it left pending, which
-        may go without waiting out its windows (a drain's last items waited up to a window
-        after its last record was read). A trickle, never a poll's worth behind, keeps its
-        windows. ``consumed()``: the last consumed offsets; partitions not read from yet do not
-        count (at worst, what is pending goes a window early)."""
+        ``pending``, and now all of it is, with budget to spare (not ``budget_bound()``):
+        nothing more can join what it left pending, which may go without waiting out its
+        windows (a drain's last items waited up to a window after its last record was read).
+        A trickle, never a poll's worth behind, keeps its windows; so does a backlog the
+        budget still holds back (its windows pass while it waits). ``consumed()``: the last
+        consumed offsets. A partition not read from yet holds it back (its records may be
+        repeats still to come; an empty one keeps the windows, as before)."""
         if not pending:
             self._backlog = False
             return False
@@ -110,7 +115,12 @@ class Intake:
         if self.behind(offsets):
             self._backlog = True
             return False
-        return self._backlog and not any(self.source.lag(offsets).values())
+        return (
+            self._backlog
+            and self.source.assignment() <= offsets.keys()
+            and not any(self.source.lag(offsets).values())
+            and not budget_bound()
+        )
 
     def pause(self) -> None:
         """Take no more records (the drain)."""
