@@ -90,9 +90,10 @@ class Intake:
     def behind(self, consumed: Mapping[TopicPartition, int]) -> bool:
         """More than a poll's worth of records is still to be read (from the last consumed
         offsets), and reading goes on (not paused for the backlog)."""
-        if self._paused:
-            return False
-        return sum(self.source.lag(dict(consumed)).values()) > self._max
+        return self._behind(self.source.lag(dict(consumed)))
+
+    def _behind(self, lags: Mapping[TopicPartition, int]) -> bool:
+        return not self._paused and sum(lags.values()) > self._max
 
     def read_to_end(
         self,
@@ -112,13 +113,14 @@ class Intake:
             self._backlog = False
             return False
         offsets = dict(consumed())
-        if self.behind(offsets):
+        lags = self.source.lag(offsets)
+        if self._behind(lags):
             self._backlog = True
             return False
         return (
             self._backlog
             and self.source.assignment() <= offsets.keys()
-            and not any(self.source.lag(offsets).values())
+            and not any(lags.values())
             and not budget_bound()
         )
 
