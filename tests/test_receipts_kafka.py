@@ -55,6 +55,16 @@ def receipts(bootstrap, topic):
     return [(at, r) for at, r in out if r is not None]
 
 
+def write_receipt(sink, url):
+    """One accepted purge of ``url``'s receipt, written by ``g/writer``."""
+    from worker.receipts import Purge, purge_receipt
+    from worker.targets import Kind, Mode, Target
+
+    now = time.time()
+    purge = Purge("cdn", "z", Mode.PURGE, Kind.FILES, (Target.url(url),), now, now, (), ())
+    sink.submit(*purge_receipt(purge, "purge-worker/g", "g/writer"))
+
+
 def purged_count(emulator):
     return sum(len(p["items"]) for p in purges(emulator))
 
@@ -271,8 +281,6 @@ def test_a_new_owners_wait_ends_once_the_receipts_written_before_it_are_read(
     from worker.config.settings import KafkaSettings
     from worker.kafka.receipt_feed import ReceiptFeed
     from worker.kafka.receipts import KafkaReceiptSink
-    from worker.receipts import Purge, purge_receipt
-    from worker.targets import Kind, Mode, Target
 
     topic = make_topic("receipts")
     settings = KafkaSettings(bootstrap_servers=[kafka_bootstrap], topics=["cms"], group_id="g")
@@ -283,9 +291,7 @@ def test_a_new_owners_wait_ends_once_the_receipts_written_before_it_are_read(
         assert feed.mark().wait(15)  # the restore: a mark made while the feed starts waits for it
         for n in range(8):
             url = f"https://img.example-cdn.net/m{n}"
-            now = time.time()
-            purge = Purge("cdn", "z", Mode.PURGE, Kind.FILES, (Target.url(url),), now, now, (), ())
-            sink.submit(*purge_receipt(purge, "purge-worker/g", "g/writer"))
+            write_receipt(sink, url)
             wait_for(sink.written, 10, what="the receipt written")
             started = time.monotonic()
             assert feed.mark().wait(5)
@@ -316,8 +322,6 @@ def test_a_caught_up_feed_looks_about_once_a_second_and_at_once_for_a_mark(
     from worker.config.settings import KafkaSettings
     from worker.kafka.receipt_feed import FOLLOW_EVERY, ReceiptFeed
     from worker.kafka.receipts import KafkaReceiptSink
-    from worker.receipts import Purge, purge_receipt
-    from worker.targets import Kind, Mode, Target
 
     topic = make_topic("receipts")
     settings = KafkaSettings(bootstrap_servers=[kafka_bootstrap], topics=["cms"], group_id="g")
@@ -325,10 +329,7 @@ def test_a_caught_up_feed_looks_about_once_a_second_and_at_once_for_a_mark(
     feed = ReceiptFeed(settings, topic, time.time() - 60, 10_000, member="g/reader").start()
 
     def write(n):
-        now = time.time()
-        url = Target.url(f"https://img.example-cdn.net/f{n}")
-        purge = Purge("cdn", "z", Mode.PURGE, Kind.FILES, (url,), now, now, (), ())
-        sink.submit(*purge_receipt(purge, "purge-worker/g", "g/writer"))
+        write_receipt(sink, f"https://img.example-cdn.net/f{n}")
 
     try:
         assert feed.mark().wait(15)  # restored: caught up
