@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -99,3 +101,25 @@ def _no_worker_outlives_its_test() -> Iterator[None]:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# Threads of the worker's Kafka clients (and of kafka-python's network): one left running
+# after its test keeps reconnecting, and its backoff draws from ``random`` while a later
+# Hypothesis test draws its examples, which Hypothesis reports as that test's failure.
+KAFKA_THREADS = ("kafka-io-", "receipts", "dead-letters", "budget-exchange")
+THREAD_GRACE = 5.0
+
+
+@pytest.fixture(autouse=True)
+def no_kafka_thread_outlives_its_test() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + THREAD_GRACE
+    while left := [
+        t.name
+        for t in threading.enumerate()
+        if t not in before and t.is_alive() and t.name.startswith(KAFKA_THREADS)
+    ]:
+        if time.monotonic() > deadline:
+            pytest.fail(f"Kafka threads still running {THREAD_GRACE:.0f} s after the test: {left}")
+        time.sleep(0.05)

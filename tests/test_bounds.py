@@ -148,22 +148,34 @@ def test_the_ledger_remembers_at_most_max_entries():
     assert not ledger._in_flight  # every request ended: nothing held for it
 
 
-def test_receipts_waiting_for_the_broker_and_for_the_ledger_hold_their_bounds():
+def test_receipts_waiting_for_the_broker_and_for_the_ledger_hold_their_bounds(monkeypatch):
     """The writer keeps at most ``MAX_QUEUED`` receipts while Kafka is away (the rest are
     dropped and counted); the feed keeps at most the ledger's size for the loop to learn."""
+    from kafka.errors import KafkaError
+
     from worker.config.settings import KafkaSettings
     from worker.kafka import receipt_feed, receipts
 
     settings = KafkaSettings(bootstrap_servers=["127.0.0.1:9"], topics=["cms"], group_id="g")
+
+    def kafka_away(self: receipts.KafkaReceiptSink) -> None:
+        # Still connecting until the sink closes. (A real client to a dead address would
+        # outlive the test, and its backoff's use of ``random`` upsets Hypothesis in the next.)
+        with self._cond:
+            self._cond.wait_for(lambda: self._stopping)
+        raise KafkaError("no broker")
+
+    monkeypatch.setattr(receipts.KafkaReceiptSink, "_connect", kafka_away)
     dropped = metrics.RECEIPTS.labels("dropped")._value.get()
-    sink = receipts.KafkaReceiptSink(settings, "receipts")  # its thread is still connecting
+    sink = receipts.KafkaReceiptSink(settings, "receipts")
     try:
         for n in range(receipts.MAX_QUEUED + 500):
             sink.submit(b"k", b"%d" % n)
         assert len(sink._queue) <= receipts.MAX_QUEUED
         assert metrics.RECEIPTS.labels("dropped")._value.get() - dropped >= 500
     finally:
-        sink.close(timeout=0.1)
+        sink.close(timeout=5.0)
+    assert not sink._thread.is_alive()
     feed = receipt_feed.ReceiptFeed(settings, "receipts", since=0.0, max_entries=100)
     key = ("z", Mode.PURGE, Kind.TAGS, "t", ())
     feed._entries.extend((key, float(n)) for n in range(1_000))

@@ -5,20 +5,28 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import requests
 
+from scripts.kafka_broker import free_port
 from tests.conftest import TOKEN, ZONE_A
 from worker.cli import main
 
 
 @pytest.fixture
 def config(tmp_path, emulator, monkeypatch):
+    # Receipts off: these tests are about the API's side (one below keeps them, Kafka away).
+    return write_config(tmp_path, emulator, monkeypatch, "receipts_topic: null")
+
+
+def write_config(tmp_path, emulator, monkeypatch, kafka=""):
     monkeypatch.setenv("CLOUDFLARE_API_TOKEN", TOKEN)
     path = tmp_path / "config.yaml"
     path.write_text(f"""
-kafka: {{topics: [cms]}}
+kafka: {{topics: [cms], bootstrap_servers: ["127.0.0.1:{free_port()}"], {kafka}}}
 cloudflare:
   base_url: {emulator.api_url}
   accounts: {{main: {{plan: pro}}}}
@@ -67,6 +75,26 @@ def test_purge_every_selector_is_batched_and_printed(config, emulator, capsys):
     assert {p["endpoint"] for p in got} == {"invalidate_cache"}
     assert sorted(i for p in got if p["kind"] == "files" for i in p["items"]) == sorted(urls)
     assert ["t1"] in [p["items"] for p in got]
+
+
+def test_purge_with_kafka_away_purges_warns_once_and_leaves_nothing_running(
+    tmp_path, emulator, monkeypatch, capsys
+):
+    """Receipts on, no broker: the purge goes, the receipts are lost with one warning, and the
+    command leaves no thread behind (a client that cannot start used to keep reconnecting)."""
+    config = write_config(tmp_path, emulator, monkeypatch)
+    before = set(threading.enumerate())
+    started = time.monotonic()
+    assert main(["purge", "-c", config, "--url", "https://www.example.com/away"]) == 0
+    took = time.monotonic() - started
+    out = capsys.readouterr()
+    assert [json.loads(line)["items"] for line in out.out.splitlines()] == [
+        ["https://www.example.com/away"]
+    ]
+    assert recorded(emulator)[-1]["items"] == ["https://www.example.com/away"]
+    assert out.err.count("receipts not written") == 1, out.err
+    left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not left, f"still running after the command returned in {took:.1f} s: {left}"
 
 
 def test_purge_everything_needs_yes(config, emulator, capsys):

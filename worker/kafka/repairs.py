@@ -1,6 +1,6 @@
-"""Three faults of kafka-python 3.0 that a broker outage brings out, mended where the worker
+"""Four faults of kafka-python 3.0 that a broker outage brings out, mended where the worker
 meets it. Each is applied only to the code it mirrors; a kafka-python that differs is left as it
-is. The first applies when ``worker.kafka`` is imported; ``mend`` applies the other two to each
+is. The first two apply when ``worker.kafka`` is imported; ``mend`` applies the other two to each
 client the worker makes. Cut off from Kafka by a network partition, a worker used 1.2 cores
 before the last two (0.9 with only the sender's), 0.02 after.
 
@@ -10,6 +10,11 @@ before the last two (0.9 with only the sender's), 0.02 after.
   (``worker.runtime.tune_gc``), so while a broker was unreachable each client kept about one
   more socket a second: a worker went from 20 open sockets to 78 in the first minute of an
   outage, without end. ``close_failed_connects`` closes it where the attempt fails.
+- A consumer or admin client that cannot reach a broker within its bootstrap timeout raises from
+  its constructor with its network thread already started, and nothing can close it: the thread
+  goes on reconnecting for the life of the process. The receipts writer asks again every
+  ``RETRY_AFTER`` while Kafka is away (an admin client each time), so an outage left a thread
+  more every half minute. ``stop_failed_starts`` closes what such a constructor started.
 - A producer's sender thread spins while a broker is connected but cannot take a request (every
   request slot waits on an answer, as in a network partition) or is being connected to: it waits
   the node's ``connection_delay``, which is 0 then, and is seconds where the sender reads
@@ -24,9 +29,12 @@ before the last two (0.9 with only the sender's), 0.02 after.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 from typing import Any
 
+from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.net.inet import KafkaNetSocket
 
 _PARAMETERS = ["self", "net", "addrinfo", "socket_options", "timeout_at"]
@@ -71,6 +79,37 @@ def close_failed_connects() -> bool:
     connect.closes_failed = True  # type: ignore[attr-defined]
     KafkaNetSocket.connect = connect
     return True
+
+
+def stop_failed_starts() -> bool:
+    """Make the consumer's and the admin client's constructors close their network client
+    (and with it its thread) when they fail. Returns whether they do (False: not the
+    constructors expected)."""
+    for cls in (KafkaConsumer, KafkaAdminClient):
+        original: Any = cls.__init__
+        if getattr(original, "stops_failed", False):
+            continue
+        if list(inspect.signature(original).parameters)[-1:] != ["configs"]:
+            return False
+        cls.__init__ = _stopping_on_failure(original)
+    return True
+
+
+def _stopping_on_failure(original: Any) -> Any:
+    @functools.wraps(original)
+    def init(self: Any, *args: Any, **configs: Any) -> None:
+        try:
+            original(self, *args, **configs)
+        except BaseException:
+            client = self.__dict__.get("_client")
+            # The constructor's own error is the one to raise, not one from closing.
+            with contextlib.suppress(Exception):
+                if client is not None:
+                    client.close()  # its connections, then its network thread
+            raise
+
+    init.stops_failed = True  # type: ignore[attr-defined]
+    return init
 
 
 def steady_sender(producer: Any) -> bool:
