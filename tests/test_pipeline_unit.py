@@ -679,3 +679,29 @@ def test_a_backlog_read_to_its_end_sends_what_it_left_pending_without_waiting_ou
     assert api.items() == [] and loop.pending.size == 5  # still in their window
     run_until_idle(loop, source)
     assert len(api.items()) == 5
+
+
+@planning
+def test_a_backlog_of_a_poll_per_partition_is_a_backlog_too(remote):
+    """Three partitions of a poll's worth (500) each: every poll reads one. Only the partitions
+    read from counted as behind, so this backlog never looked like one (nor did it while its
+    first plans were still on their way from the planning process), and its last window was
+    waited out."""
+    spread = [
+        rec(
+            i, cloudevent("image.updated", {"host": "img.example-cdn.net", "path": f"s{i % 20}"}), p
+        )
+        for p in range(3)
+        for i in range(500)
+    ]
+    loop, _, _, api = build(spread, remote=remote, coalesce={"window_seconds": 30})
+    start = loop.clock.monotonic()
+    try:
+        for _ in range(300):
+            step(loop)
+            if loop.idle:
+                break
+    finally:
+        loop.planning.close()
+    assert sorted(api.items()) == sorted(f"https://img.example-cdn.net/s{i}" for i in range(20))
+    assert loop.clock.monotonic() - start < 5  # the window is 30 s

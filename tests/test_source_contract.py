@@ -115,6 +115,24 @@ def test_every_record_once_in_offset_order_per_partition(world):
         source.close(1.0)
 
 
+def test_lag_counts_the_partitions_not_read_from_yet(world):
+    """A backlog spread over partitions, each read in a poll of its own, looked no more than a
+    poll behind (only partitions read from counted): its last window was waited out."""
+    w, topic = world
+    w.write(topic, values(PARTITIONS * PER_PARTITION))
+    source = w.open(topic, f"g-{uuid.uuid4().hex[:8]}")
+    try:
+        [first] = poll_until(source, 1, max_records=1)
+        read = (first.topic, first.partition)
+        lag = source.lag({read: first.offset})
+        assert lag == {
+            (topic, p): PER_PARTITION - 1 - first.offset if (topic, p) == read else PER_PARTITION
+            for p in range(PARTITIONS)
+        }
+    finally:
+        source.close(1.0)
+
+
 def test_a_source_polled_the_moment_it_is_opened_reads_every_partition(world):
     """A Kafka consumer that joins its group before it knows the topic's partitions is
     assigned none until its next metadata refresh, minutes later: a worker that started fast

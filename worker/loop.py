@@ -4,13 +4,12 @@ One thread runs five stages in the order a record meets them:
 
     intake → planning → pending → sending → outcome
 
-Each step polls the source (``intake``), plans every record (``planning``), lets the purge
-ledger finish what an earlier purge covers and pends the rest (``pending``), sends what the
-budget allows and collects what ended (``sending``), then finishes records, dead-lettering
-those with failures, and commits (``outcome``). A record is finished when every target it
-produced was accepted by the API, already covered, or failed for good; only then does its offset
-become committable. The stages own their state; the loop only hands each one what the one
-before it produced.
+Each step polls the source (``intake``), plans every record (``planning``), lets the purge ledger
+finish what an earlier purge covers and pends the rest (``pending``), sends what the budget allows
+and collects what ended (``sending``), then finishes records, dead-lettering those with failures,
+and commits (``outcome``). A record is finished when every target it produced was accepted by the
+API, already covered, or failed for good; only then does its offset become committable. The stages
+own their state; the loop only hands each one what the one before it produced.
 """
 
 from __future__ import annotations
@@ -218,8 +217,9 @@ class Loop:
 
     def _send_and_settle(self, *, send: bool = True) -> None:
         defer = self._defer() if send else 0.0
+        pending = self.pending.size > 0 or self.planning.waiting  # plans on their way count too
         end = send and self.intake.read_to_end(  # a backlog read: what it left goes now
-            self.pending.size, self.outcome.records.last_seen, self.sending.budget_bound
+            pending, self.outcome.records.last_seen, self.sending.budget_bound
         )
         if send:
             self.sending.send(defer=defer, drain=end)

@@ -54,6 +54,8 @@ class Source(Protocol):
         """Partitions of every subscribed topic (for this replica's share of the budget)."""
 
     def lag(self, consumed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
-        """Records behind the log end per partition, given the last consumed offsets."""
+        """Records behind the log end per partition, given the last consumed offsets; an
+        assigned partition not consumed from yet counts from where its reading starts (once
+        its end is known)."""
 
     def close(self, timeout: float = 10.0) -> None: ...

@@ -97,7 +97,7 @@ class Intake:
 
     def read_to_end(
         self,
-        pending: int,
+        pending: bool,
         consumed: Callable[[], Mapping[TopicPartition, int]],
         budget_bound: Callable[[], bool],
     ) -> bool:

@@ -34,6 +34,9 @@ METADATA_WAIT = 2.0
 # asks ten times a second instead of twice.
 FETCH_WAIT_MS = 100
 METADATA_STEP = 0.005
+# How long the lag of partitions not read from yet may wait for their end offsets, asked once per
+# assignment (ms).
+ENDS_WAIT_MS = 500
 
 
 class KafkaSource:
@@ -61,6 +64,9 @@ class KafkaSource:
         self._listener.consumer = self._consumer
         self._consumer.subscribe(list(config.topics), listener=self._listener)
         self._heard_at: float | None = None
+        # End offsets of the assigned partitions not read from yet, asked once per assignment.
+        self._ends: dict[KafkaTP, int] = {}
+        self._ends_asked: set[KafkaTP] = set()
         self._await_metadata(config.topics)
 
     def _await_metadata(self, topics: Sequence[str]) -> None:
@@ -180,6 +186,38 @@ class KafkaSource:
             high = self._consumer.highwater(KafkaTP(topic, partition))
             if high is not None:
                 out[(topic, partition)] = max(0, high - offset - 1)
+        assigned = self._consumer.assignment()
+        unread = [tp for tp in assigned if (tp.topic, tp.partition) not in consumed]
+        if unread:
+            out.update(self._unread_lag(assigned, unread))
+        return out
+
+    def _unread_lag(
+        self, assigned: set[KafkaTP], unread: list[KafkaTP]
+    ) -> dict[TopicPartition, int]:
+        """From where reading starts to the end, for partitions not read from yet. The client
+        learns a partition's end only from the fetch it hands out, so a backlog spread over
+        partitions, a poll's worth or less in each, never looked behind: its end offsets are
+        asked once per assignment instead."""
+        if not self._ends_asked <= assigned:  # a new assignment
+            self._ends, self._ends_asked = {}, set()
+        missing = [tp for tp in unread if tp not in self._ends_asked]
+        if missing:
+            self._ends_asked.update(missing)
+            try:
+                self._ends.update(self._consumer.end_offsets(missing, timeout_ms=ENDS_WAIT_MS))
+            except KafkaError as exc:  # not known: counted once read from, as before
+                log.debug("end offsets not known", error=str(exc))
+        out = {}
+        for tp in unread:
+            end = self._consumer.highwater(tp)
+            end = self._ends.get(tp) if end is None else end
+            try:
+                start = self._consumer.position(tp, timeout_ms=0)  # known once fetching began
+            except KafkaError:
+                continue  # revoked meanwhile, or no position yet
+            if end is not None and start is not None:
+                out[(tp.topic, tp.partition)] = max(0, end - start)
         return out
 
     def close(self, timeout: float = 10.0) -> None:
