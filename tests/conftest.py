@@ -110,16 +110,21 @@ KAFKA_THREADS = ("kafka-io-", "receipts", "dead-letters", "budget-exchange")
 THREAD_GRACE = 5.0
 
 
+def kafka_threads_since(before: set[threading.Thread]) -> list[str]:
+    """The names of Kafka threads running now that were not in ``before``."""
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t not in before and t.is_alive() and t.name.startswith(KAFKA_THREADS)
+    ]
+
+
 @pytest.fixture(autouse=True)
 def no_kafka_thread_outlives_its_test() -> Iterator[None]:
     before = set(threading.enumerate())
     yield
     deadline = time.monotonic() + THREAD_GRACE
-    while left := [
-        t.name
-        for t in threading.enumerate()
-        if t not in before and t.is_alive() and t.name.startswith(KAFKA_THREADS)
-    ]:
+    while left := kafka_threads_since(before):
         if time.monotonic() > deadline:
             pytest.fail(f"Kafka threads still running {THREAD_GRACE:.0f} s after the test: {left}")
         time.sleep(0.05)

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from scripts.kafka_broker import free_port
-from tests.conftest import KAFKA_THREADS, TOKEN, ZONE_A
+from tests.conftest import TOKEN, ZONE_A, kafka_threads_since
 from worker.cli import main
 
 
@@ -94,11 +94,7 @@ def test_purge_with_kafka_away_purges_warns_once_and_leaves_nothing_running(
     assert recorded(emulator)[-1]["items"] == ["https://www.example.com/away"]
     assert out.err.count("receipts not written") == 1, out.err
     # The worker's Kafka threads and kafka-python's (the emulator's own threads come and go).
-    left = [
-        t.name
-        for t in threading.enumerate()
-        if t not in before and t.is_alive() and t.name.startswith(KAFKA_THREADS)
-    ]
+    left = kafka_threads_since(before)
     assert not left, f"still running after the command returned in {took:.1f} s: {left}"
 
 
