@@ -12,9 +12,10 @@ before the last two (0.9 with only the sender's), 0.02 after.
   outage, without end. ``close_failed_connects`` closes it where the attempt fails.
 - A consumer or admin client that cannot reach a broker within its bootstrap timeout raises from
   its constructor with its network thread already started, and nothing can close it: the thread
-  goes on reconnecting for the life of the process. The receipts writer asks again every
-  ``RETRY_AFTER`` while Kafka is away (an admin client each time), so an outage left a thread
-  more every half minute. ``stop_failed_starts`` closes what such a constructor started.
+  goes on reconnecting for the life of the process. The worker makes such clients again and
+  again while Kafka is away (its start-up retries, the budget exchange, the receipts writer and
+  feed): one started with no broker went from 9 threads and 21 open files to 26 and 72 in its
+  first minute. ``stop_failed_starts`` closes what such a constructor started.
 - A producer's sender thread spins while a broker is connected but cannot take a request (every
   request slot waits on an answer, as in a network partition) or is being connected to: it waits
   the node's ``connection_delay``, which is 0 then, and is seconds where the sender reads
