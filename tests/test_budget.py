@@ -167,8 +167,9 @@ def test_what_a_member_was_allowed_is_read_from_its_newest_report_before_the_bou
 class FakeExchange:
     """Reports go straight onto a board shared by every fake worker."""
 
-    def __init__(self, board, member, clock, skew=0.0):
+    def __init__(self, board, member, clock, skew=0.0, wire=None):
         self.board, self.member, self.clock, self.skew = board, member, clock, skew
+        self.wire = wire  # None: on the board at once
         self.up = True
         self.closed = False
         self.first_sent = None
@@ -184,7 +185,7 @@ class FakeExchange:
             self.first_sent = at
         self.last = reports
         for account, r in reports.items():
-            self.board.record(account, self.member, r._replace(at=at))
+            self._send(account, r._replace(at=at))
 
     def healthy(self):
         return self.up
@@ -193,7 +194,29 @@ class FakeExchange:
         self.closed = True
         at = self.clock.time() + self.skew
         for account, r in self.last.items():
-            self.board.record(account, self.member, r._replace(at=at, left=True))
+            self._send(account, r._replace(at=at, left=True))
+
+    def _send(self, account, report):
+        if self.wire is None:
+            self.board.record(account, self.member, report)
+        else:
+            self.wire.send(self.board, account, self.member, report)
+
+
+class Wire:
+    """Reports reach the board ``delay`` seconds after they are sent, as Kafka delivers them
+    (``deliver`` each step)."""
+
+    def __init__(self, clock, delay):
+        self.clock, self.delay, self.queue = clock, delay, deque()
+
+    def send(self, board, account, member, report):
+        self.queue.append((self.clock.monotonic() + self.delay, board, account, member, report))
+
+    def deliver(self):
+        while self.queue and self.queue[0][0] <= self.clock.monotonic() + 1e-9:
+            _, board, account, member, report = self.queue.popleft()
+            board.record(account, member, report)
 
 
 class SkewedClock:
@@ -222,10 +245,10 @@ def pro_config(**account):
     )
 
 
-def keeper_for(clock, board, member, config=None, skew=0.0):
+def keeper_for(clock, board, member, config=None, skew=0.0, wire=None):
     accounts = app.accounts(config or pro_config(), clock)
     key = accounts.settings["main"].budget_key
-    exchange = FakeExchange(board, member, clock, skew)
+    exchange = FakeExchange(board, member, clock, skew, wire)
     exchange.board_key = key
     keeper = ShareKeeper(accounts, SkewedClock(clock, skew), exchange=exchange)
     return keeper, accounts, exchange
@@ -308,6 +331,25 @@ class Meter:
         self.worst = max(self.worst, self.total)
 
 
+def spend(limiter, backlog, meter, now):
+    """Send what ``limiter`` allows of ``backlog`` URLs now, cut as the dispatcher cuts
+    requests (never above the worker's share of a second; the rest of a second filled), each
+    counted by ``meter``. Returns the URLs sent."""
+    sent = 0
+    while backlog > sent:
+        size = min(limiter.largest(Kind.FILES), backlog - sent)
+        wait, ticket = limiter.reserve_ticket(Kind.FILES, size)
+        if wait > 0 and (room := limiter.room(Kind.FILES)) >= 10:
+            size = min(room, size)  # the rest of the second, as the dispatcher does
+            wait, ticket = limiter.reserve_ticket(Kind.FILES, size)
+        if wait > 0:
+            break
+        limiter.completed(ticket)
+        meter.add(now, size)
+        sent += size
+    return sent
+
+
 @pytest.mark.parametrize("skews", [(0.0, 0.0, 0.0), (0.0, 0.15, -0.15)])
 def test_workers_whose_demand_moves_never_overrun_the_account_together(skews):
     """Three workers on one pro account: bursts move from one to another, a worker leaves and
@@ -337,19 +379,9 @@ def test_workers_whose_demand_moves_never_overrun_the_account_together(skews):
         busy = any(backlog[m] for m in workers)
         for member, (keeper, accounts, _) in sorted(workers.items()):
             keeper.update(urls(backlog[member]), 1, 3)
-            limiter = accounts.limiters["main"]
-            while backlog[member]:
-                size = min(limiter.largest(Kind.FILES), backlog[member])
-                wait, ticket = limiter.reserve_ticket(Kind.FILES, size)
-                if wait > 0 and (room := limiter.room(Kind.FILES)) >= 10:
-                    size = min(room, size)  # the rest of the second, as the dispatcher does
-                    wait, ticket = limiter.reserve_ticket(Kind.FILES, size)
-                if wait > 0:
-                    break
-                limiter.completed(ticket)
-                meter.add(clock.monotonic(), size)
-                backlog[member] -= size
-                sent_while_busy += size
+            sent = spend(accounts.limiters["main"], backlog[member], meter, clock.monotonic())
+            backlog[member] -= sent
+            sent_while_busy += sent
         if busy:
             busy_time += step
         clock.advance(step)

@@ -432,3 +432,44 @@ def test_a_starting_worker_has_read_every_report_before_its_own_once_it_reads_it
         first.close()
         if second is not None:
             second.close()
+
+
+def test_a_report_the_others_act_on_goes_out_at_once(make_topic, kafka_bootstrap):
+    """A member giving its share back (or wanting budget) is waited for by a burst elsewhere:
+    its report goes when published, not at the next quarter-second send."""
+    import statistics
+
+    from worker.clock import SystemClock
+    from worker.config.settings import KafkaSettings
+    from worker.kafka.exchange import KafkaBudgetExchange
+    from worker.sending.split import Demand, Report
+
+    topic = make_topic("shares")
+    settings = KafkaSettings(bootstrap_servers=[kafka_bootstrap], topics=["cms"], group_id="g")
+    sender = KafkaBudgetExchange(settings, topic, SystemClock())
+    reader = KafkaBudgetExchange(settings, topic, SystemClock())
+    sender.publish({"acct": Report(0.0, Demand(0.0, 0.0), 5, 0.333)})
+    reader.publish({"acct": Report(0.0, Demand(0.0, 0.0), 5, 0.333)})
+    sender.start()
+    reader.start()
+
+    def seen():
+        return reader.board.latest("acct", 0.0).get(sender.member)
+
+    took = []
+    try:
+        wait_for(lambda: seen() is not None, timeout=20, what="the sender's report read")
+        for i in range(6):
+            last = seen()
+            # Right after a periodic send arrived: the next one is a quarter second away.
+            wait_for(lambda last=last: seen() != last, 5, 0.002, "a periodic send")
+            allowed = 0.005 if i % 2 == 0 else 0.333
+            published = time.monotonic()
+            sender.publish({"acct": Report(0.0, Demand(0.0, 0.0), 5, allowed)})
+            wait_for(lambda a=allowed: seen().allowed == a, 5, 0.002, "the new share read")
+            took.append(time.monotonic() - published)
+    finally:
+        sender.close()
+        reader.close()
+    print(f"\nread by the other member after {[round(t, 3) for t in took]} s")
+    assert statistics.median(took) < 0.15

@@ -30,7 +30,7 @@ from worker.errors import AccessError, PurgeWorkerError
 from worker.kafka.admin import ensure_topic
 from worker.kafka.client import learn_version, options
 from worker.kafka.repairs import mend
-from worker.sending.split import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report
+from worker.sending.split import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report, news
 
 log = structlog.get_logger("worker.kafka.exchange")
 
@@ -81,17 +81,24 @@ class KafkaBudgetExchange:
         self.read_back = False
         self._read_ok = -1e18
         self._stop = threading.Event()
+        self._due = threading.Event()  # a report the others act on waits to go out
         self._thread = threading.Thread(target=self._run, name="budget-exchange", daemon=True)
+        # Writing has a thread of its own: the reader waits in its poll.
+        self._sender = threading.Thread(target=self._send_loop, name="budget-send", daemon=True)
         self._producer: KafkaProducer | None = None
         self._consumer: KafkaConsumer | None = None
 
     def start(self) -> KafkaBudgetExchange:
         self._thread.start()
+        self._sender.start()
         return self
 
     def publish(self, reports: Mapping[str, Report]) -> None:
         with self._lock:
+            moved = any(news(self._reports.get(k), r) for k, r in reports.items())
             self._reports = dict(reports)
+        if moved:  # at once, not at the next quarter second
+            self._due.set()
 
     def healthy(self) -> bool:
         now = self._clock.time()
@@ -101,7 +108,9 @@ class KafkaBudgetExchange:
     def close(self, timeout: float = 0.4) -> None:
         """Stop, and withdraw this worker's reports so the others take its budget at once."""
         self._stop.set()
+        self._due.set()
         self._thread.join(timeout=timeout)
+        self._sender.join(timeout=timeout)
         # Never raises: this runs on the way to the drain's final commit, and a broker that is
         # down (or just back) must not cost that commit or the exit code.
         producer = self._producer
@@ -130,15 +139,12 @@ class KafkaBudgetExchange:
 
     def _run(self) -> None:
         warned = ""
-        next_report = 0.0
         while not self._stop.is_set():
             try:
                 if self._producer is None:
                     self._ensure_topic()
                     self._producer = self._connect_producer()
-                if self._clock.monotonic() >= next_report or self._first_due():
-                    next_report = self._clock.monotonic() + REPORT_INTERVAL
-                    self._send(self._producer)
+                    self._due.set()  # the first report goes at once (``_send_loop``)
                 if self._consumer is None:
                     self._consumer = self._connect_consumer()
                 self._read(self._consumer)
@@ -154,11 +160,24 @@ class KafkaBudgetExchange:
                     warned = str(exc)
                 self._stop.wait(DENIED_RETRY if denied else REPORT_INTERVAL)
 
-    def _first_due(self) -> bool:
-        """Whether the first report is waiting to go: it goes at once, since a lone worker
-        takes the whole budget only ``CUTOFF`` after it (``ShareKeeper``)."""
-        with self._lock:
-            return self.first_sent is None and bool(self._reports)
+    def _send_loop(self) -> None:
+        """Write the reports four times a second, and at once when they say something the
+        others act on (``publish``) or when the first can go: a lone worker takes the whole
+        budget only ``CUTOFF`` after it (``ShareKeeper``)."""
+        warned = ""
+        while not self._stop.is_set():
+            self._due.wait(REPORT_INTERVAL)
+            self._due.clear()
+            producer = self._producer
+            if producer is None or self._stop.is_set():
+                continue
+            try:
+                self._send(producer)
+                warned = ""
+            except (KafkaError, OSError) as exc:  # the exchange turns unhealthy meanwhile
+                if str(exc) != warned:
+                    log.warning("budget reports not sent", topic=self._topic, error=str(exc))
+                    warned = str(exc)
 
     def _connect_producer(self) -> KafkaProducer:
         """The writer, made first: the first report goes before the reader is set up, since a
@@ -238,7 +257,7 @@ class KafkaBudgetExchange:
         return landed
 
     def _read(self, consumer: KafkaConsumer) -> None:
-        # Until the first report is out, look for it often: it is waited for (``_first_due``).
+        # Until the first report is out, look for it often: it is waited for (``ShareKeeper``).
         wait = POLL_MS if self.first_sent is not None else FIRST_POLL_MS
         batches = consumer.poll(timeout_ms=wait, max_records=10_000)
         for records in batches.values():

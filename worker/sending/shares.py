@@ -16,9 +16,11 @@ says what share of URLs the member was allowed in the epoch now ending (its newe
 the boundary counts: an idle member gives back its even share when its loop next looks, often
 after the cutoff); a share that falls falls at once, and shares that rise take only what the old
 shares leave free (``next_shares``), so that in every second the members' old-or-new shares add
-up to at most the budget. What this needs: clocks within a few hundred milliseconds of each other
-(NTP), reports delivered within ``CUTOFF``, and each worker applying a boundary's split within a
-few hundred milliseconds of it (the loop wakes for it).
+up to at most the budget. Within an epoch, idle members give their share back as soon as another
+wants budget, and a member that wants more takes what all the others gave back (``taken_back``)
+without waiting for the boundary. What this needs: clocks within a few hundred milliseconds of
+each other (NTP), reports delivered within ``CUTOFF``, and each worker applying a boundary's
+split within a few hundred milliseconds of it (the loop wakes for it).
 
 A worker not yet in a snapshot spends almost nothing (``JOINING_SHARE``); one silent for
 ``REPORT_TTL`` no longer counts; without the exchange, each worker shares by partitions.
@@ -35,13 +37,14 @@ import structlog
 from worker.clock import Clock
 from worker.observe import metrics
 from worker.sending.accounts import Accounts
+from worker.sending.applied import AppliedShares
 from worker.sending.split import (
     CUTOFF,
     EPOCH,
     FLOOR,
+    HEADROOM,
     JOINING_EPOCH,
     JOINING_SHARE,
-    MAX_FLOORS,
     REPORT_INTERVAL,
     REPORT_TTL,
     Demand,
@@ -49,8 +52,12 @@ from worker.sending.split import (
     Report,
     Shares,
     allocate,
+    floor_for,
+    gave_back,
     last_allowed,
     next_shares,
+    taken_back,
+    wanted,
 )
 from worker.targets import Kind
 
@@ -75,9 +82,7 @@ class ShareKeeper:
         self._clock = clock
         self._exchange = exchange
         self._fixed = fixed
-        self._applied: dict[str, Shares] = {}
-        self._logged: dict[str, Shares] = {}
-        self._mode_logged: dict[str, str] = {}
+        self._keys = {name: a.budget_key for name, a in accounts.settings.items()}
         self._epoch = -math.inf
         self._demand_at = -math.inf
         self._started = clock.time()
@@ -88,7 +93,9 @@ class ShareKeeper:
         # Per account: whether another worker's reports were heard lately (a lone worker spends
         # the plan's whole URL figure only while nobody else is), and joiners that held back.
         self._heard: dict[str, bool] = dict.fromkeys(accounts.limiters, False)
+        self._given = AppliedShares(accounts, self._heard)
         self._held: set[str] = set()
+        self._gave: dict[str, int | None] = {}  # per account: the epoch it said it gave back
         # Per account: the epoch of the split last applied (None: not split by demand) and the
         # share of URLs allowed since, in the exchange's terms (before the group's cap).
         self._allowed: dict[str, tuple[int | None, float]] = dict.fromkeys(
@@ -96,11 +103,11 @@ class ShareKeeper:
         )
         if fixed is not None:
             self._mode = "fixed"
-            self._apply_all(Shares(fixed, fixed), "fixed", 0)
+            self._given.apply_all(Shares(fixed, fixed), "fixed", 0)
         elif exchange is not None:
             # Nobody counts this worker until its first report is in a snapshot.
             self._mode = "joining"
-            self._apply_all(Shares(JOINING_SHARE, JOINING_SHARE), "joining", 0)
+            self._given.apply_all(Shares(JOINING_SHARE, JOINING_SHARE), "joining", 0)
             # Reported at once: a lone worker takes the budget ``CUTOFF`` after its first report.
             self._publish(exchange)
 
@@ -110,11 +117,15 @@ class ShareKeeper:
         return self._mode
 
     def next_change(self) -> float | None:
-        """Wall-clock time of the next boundary at which shares may change (None: they change
-        only with the assignment)."""
+        """Wall-clock time at which shares may change next: the next boundary, or sooner the next
+        report when this worker may give its share back (None: only with the assignment)."""
         if self._fixed is not None or self._exchange is None:
             return None
-        return (math.floor(self._clock.time() / EPOCH) + 1) * EPOCH
+        boundary = (math.floor(self._clock.time() / EPOCH) + 1) * EPOCH
+        if any(a > FLOOR and self._members.get(n, 1) > 1 for n, (_, a) in self._allowed.items()):
+            # Idle with more than a floor: look again soon, to give it back to a burst elsewhere.
+            return min(boundary, self._demand_at + REPORT_INTERVAL / 2)
+        return boundary
 
     def update(
         self, pending: Callable[[], Mapping[tuple[str, Kind], int]], assigned: int, total: int
@@ -126,16 +137,18 @@ class ShareKeeper:
         now = self._clock.time()
         exchange = self._exchange
         if exchange is not None:
-            if now - self._demand_at >= REPORT_INTERVAL / 2:
+            epoch = math.floor(now / EPOCH)
+            # At a boundary too: what the split's report says of the demand must be fresh.
+            if now - self._demand_at >= REPORT_INTERVAL / 2 or epoch > self._epoch:
                 self._demand_at = now
                 self._report(exchange, pending())
             if exchange.healthy():
                 self._mode = "demand"
-                epoch = math.floor(now / EPOCH)
                 if epoch > self._epoch:
                     self._epoch = epoch
                     self._by_demand(exchange, epoch)
                 self._alone(exchange, now, epoch)
+                self._take_back(exchange, now, epoch)
                 return
             if self._mode == "joining" and now - self._started < REPORT_TTL:
                 return  # still connecting: taking a partition share now could overrun others
@@ -147,7 +160,7 @@ class ShareKeeper:
             self._epoch = -math.inf
             part = max(assigned / total, JOINING_SHARE)
             self._allowed = dict.fromkeys(self._accounts.limiters, (None, part))
-            self._apply_all(Shares(part, part), "partitions", 0)
+            self._given.apply_all(Shares(part, part), "partitions", 0)
 
     def _alone(self, exchange: Exchange, now: float, epoch: int) -> None:
         """A joining worker that has heard no other worker on an account in the last few
@@ -162,7 +175,7 @@ class ShareKeeper:
         waited = now >= first + CUTOFF and exchange.caught_up
         if not (waited or exchange.read_back):
             return
-        for name, key in self._keys().items():
+        for name, key in self._keys.items():
             if self._allowed[name][0] != JOINING_EPOCH:
                 continue
             if exchange.board.heard(key, now - REPORT_TTL) - {exchange.member}:
@@ -174,27 +187,48 @@ class ShareKeeper:
                 continue
             self._allowed[name] = (epoch, 1.0)
             self._members[name] = 1
-            self._apply(name, Shares(1.0, 1.0), "demand", 1, hold=False)
+            self._given.apply(name, Shares(1.0, 1.0), "demand", 1, hold=False)
             self._accounts.limiters[name].idle_account()  # nobody reported for seconds
+            self._publish(exchange)
+
+    def _take_back(self, exchange: Exchange, now: float, epoch: int) -> None:
+        """Wanting more than its share, take before the boundary what every other member gave
+        back this epoch (``taken_back``): a burst that began after a boundary's cutoff would
+        otherwise spend a whole epoch at the share the split spread to it while the idle ones
+        hold their floors. Not in the last ``CUTOFF`` of an epoch: the next split must read it."""
+        if now > (epoch + 1) * EPOCH - CUTOFF:
+            return
+        for name, key in self._keys.items():
+            at, allowed = self._allowed[name]
+            want = self._demand.get(name, Demand(0.0, 0.0)).urls
+            if at != epoch or self._gave.get(name) == epoch or want * HEADROOM <= allowed:
+                continue  # said it gave back (another may count on it), or has enough
+            latest = exchange.board.latest(key, now - REPORT_TTL)
+            share = taken_back(exchange.member, want, latest, epoch, now)
+            if share <= allowed:
+                continue
+            self._allowed[name] = (epoch, share)
+            self._given.set_urls(name, share, "taken back")
             self._publish(exchange)
 
     def _report(self, exchange: Exchange, pending: Mapping[tuple[str, Kind], int]) -> None:
         self._demand = self._accounts.demand(pending, self._clock.monotonic())
         now = self._clock.time()
-        for name, key in self._keys().items():
-            if self._mode == "demand" and self._members.get(name, 1) <= 1:
-                # Alone, until a report says otherwise: then at once, not at the next split.
-                others = exchange.board.heard(key, now - REPORT_TTL) - {exchange.member}
-                if others:
-                    self._accounts.limiters[name].set_alone(False)
-                self._heard[name] = bool(others)
         for name, d in self._demand.items():
             metrics.BUDGET_DEMAND.labels(name, "urls").set(d.urls)
             metrics.BUDGET_DEMAND.labels(name, "flex").set(d.flex)
-            epoch, allowed = self._allowed[name]
-            # Only others can use what an idle worker gives back: alone, it keeps the account.
+            latest = exchange.board.latest(self._keys[name], now - REPORT_TTL)
             alone = self._members.get(name, 1) <= 1
-            if self._mode == "demand" and epoch == self._epoch and d.urls == 0 and not alone:
+            if self._mode == "demand" and alone:
+                # Alone, until a report says otherwise: then at once, not at the next split.
+                self._heard[name] = bool(latest.keys() - {exchange.member})
+                if self._heard[name]:
+                    self._accounts.limiters[name].set_alone(False)
+            epoch, allowed = self._allowed[name]
+            # Give back only what another wants: while nobody does, an idle member keeps what
+            # the split spread to it, so a burst of its own starts there, not at the floor.
+            idle = epoch == self._epoch and d.urls == 0 and not alone
+            if self._mode == "demand" and idle and wanted(latest, exchange.member):
                 self._promise(name, allowed)
         self._publish(exchange)
 
@@ -202,38 +236,32 @@ class ShareKeeper:
         """Nothing waiting and nothing sent for a second: keep to the floor until the next
         boundary, and say so, so the others may give the rest to a burst at the boundary (a
         lower share is always safe to take at once; it is not raised before the boundary)."""
-        floor = min(FLOOR, MAX_FLOORS / max(1, self._members.get(name, 1)))
+        floor = floor_for(self._members.get(name, 1))
         if allowed <= floor:
             return
         self._allowed[name] = (self._allowed[name][0], floor)
-        applied = self._applied[name]
-        cap = self._accounts.settings[name].share
-        self._applied[name] = Shares(floor * cap, applied.flex)
-        self._accounts.limiters[name].set_share(floor * cap, applied.flex, hold=False)
-        metrics.BUDGET_SHARE.labels(name, "urls").set(floor * cap)
+        self._given.set_urls(name, floor, "given back")
 
     def _publish(self, exchange: Exchange) -> None:
-        keys = self._keys()
-        idle = Demand(0.0, 0.0)
-        exchange.publish(
-            {
-                keys[name]: Report(0.0, self._demand.get(name, idle), *self._allowed[name])
-                for name in self._accounts.limiters
-            }
-        )
-
-    def _keys(self) -> dict[str, str]:
-        return {name: a.budget_key for name, a in self._accounts.settings.items()}
+        keys, idle = self._keys, Demand(0.0, 0.0)
+        reports = {
+            name: Report(0.0, self._demand.get(name, idle), *self._allowed[name])
+            for name in self._accounts.limiters
+        }
+        for name, report in reports.items():
+            if report.epoch is not None and gave_back(report, report.epoch):  # no rise this epoch
+                self._gave[name] = report.epoch
+        exchange.publish({keys[name]: report for name, report in reports.items()})
 
     def _by_demand(self, exchange: Exchange, epoch: int) -> None:
         boundary = epoch * EPOCH
         me = exchange.member
-        for name, key in self._keys().items():
+        for name, key in self._keys.items():
             snapshot = exchange.board.snapshot(key, boundary)
             live = {m: r for m, r in snapshot.items() if not r.left}
             if me not in live:
                 self._allowed[name] = (JOINING_EPOCH, JOINING_SHARE)
-                self._apply(name, Shares(JOINING_SHARE, JOINING_SHARE), "joining", 0)
+                self._given.apply(name, Shares(JOINING_SHARE, JOINING_SHARE), "joining", 0)
                 continue
             targets = allocate({m: r.demand.urls for m, r in live.items()})
             flex = allocate({m: r.demand.flex for m, r in live.items()})
@@ -247,48 +275,19 @@ class ShareKeeper:
             urls = next_shares(targets, allowed, gone)[me]
             if allowed[me] is None:  # the others could not know this worker's last share
                 urls = min(urls, self._allowed[name][1])
+            idle = self._demand.get(name, Demand(0.0, 0.0)).urls == 0
+            if (
+                len(live) > 1
+                and idle
+                and wanted(exchange.board.latest(key, boundary - REPORT_TTL), me)
+            ):
+                # Give back at once what the split spreads to it (``_promise``): the burst
+                # elsewhere may take it this epoch, not the next (``_take_back``).
+                urls = min(urls, floor_for(len(live)))
             self._allowed[name] = (epoch, urls)
             self._members[name] = len(live)
-            self._apply(name, Shares(urls, flex[me]), "demand", len(live), hold=False)
+            self._given.apply(name, Shares(urls, flex[me]), "demand", len(live), hold=False)
         self._publish(exchange)
-
-    def _apply_all(self, shares: Shares, how: str, workers: int) -> None:
-        for name in self._accounts.limiters:
-            self._apply(name, shares, how, workers)
-
-    def _apply(
-        self, name: str, shares: Shares, how: str, workers: int, *, hold: bool = True
-    ) -> None:
-        """Give the limiter ``shares`` (capped by the group's ``share``). ``hold``: URL budget
-        gained is spendable only a window later (see ``set_share``); the demand split needs no
-        hold, since it gives a worker only what nobody was allowed in the last second."""
-        cap = self._accounts.settings[name].share
-        # Alone with the whole account: what the API says is left is all this worker's.
-        alone = how == "demand" and workers == 1 and cap >= 1.0 and not self._heard[name]
-        self._accounts.limiters[name].set_alone(alone)
-        shares = Shares(min(1.0, shares.urls) * cap, min(1.0, shares.flex) * cap)
-        if self._applied.get(name) == shares:
-            return
-        self._applied[name] = shares
-        self._accounts.limiters[name].set_share(shares.urls, shares.flex, hold=hold)
-        metrics.BUDGET_SHARE.labels(name, "urls").set(shares.urls)
-        metrics.BUDGET_SHARE.labels(name, "flex").set(shares.flex)
-        # Every epoch may nudge a share by a hair; say so when it has moved visibly.
-        logged = self._logged.get(name)
-        moved = (
-            1.0 if logged is None else max(abs(a - b) for a, b in zip(shares, logged, strict=True))
-        )
-        if moved >= 0.05 or how != self._mode_logged.get(name):
-            self._logged[name] = shares
-            self._mode_logged[name] = how
-            log.info(
-                "rate budget share",
-                account=name,
-                share=round(shares.urls, 3),
-                flex_share=round(shares.flex, 3),
-                decided_by=how,
-                workers=workers or None,
-            )
 
     def close(self, timeout: float) -> None:
         """The worker sends no more purges: withdraw from the exchange."""
@@ -297,4 +296,4 @@ class ShareKeeper:
 
     def shares(self) -> dict[str, Shares]:
         """What each account's limiter was last given."""
-        return dict(self._applied)
+        return self._given.shares()

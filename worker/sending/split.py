@@ -1,6 +1,7 @@
 """The arithmetic of sharing an account's budget by demand: what each worker reports, the
 max-min fair split every worker computes alike (``allocate``), the step from one epoch's split
-to the next that never lets a second hold more than the budget (``next_shares``), and the board
+to the next that never lets a second hold more than the budget (``next_shares``), what a member
+may take within an epoch once every other gave its share back (``taken_back``), and the board
 of every member's recent reports, and what carries them (``Exchange``). No I/O and no clock:
 ``worker.sending.shares`` drives it.
 """
@@ -60,6 +61,17 @@ class Report(NamedTuple):
     left: bool = False  # the member stopped (cleanly): its last report
 
 
+def news(old: Report | None, new: Report) -> bool:
+    """Whether ``new`` tells the others something they act on within an epoch that ``old``
+    did not: a share or epoch, a stop, wanting URL budget or no longer (a burst elsewhere waits
+    for idle members to give theirs back, and for their word that they did). Such a report
+    goes out at once."""
+    if old is None:
+        return True
+    then = (old.epoch, old.allowed, old.left, old.demand.urls > 0)
+    return then != (new.epoch, new.allowed, new.left, new.demand.urls > 0)
+
+
 def allocate(wants: Mapping[str, float]) -> dict[str, float]:
     """Each member's share of one budget from what each wants: max-min fair (a member wanting
     less than an even split gets what it wants, the rest split evenly among the others), every
@@ -68,7 +80,7 @@ def allocate(wants: Mapping[str, float]) -> dict[str, float]:
     members = sorted(wants)
     if not members:
         return {}
-    floor = min(FLOOR, MAX_FLOORS / len(members))
+    floor = floor_for(len(members))
     need = {m: max(floor, wants[m] * HEADROOM) if wants[m] > 0 else floor for m in members}
     out: dict[str, float] = {}
     left = 1.0
@@ -122,15 +134,58 @@ def last_allowed(
     ``epoch``, for ``next_shares``. Taken from the member's newest report sent before the
     boundary (``newest``), which may be later than the snapshot's: an idle member that gave its
     share back after the cutoff. Within an epoch a share falls only once its member has sent
-    nothing for a second (``ShareKeeper._promise``; a joiner's rises from an epoch of its own),
-    so the newest report of the ending epoch bounds what the member can have in any second that
-    straddles the boundary. None where that report is of an earlier epoch: the member may have
-    risen since."""
+    nothing for a second (``ShareKeeper._promise``), and rises only by what every other member
+    gave back, at least ``CUTOFF`` before the boundary (``taken_back``; a joiner's rises from an
+    epoch of its own), so the newest report of the ending epoch bounds what the member can have
+    in any second that straddles the boundary. None where that report is of an earlier epoch:
+    the member may have risen since."""
     out: dict[str, float | None] = {}
     for member, old in live.items():
         report = newest.get(member, old)
         out[member] = report.allowed if report.epoch == epoch - 1 else None
     return out
+
+
+def floor_for(members: int) -> float:
+    """Each member's floor in a split among ``members``."""
+    return min(FLOOR, MAX_FLOORS / max(1, members))
+
+
+def wanted(reports: Mapping[str, Report], me: str) -> bool:
+    """Whether another member's newest report (of ``reports``) wants URL budget."""
+    return any(r.demand.urls > 0 and not r.left for m, r in reports.items() if m != me)
+
+
+def gave_back(report: Report, epoch: int) -> bool:
+    """Whether ``report`` says its member gave its URL share back for the rest of ``epoch``:
+    nothing waiting, nothing sent for a second, at most a floor (``ShareKeeper._promise``). A
+    member that said so does not rise again before the next boundary."""
+    return (
+        report.epoch == epoch
+        and not report.left
+        and report.demand.urls == 0
+        and report.allowed <= FLOOR + 1e-9
+    )
+
+
+def taken_back(
+    me: str, want: float, reports: Mapping[str, Report], epoch: int, now: float
+) -> float:
+    """The URL share member ``me``, wanting ``want``, may take before the next boundary: what
+    the next split would give it (``allocate``), within what the others leave, once every one
+    of them (their newest ``reports``) gave its share back this epoch; 0 while any has not, or
+    when nobody else reported. Safe without a boundary: those members sent nothing in the
+    second before they said so and at most their floor since, and will not rise before the
+    boundary; no two members can take it, since one that gave back does not take. A member
+    that left counts until two epochs after its last report."""
+    others = {
+        m: r for m, r in reports.items() if m != me and not (r.left and r.at <= now - 2 * EPOCH)
+    }
+    if not others or not all(gave_back(r, epoch) for r in others.values()):
+        return 0.0
+    target = allocate({**{m: r.demand.urls for m, r in others.items()}, me: want})[me]
+    free = 1.0 - sum(r.allowed for r in others.values())
+    return min(target, math.floor(free / QUANTUM + 1e-9) * QUANTUM)
 
 
 class Board:
@@ -154,9 +209,13 @@ class Board:
 
     def heard(self, account: str, since: float) -> set[str]:
         """Members with a report sent after ``since`` (by their clocks, which may run ahead)."""
+        return set(self.latest(account, since))
+
+    def latest(self, account: str, since: float) -> dict[str, Report]:
+        """Each member's newest report, of those heard since ``since``."""
         with self._lock:
             members = self._reports.get(account, {})
-            return {m for m, history in members.items() if history and history[-1].at > since}
+            return {m: h[-1] for m, h in members.items() if h and h[-1].at > since}
 
     def newest(self, account: str, boundary: float) -> dict[str, Report]:
         """Each member's latest report sent before ``boundary`` (by its clock: so sent before
