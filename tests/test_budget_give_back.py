@@ -231,3 +231,18 @@ def test_a_report_goes_out_at_once_when_it_says_what_others_act_on():
     assert news(old, old._replace(demand=Demand(0.0, 0.1)))  # no longer wants budget
     assert news(old._replace(demand=Demand(0.0, 0.1)), old)  # wants budget
     assert not news(old, old._replace(at=2.0, demand=Demand(3.5, 0.4)))  # wants more: on time
+
+
+def test_an_idle_member_holding_its_even_share_looks_again_at_each_report():
+    """It must give its share back soon after another member wants it, so its loop wakes for
+    that; at the floor, or sharing by partitions, it wakes for boundaries only."""
+    clock = MockClock(wall=T0)
+    keepers = three(clock)
+    run(keepers, {}, 4.55, clock=clock)
+    keeper, _, exchange = keepers["b"]
+    assert keeper.shares()["main"].urls == 0.333
+    assert keeper.next_change() <= clock.time() + REPORT_INTERVAL / 2
+    exchange.up = False
+    keeper.update(urls(0), 2, 6)
+    assert keeper.mode == "partitions"
+    assert keeper.next_change() == T0 + 5.0

@@ -122,7 +122,8 @@ class ShareKeeper:
         if self._fixed is not None or self._exchange is None:
             return None
         boundary = (math.floor(self._clock.time() / EPOCH) + 1) * EPOCH
-        if any(a > FLOOR and self._members.get(n, 1) > 1 for n, (_, a) in self._allowed.items()):
+        shared = [a for n, (_, a) in self._allowed.items() if self._members.get(n, 1) > 1]
+        if self._mode == "demand" and max(shared, default=0.0) > FLOOR:
             # Idle with more than a floor: look again soon, to give it back to a burst elsewhere.
             return min(boundary, self._demand_at + REPORT_INTERVAL / 2)
         return boundary
