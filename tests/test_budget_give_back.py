@@ -102,20 +102,27 @@ def test_idle_members_keep_their_even_share_until_someone_wants_budget():
     }
 
 
-@pytest.mark.parametrize("burst_at", [4.2, 4.5])
-def test_a_burst_takes_what_the_idle_give_back_before_the_boundary(burst_at):
-    """At once its even share; within a report or two (its own, then theirs) everything but the
-    floors, in the same epoch while the boundary is more than ``CUTOFF`` away."""
+def burst_on_hot(burst_at, seconds):
+    """Three idle members until ``burst_at``, then a burst on "hot"; the keepers, and hot's URL
+    share by time."""
     clock = MockClock(wall=T0)
     keepers = three(clock)
     backlog = {}
     shares = run(
         keepers,
         backlog,
-        5.0,
+        seconds,
         clock=clock,
         on_tick=lambda now: backlog.update(hot=50_000) if now == burst_at else None,
     )
+    return keepers, shares
+
+
+@pytest.mark.parametrize("burst_at", [4.2, 4.5])
+def test_a_burst_takes_what_the_idle_give_back_before_the_boundary(burst_at):
+    """At once its even share; within a report or two (its own, then theirs) everything but the
+    floors, in the same epoch while the boundary is more than ``CUTOFF`` away."""
+    keepers, shares = burst_on_hot(burst_at, 5.0)
     assert shares[burst_at] == 0.333  # spendable at once: the idle kept it
     assert shares[round(burst_at + REPORT_INTERVAL + 0.01, 2)] == pytest.approx(1 - 2 * FLOOR)
     assert [k.shares()["main"].urls for m, (k, _, _) in keepers.items() if m != "hot"] == [
@@ -125,17 +132,7 @@ def test_a_burst_takes_what_the_idle_give_back_before_the_boundary(burst_at):
 
 
 def test_a_burst_in_the_last_cutoff_of_an_epoch_takes_it_just_after_the_boundary():
-    clock = MockClock(wall=T0)
-    keepers = three(clock)
-    backlog = {}
-    burst_at = 5 - CUTOFF / 2
-    shares = run(
-        keepers,
-        backlog,
-        5.2,
-        clock=clock,
-        on_tick=lambda now: backlog.update(hot=50_000) if now == burst_at else None,
-    )
+    _, shares = burst_on_hot(5 - CUTOFF / 2, 5.2)
     assert shares[4.95] == 0.333  # the next split must read what is taken: not taken yet
     assert shares[5.05] == pytest.approx(1 - 2 * FLOOR)  # its snapshot knew nothing of it
 

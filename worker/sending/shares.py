@@ -226,8 +226,8 @@ class ShareKeeper:
                 if self._heard[name]:
                     self._accounts.limiters[name].set_alone(False)
             epoch, allowed = self._allowed[name]
-            # Give back only what another wants: while nobody does, an idle member keeps what
-            # the split spread to it, so a burst of its own starts there, not at the floor.
+            # Give back only what another wants (alone, it keeps the account): while nobody does,
+            # an idle member keeps what the split spread to it, so a burst starts there.
             idle = epoch == self._epoch and d.urls == 0 and not alone
             if self._mode == "demand" and idle and wanted(latest, exchange.member):
                 self._promise(name, allowed)

@@ -121,10 +121,7 @@ def next_shares(
     base = {m: targets[m] if a is None else min(targets[m], a) for m, a in allowed.items()}
     gaps = {m: targets[m] - base[m] for m in targets if targets[m] > base[m]}
     scale = min(1.0, max(0.0, free) / sum(gaps.values())) if gaps else 0.0
-    return {
-        m: math.floor((base[m] + gaps.get(m, 0.0) * scale) / QUANTUM + 1e-9) * QUANTUM
-        for m in targets
-    }
+    return {m: _down(base[m] + gaps.get(m, 0.0) * scale) for m in targets}
 
 
 def last_allowed(
@@ -185,7 +182,12 @@ def taken_back(
         return 0.0
     target = allocate({**{m: r.demand.urls for m, r in others.items()}, me: want})[me]
     free = 1.0 - sum(r.allowed for r in others.values())
-    return min(target, math.floor(free / QUANTUM + 1e-9) * QUANTUM)
+    return min(target, _down(free))
+
+
+def _down(share: float) -> float:
+    """``share`` cut down to the grain (``QUANTUM``), forgiving a float's last bit."""
+    return math.floor(share / QUANTUM + 1e-9) * QUANTUM
 
 
 class Board:
