@@ -31,6 +31,9 @@ _ORIGIN_RE = re.compile(r"^https?://[^/\s:]+(:\d{1,5})?$")
 # Characters kept as they are when percent-encoding a path or query: RFC 3986 reserved and
 # unreserved characters plus '%', so an already-encoded URL is left alone.
 _URL_SAFE = "/:@!$&'()*+,;=-._~%?"
+# Exactly the characters ``str.isspace`` is true for, found at C speed: a backlog's first pass
+# checks every URL it renders.
+_WHITE_SPACE = re.compile(r"\s")
 
 
 class Kind(enum.StrEnum):
@@ -160,7 +163,7 @@ def normalize_url(raw: str) -> str:
     if not isinstance(raw, str) or not raw:
         raise InvalidTarget(f"URL must be a non-empty string, got {raw!r}")
     _not_too_long("URL", raw)
-    if any(c.isspace() for c in raw):
+    if _WHITE_SPACE.search(raw):
         raise InvalidTarget(f"URL {raw!r} contains white space")
     parts = urlsplit(raw)
     if parts.scheme.lower() not in ("http", "https"):

@@ -46,7 +46,7 @@ def decode(
         body["data"] = parsed
         fmt = "cloudevents-binary"
     elif isinstance(parsed, dict) and (
-        headers.get("content-type", "").startswith(CE_CONTENT_TYPE) or "specversion" in parsed
+        "specversion" in parsed or headers.get("content-type", "").startswith(CE_CONTENT_TYPE)
     ):
         body = parsed
         fmt = "cloudevents"
@@ -55,14 +55,23 @@ def decode(
             raise InvalidEvent(f"event must be a JSON object, got {type(parsed).__name__}")
         body = parsed
         fmt = "json"
+    get = body.get
+    eid = get("id")
     if fmt != "json":
-        missing = [a for a in CE_REQUIRED if type(v := body.get(a)) is not str or not v]
-        if missing:
-            raise InvalidEvent(f"CloudEvent lacks required attribute(s): {', '.join(missing)}")
-        if body["specversion"] != "1.0":
-            raise InvalidEvent(f"CloudEvents specversion {body['specversion']!r} is not 1.0")
-    etype = body.get("type" if fmt != "json" else type_field)
-    eid = body.get("id")
+        etype = get("type")
+        # Written out for the common case, every attribute there (once per record read).
+        if not (
+            type(eid) is str
+            and type(etype) is str
+            and type(source := get("source")) is str
+            and eid
+            and etype
+            and source
+            and get("specversion") == "1.0"
+        ):
+            _check_cloudevent(body)
+    else:
+        etype = get(type_field)
     if type(eid) is not str:
         eid = str(eid) if isinstance(eid, int) and not isinstance(eid, bool) else None
     where = record.origin or record
@@ -72,7 +81,7 @@ def decode(
         fmt,
         eid,
         etype if type(etype) is str else None,
-        _event_time(body.get("time")) or fallback_time,
+        _event_time(get("time")) or fallback_time,
         where.topic,
         where.partition,
         where.offset,
@@ -80,6 +89,15 @@ def decode(
         headers,
         fallback_time,
     )
+
+
+def _check_cloudevent(body: dict[str, Any]) -> None:
+    """Raise ``InvalidEvent`` naming what a CloudEvent lacks or has wrong."""
+    missing = [a for a in CE_REQUIRED if type(v := body.get(a)) is not str or not v]
+    if missing:
+        raise InvalidEvent(f"CloudEvent lacks required attribute(s): {', '.join(missing)}")
+    if body["specversion"] != "1.0":
+        raise InvalidEvent(f"CloudEvents specversion {body['specversion']!r} is not 1.0")
 
 
 def _parse(value: bytes) -> Any:

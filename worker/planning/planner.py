@@ -58,7 +58,7 @@ class PlanningSettings:
     use_event_time: bool = False  # the ledger goes by the event's time, not the record's
 
 
-@dataclass
+@dataclass(slots=True)
 class RecordPlan:
     event: Event | None = None
     fired: list[str] = field(default_factory=list)
@@ -155,7 +155,8 @@ class Planner:
                 record, max_bytes=settings.max_record_bytes, type_field=settings.event_type_field
             )
             if self._reads is not None:
-                key = self._key(event)
+                # What the rules' outcome depends on: topic, type and the values they read.
+                key = (event.topic, event.type, values_at(event, self._reads))
                 known = self._plans.get(key)
                 if known is not None:
                     plan.fired = list(known.fired)
@@ -184,11 +185,6 @@ class Planner:
             # Failures are not remembered: every record that has them is dead-lettered anew.
             self._plans.put(key, _Known(tuple(plan.fired), tuple(plan.targets), tuple(plan.warm)))
         return plan
-
-    def _key(self, event: Event) -> Hashable:
-        """What the rules' outcome depends on: topic, type and the values they read."""
-        assert self._reads is not None
-        return (event.topic, event.type, values_at(event, self._reads))
 
     def route_warm(self, targets: Iterable[Target], plan: RecordPlan) -> RecordPlan:
         """Route URLs to warm: each to its zone, once per cache-key variant. A URL on no

@@ -222,7 +222,7 @@ class DeclarativeRule:
                 for url in urls:
                     for headers in combos:
                         try:
-                            out.append(self._url_target(spec, url, headers)._replace(warm=how))
+                            out.append(self._url_target(spec, url, headers, how))
                         except InvalidTarget as exc:
                             bad.append(exc)
         makers: dict[str, Callable[[str], Target]] = {
@@ -252,9 +252,9 @@ class DeclarativeRule:
         return out
 
     def _url_target(
-        self, spec: _UrlTemplate, url: str, headers: dict[str, str] | None
+        self, spec: _UrlTemplate, url: str, headers: dict[str, str] | None, how: int
     ) -> RuleTarget:
-        made = self._target(Target.url, url, headers)
+        made = RuleTarget(Target.url(url, headers), self.mode, self.name, how)
         authority = made.target.value.split("://", 1)[1].split("/", 1)[0]
         if spec.host is not None and authority != spec.host:
             raise InvalidTarget(
