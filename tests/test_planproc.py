@@ -1,6 +1,7 @@
 """Planning in a second process: the same plans as the loop's own planner, through a real child
 process and pipe, and the child's life tied to the worker's."""
 
+import fcntl
 import json
 import os
 import signal
@@ -77,6 +78,22 @@ def test_the_process_plans_exactly_what_the_loop_would(config, remote):
         same(g, w)
     for g, w in zip(remote.collect(), want[:10], strict=True):
         same(g, w)
+
+
+def test_a_polls_batch_goes_out_without_waiting_for_the_child(config, remote):
+    """The pipe to the child holds a poll's batch (about 400 KB in the benchmark's backlog), so
+    sending it never waits for the child to read; a batch larger than the pipe still arrives
+    whole, as do its plans."""
+    if not hasattr(fcntl, "F_GETPIPE_SZ"):
+        pytest.skip("pipe capacity is a Linux setting")
+    assert fcntl.fcntl(remote._out.fileno(), fcntl.F_GETPIPE_SZ) == process.PIPE_BYTES
+    big = [r._replace(value=r.value + b" " * 3000) for r in records(1000)]  # about 3.5 MB
+    remote.submit(big)
+    remote.submit(big[:5])
+    planner = Planner(config.planning)
+    for g, r in zip(remote.collect(), big, strict=True):
+        same(g, Planned.of(planner.plan(r), use_event_time=False))
+    assert len(remote.collect()) == 5
 
 
 def test_records_no_rule_fires_for_share_one_plan_across_the_pipe(config, remote):

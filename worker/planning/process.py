@@ -14,6 +14,8 @@ too, so the child never outlives it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import multiprocessing
 import os
 import queue
@@ -41,6 +43,11 @@ TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 NUMBERED_TARGETS = 50_000
 # Target lists kept for records to share (then started over): a backlog repeats far fewer plans.
 SHARED_LISTS = 10_000
+# Bytes each pipe holds (Linux's default ceiling for an unprivileged process). A poll's batch of
+# records (about 400 KB in the benchmark's backlog) then goes in one write. With the default
+# 64 KB, the worker blocked on every batch until the child's reader thread, competing for the
+# child's GIL with its planning, took each 64 KB out (3 ms a batch, a tenth of the loop's time).
+PIPE_BYTES = 1 << 20
 
 
 def usable_cpus(cgroup: Path = CGROUP_CPU_MAX) -> float:
@@ -71,7 +78,8 @@ class PlanningProcess:
 
     def __init__(self, settings: PlanningSettings) -> None:
         self._settings = settings
-        self._conn: Connection | None = None
+        self._conn: Connection | None = None  # plans come back on it
+        self._out: Connection | None = None  # batches go out on it
         self._process: Any = None
         self._batches: deque[int] = deque()  # sizes of the batches sent and not yet answered
         # Routed targets by number, as the child numbered them: each crosses the pipe once.
@@ -86,10 +94,14 @@ class PlanningProcess:
         sys.stderr.flush()
         freeze_before_fork()
         context = multiprocessing.get_context("fork")
-        ours, theirs = context.Pipe()
+        # One pipe each way rather than a socket pair: a pipe's capacity can be raised.
+        batches_in, batches_out = context.Pipe(duplex=False)
+        plans_in, plans_out = context.Pipe(duplex=False)
+        for conn in (batches_out, plans_out):
+            _widen(conn)
         self._process = context.Process(
             target=_serve,
-            args=(self._settings, theirs, ours),
+            args=(self._settings, batches_in, plans_out, (batches_out, plans_in)),
             name="purge-worker-planner",
             daemon=True,
         )
@@ -100,8 +112,9 @@ class PlanningProcess:
             self._process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINAL_SIGNALS)
-        theirs.close()
-        self._conn = ours
+        batches_in.close()
+        plans_out.close()
+        self._conn, self._out = plans_in, batches_out
         return self
 
     @property
@@ -112,7 +125,9 @@ class PlanningProcess:
         """Send a batch to be planned; its plans come back, in order, from ``collect``."""
         try:
             # Plain tuples: a named tuple crosses the pipe as a call to its class.
-            self._live().send([tuple(record) for record in records])
+            self._live()
+            assert self._out is not None
+            self._out.send([tuple(record) for record in records])
         except OSError as exc:
             raise self._died(exc) from None
         self._batches.append(len(records))
@@ -162,9 +177,10 @@ class PlanningProcess:
     def close(self) -> None:
         """Stop the child (it exits when the pipe closes); batches not collected are dropped."""
         self._batches.clear()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for conn in (self._out, self._conn):
+            if conn is not None:
+                conn.close()
+        self._conn = self._out = None
         if self._process is not None:
             self._process.join(EXIT_WAIT)
             if self._process.is_alive():
@@ -183,11 +199,25 @@ class PlanningProcess:
         return PlannerDied(f"the planning process ended (exit code {code}){why}")
 
 
-def _serve(settings: PlanningSettings, conn: Connection, workers_end: Connection) -> None:
-    """The child: plan every batch that comes, until the pipe closes."""
-    # The fork copied the worker's end of the pipe too: holding it, the child would never see
-    # the pipe close when the worker goes.
-    workers_end.close()
+def _widen(conn: Connection) -> None:
+    """Let ``conn``'s pipe hold ``PIPE_BYTES`` (where the system allows: else as it was)."""
+    # Over /proc/sys/fs/pipe-max-size, or not Linux: the default capacity serves.
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
+
+def _serve(
+    settings: PlanningSettings,
+    conn: Connection,
+    plans: Connection,
+    workers_ends: tuple[Connection, ...],
+) -> None:
+    """The child: plan every batch that comes on ``conn``, answer on ``plans``, until the pipe
+    closes."""
+    # The fork copied the worker's ends of the pipes too: holding them, the child would never
+    # see the pipe close when the worker goes.
+    for end in workers_ends:
+        end.close()
     for signum in TERMINAL_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINAL_SIGNALS)
@@ -205,7 +235,7 @@ def _serve(settings: PlanningSettings, conn: Connection, workers_end: Connection
             numbers.row(Planned.of(planner.plan(Record._make(r)), use_event_time)) for r in records
         ]
         try:
-            conn.send((reset, numbers.take_new(), rows))
+            plans.send((reset, numbers.take_new(), rows))
         except OSError:
             return
         sys.stdout.flush()  # a line logged while planning (a plug-in's bug) shows now
