@@ -112,7 +112,8 @@ class Loop:
         self.status.last_poll = now = self.clock.time()
         metrics.LAST_POLL_TIME.set(now)
         arrived = self.outcome.arrived(len(records))
-        refs = [self._open(record, arrived) for record in records]
+        opened = self.outcome.open  # once per record read: one call, not two
+        refs = [opened(record, arrived) or self._reopen(record, arrived) for record in records]
         self._turn(holding)
         self.planning.submit(refs, records)
         self._turn(holding)
@@ -192,14 +193,12 @@ class Loop:
 
     # -- between the stages -----------------------------------------------------------------------
 
-    def _open(self, record: Record, arrived: float) -> Ref:
+    def _reopen(self, record: Record, arrived: float) -> Ref:
+        """The partition is being read again from an earlier position (a rebalance, a reset):
+        start its bookkeeping over."""
+        self._forget({(record.topic, record.partition)}, "partition rewound")
         ref = self.outcome.open(record, arrived)
-        if ref is None:
-            # The partition is being read again from an earlier position (a rebalance, a
-            # reset): start its bookkeeping over.
-            self._forget({(record.topic, record.partition)}, "partition rewound")
-            ref = self.outcome.open(record, arrived)
-            assert ref is not None
+        assert ref is not None
         return ref
 
     def _pend(self, plans: Iterable[tuple[Ref, Planned]] | None = None) -> None:

@@ -256,7 +256,7 @@ def millis(seconds: float) -> int:
 
 def to_record(r: Any) -> Record:
     """A kafka-python ConsumerRecord as the worker's ``Record``."""
-    headers = tuple(r.headers or ())
+    headers = tuple(h) if (h := r.headers) else ()  # most have none: no tuple each
     return Record(r.topic, r.partition, r.offset, r.key, r.value, headers, r.timestamp)
 
 

@@ -137,7 +137,7 @@ class InFlightRecords:
     def finish(self, ref: Ref) -> None:
         """The record is purged or confirmed on the dead-letter topic: its offset may commit."""
         del self._records[ref]
-        self._offsets.complete(ref.tp, ref.offset)
+        self._offsets.complete((ref.topic, ref.partition), ref.offset)
 
     def forget(self, tps: set[TopicPartition]) -> set[Ref]:
         """Drop every record of ``tps`` (their new owner, or a re-read, redoes them)."""
