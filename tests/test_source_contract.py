@@ -8,6 +8,7 @@ import time
 import uuid
 
 import pytest
+from kafka import TopicPartition as KafkaTP
 
 from tests.kafka_helpers import produce
 from worker.config.load import parse
@@ -133,6 +134,23 @@ def test_lag_counts_the_partitions_not_read_from_yet(world):
         source.close(1.0)
 
 
+def test_lag_leaves_out_a_partition_no_longer_assigned(world):
+    """A worker cut off from its group loses its partitions while it still holds their
+    records: asking their lag then must not raise (the Kafka client's did, and the worker
+    exited), and their lag is their new owner's to report."""
+    w, topic = world
+    w.write(topic, values(PARTITIONS * PER_PARTITION))
+    source = w.open(topic, f"g-{uuid.uuid4().hex[:8]}")
+    try:
+        got = poll_until(source, PARTITIONS * PER_PARTITION)
+        consumed = {(r.topic, r.partition): r.offset for r in got}
+        gone = (topic, PARTITIONS + 3)  # another's, or lost meanwhile
+        lag = source.lag({**consumed, gone: 2})
+        assert lag == {(topic, p): 0 for p in range(PARTITIONS)}
+    finally:
+        source.close(1.0)
+
+
 def test_a_source_polled_the_moment_it_is_opened_reads_every_partition(world):
     """A Kafka consumer that joins its group before it knows the topic's partitions is
     assigned none until its next metadata refresh, minutes later: a worker that started fast
@@ -204,3 +222,23 @@ def test_a_member_of_the_group_starts_after_what_was_committed(world):
         )
     finally:
         again.close(1.0)
+
+
+def test_pausing_while_the_group_takes_a_partition_away_does_not_raise(kafka_bootstrap, make_topic):
+    """The Kafka client runs a rebalance on its own thread: a partition in the assignment read a
+    moment ago may be gone when it is paused or resumed."""
+    topic = make_topic("contract", PARTITIONS)
+    source = Kafka(kafka_bootstrap, make_topic).open(topic, f"g-{uuid.uuid4().hex[:8]}")
+    try:
+        deadline = time.monotonic() + 30
+        while not source.assignment() and time.monotonic() < deadline:
+            source.poll(0.2, 500)
+        real = source._consumer.assignment
+        source._consumer.assignment = lambda: {*real(), KafkaTP(topic, PARTITIONS + 3)}
+        source.pause()
+        source.resume()
+        source._consumer.assignment = real
+        Kafka(kafka_bootstrap, make_topic).write(topic, values(4))
+        assert len(poll_until(source, 4)) == 4  # resumed: the assigned partitions read on
+    finally:
+        source.close(1.0)

@@ -125,7 +125,9 @@ class InMemorySource:
         return len(self.queues)
 
     def lag(self, consumed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
-        lags = {tp: len(self.queues[tp]) - off - 1 for tp, off in consumed.items()}
+        lags = {
+            tp: len(self.queues[tp]) - off - 1 for tp, off in consumed.items() if tp in self.queues
+        }
         for tp, queue in self.queues.items():
             if tp not in consumed:  # not read from yet: from where reading starts
                 lags[tp] = len(queue) - self.positions[tp]

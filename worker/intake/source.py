@@ -56,6 +56,7 @@ class Source(Protocol):
     def lag(self, consumed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         """Records behind the log end per partition, given the last consumed offsets; an
         assigned partition not consumed from yet counts from where its reading starts (once
-        its end is known)."""
+        its end is known). A partition consumed from but no longer assigned (the group moved
+        it, perhaps while this was asked) is left out. Never raises for such a partition."""
 
     def close(self, timeout: float = 10.0) -> None: ...

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -127,16 +128,19 @@ class KafkaSource:
             return False
 
     def pause(self) -> None:
-        tps = self._consumer.assignment()
-        if tps:
-            self._consumer.pause(*tps)
+        self._each_assigned(self._consumer.pause)
         self._paused = True
 
     def resume(self) -> None:
-        tps = self._consumer.assignment()
-        if tps:
-            self._consumer.resume(*tps)
+        self._each_assigned(self._consumer.resume)
         self._paused = False
+
+    def _each_assigned(self, act: Callable[[KafkaTP], None]) -> None:
+        # The client's own thread runs a rebalance: a partition in the assignment asked for a
+        # moment ago may be gone (a worker cut off from its group lost them all and crashed).
+        for tp in self._consumer.assignment():
+            with contextlib.suppress(KeyError, KafkaError):
+                act(tp)
 
     def finished(self, offsets: dict[TopicPartition, int]) -> None:
         with self._listener.lock:
@@ -183,7 +187,10 @@ class KafkaSource:
     def lag(self, consumed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         out = {}
         for (topic, partition), offset in consumed.items():
-            high = self._consumer.highwater(KafkaTP(topic, partition))
+            try:
+                high = self._consumer.highwater(KafkaTP(topic, partition))
+            except KafkaError:  # no longer this worker's (revoked or lost): not its to report
+                continue
             if high is not None:
                 out[(topic, partition)] = max(0, high - offset - 1)
         assigned = self._consumer.assignment()
@@ -210,12 +217,12 @@ class KafkaSource:
                 log.debug("end offsets not known", error=str(exc))
         out = {}
         for tp in unread:
-            end = self._consumer.highwater(tp)
-            end = self._ends.get(tp) if end is None else end
             try:
+                end = self._consumer.highwater(tp)
                 start = self._consumer.position(tp, timeout_ms=0)  # known once fetching began
             except KafkaError:
                 continue  # revoked meanwhile, or no position yet
+            end = self._ends.get(tp) if end is None else end
             if end is not None and start is not None:
                 out[(tp.topic, tp.partition)] = max(0, end - start)
         return out
