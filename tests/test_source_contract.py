@@ -236,9 +236,12 @@ def test_pausing_while_the_group_takes_a_partition_away_does_not_raise(kafka_boo
         real = source._consumer.assignment
         source._consumer.assignment = lambda: {*real(), KafkaTP(topic, PARTITIONS + 3)}
         source.pause()
+        Kafka(kafka_bootstrap, make_topic).write(topic, values(4))
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            assert source.poll(0.2, 500) == []  # the assigned partitions were paused all the same
         source.resume()
         source._consumer.assignment = real
-        Kafka(kafka_bootstrap, make_topic).write(topic, values(4))
         assert len(poll_until(source, 4)) == 4  # resumed: the assigned partitions read on
     finally:
         source.close(1.0)

@@ -125,16 +125,14 @@ class PlanningProcess:
         """Send a batch to be planned; its plans come back, in order, from ``collect``."""
         try:
             # Plain tuples: a named tuple crosses the pipe as a call to its class.
-            self._live()
-            assert self._out is not None
-            self._out.send([tuple(record) for record in records])
+            self._live(self._out).send([tuple(record) for record in records])
         except OSError as exc:
             raise self._died(exc) from None
         self._batches.append(len(records))
 
     def collect(self) -> list[Planned]:
         """The plans of the oldest batch sent, in its order; waits for them."""
-        conn = self._live()
+        conn = self._live(self._conn)
         try:
             reset, new, rows = conn.recv()
         except (EOFError, OSError) as exc:
@@ -187,10 +185,12 @@ class PlanningProcess:
                 self._process.kill()
                 self._process.join(EXIT_WAIT)
 
-    def _live(self) -> Connection:
-        if self._conn is None:
+    @staticmethod
+    def _live(conn: Connection | None) -> Connection:
+        """``conn`` (one of the two pipes' ends, opened and closed together), or ``PlannerDied``."""
+        if conn is None:
             raise PlannerDied("the planning process is not running")
-        return self._conn
+        return conn
 
     def _died(self, cause: BaseException | None) -> PlannerDied:
         code = self._process.exitcode if self._process is not None else None
@@ -200,8 +200,8 @@ class PlanningProcess:
 
 
 def _widen(conn: Connection) -> None:
-    """Let ``conn``'s pipe hold ``PIPE_BYTES`` (where the system allows: else as it was)."""
-    # Over /proc/sys/fs/pipe-max-size, or not Linux: the default capacity serves.
+    """Let ``conn``'s pipe hold ``PIPE_BYTES``. Over /proc/sys/fs/pipe-max-size, or not on
+    Linux, the pipe keeps its default capacity."""
     with contextlib.suppress(OSError, AttributeError):
         fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 

@@ -243,7 +243,7 @@ def values_at(event: Event, paths: tuple[tuple[str, ...], ...]) -> tuple[Hashabl
         else:
             value = body
             for p in path:
-                value = value.get(p) if type(value) is dict else None
+                value = value.get(p) if isinstance(value, dict) else None  # as ``value_at``
         out.append(value if type(value) is str else freeze(value))
     return tuple(out)
 
