@@ -86,7 +86,9 @@ def build_loop(
         clock,
         concurrency=delivery.concurrency,
     )
-    shares = ShareKeeper(cloudflare, clock, exchange=exchange, fixed=fixed_share)
+    shares = ShareKeeper(
+        cloudflare, clock, exchange=exchange, fixed=fixed_share, contact=source.last_contact
+    )
     planner = None if process is not None else Planner(config.planning)
     return Loop(
         Intake(source, coalesce, clock, max_poll_records=config.kafka.max_poll_records),
