@@ -366,6 +366,42 @@ def test_a_receipts_topic_it_may_not_use_costs_one_warning_and_nothing_else(
     assert f"topic {s.receipts}: not authorized" in log  # start-up's access check names it
 
 
+def test_a_budget_topic_refused_mid_run_holds_back_then_shares_by_partitions(
+    broker, emulator, tmp_path
+):
+    """Write on the budget topic taken away while the worker is in the split: its reports stop,
+    but its consumer still hears Kafka. It first sends nothing (the others could be taking its
+    share), then, Kafka answering, shares by partitions and purges everything."""
+    s = Setup(broker, f"User:{SCRAM_USER}")
+    s.grant_all()
+    cfg = config(tmp_path, emulator, s, "SASL_SSL", scram(broker))
+    log_path = tmp_path / "worker.log"
+    worker = start(cfg, log_path)
+    try:
+        wait_for(lambda: '"decided_by": "demand"' in log_path.read_text(), 30, what="the split")
+        s.revoke(TOPIC, s.budget, WRITE)
+        wait_for(
+            lambda: '"decided_by": "partitions"' in log_path.read_text(), 30, what="partitions"
+        )
+        produce(broker.bootstrap, s.topic, events(30, "x"), key=None, spread=2)
+        wait_for(
+            lambda: all_committed(broker.bootstrap, s.group, s.topic), 60, what="all committed"
+        )
+    finally:
+        assert stop(worker) == 0, log_path.read_text()[-3000:]
+    log = log_path.read_text()
+    assert set(purged_items(emulator)) == urls(30, "x")
+    order = [
+        log.index(line)
+        for line in (
+            "sending nothing until it or Kafka answers",
+            "Kafka answers, the budget exchange does not",
+            '"decided_by": "partitions"',
+        )
+    ]
+    assert order == sorted(order), log[-3000:]
+
+
 def test_check_online_names_every_acl_the_worker_lacks(broker, emulator, tmp_path):
     s = Setup(broker, f"User:{SCRAM_USER}")
     s.grant(TOPIC, s.topic, READ, DESCRIBE)
