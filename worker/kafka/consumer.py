@@ -96,14 +96,14 @@ class KafkaSource:
                 f"authorized ({type(exc).__name__}): grant Read and Describe on the topics and "
                 "the group"
             ) from None
+        if batches:
+            self._heard_at = time.monotonic()
         return [to_record(r) for records in batches.values() for r in records]
 
     def last_contact(self) -> float | None:
-        # A member hears from the group coordinator every heartbeat (3 s), busy or idle, and
-        # from the broker at each commit. Records do not count: the client hands out what it
-        # fetched before a connection was lost (a worker cut off would take them for contact,
-        # ``worker.sending.fallback``). The heartbeat time is kafka-python's own (same
-        # monotonic clock), read defensively: without it, commits still tell.
+        # An idle member hears from the group coordinator every heartbeat (3 s); records and
+        # commits count too. The heartbeat time is kafka-python's own (same monotonic clock),
+        # read defensively: without it, records and commits still tell.
         coordinator = getattr(self._consumer, "_coordinator", None)
         heartbeat = getattr(getattr(coordinator, "heartbeat", None), "last_receive", None)
         times = [t for t in (heartbeat, self._heard_at) if isinstance(t, float)]

@@ -8,12 +8,13 @@ When the exchange falls silent after the worker was in the demand split, the oth
 hear each other: ``REPORT_TTL`` after its last report they stop counting it and share the whole
 budget among themselves. Had it gone on at its part of the partitions, the account was overspent
 until the group moved those partitions (two and four 429s when one replica of two lost Kafka for
-12 s). So it sends nothing ("cut off") while its consumer does not hear Kafka either: the group
-soon gives its partitions to the others, which purge their records again. Nothing, not a
-joiner's little: the other, hearing nobody, spends the plan's whole URL figure (one 429 in a run
-where the cut-off worker went on at the joining share). Once its consumer hears Kafka after the
-exchange fell silent, the exchange is what is down, for every worker alike: it waits as a
-joining worker does (the others notice the silence meanwhile), then shares by partitions.
+12 s). So it sends nothing ("cut off") while its consumer does not hear Kafka either: the
+group soon gives its partitions to the others, which purge their records again. Nothing, not a
+joiner's little: the other, hearing nobody, spends the plan's whole URL figure (one 429 in a
+run where the cut-off worker went on at the joining share). Once its
+consumer hears Kafka after the exchange fell silent, the exchange is what is down, for every
+worker alike: it waits as a joining worker does (the others notice the silence meanwhile), then
+shares by partitions.
 """
 
 from __future__ import annotations
