@@ -245,8 +245,7 @@ def test_one_replica_cut_off_mid_drain_keeps_running_and_nothing_is_lost(
     the middle of a drain while the other is not (its group gives its partition to the other).
     The cut-off one exited with IllegalStateError (4 runs of 4 before the fix): it asked the
     client about the partition its group had just lost. Now both run on and every URL is purged.
-    The budget is kept: the cut-off one sends nothing while the other takes it all (it went
-    on at half, and the account saw 2 and 4 429s in two runs)."""
+    (The budget is not kept meanwhile: see the README on sharing an account's budget.)"""
     topic, dlq = topics
     emulator = emulator_factory(plan="pro")
     group = f"g-{unique}"
@@ -284,10 +283,7 @@ def test_one_replica_cut_off_mid_drain_keeps_running_and_nothing_is_lost(
     assert running == [True, True], workers.tail(0)
     assert codes == [0, 0]
     assert set(purged_items(emulator)) == {f"https://img.example-cdn.net/u{i}" for i in range(n)}
-    assert "sending nothing until it or Kafka answers" in workers.log(0)
-    assert "sharing the budget by partitions" not in workers.log(0)
-    statuses = requests.get(emulator.url + "/__emulator/requests", timeout=10).json()
-    assert [r["status"] for r in statuses].count(429) == 0
+    assert "sharing the budget by partitions" in workers.log(0)
 
 
 def dead_lettered(broker: ProxiedBroker, dlq: str) -> set[tuple[str, str]]:

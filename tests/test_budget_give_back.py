@@ -232,7 +232,7 @@ def test_a_report_goes_out_at_once_when_it_says_what_others_act_on():
 
 def test_an_idle_member_holding_its_even_share_looks_again_at_each_report():
     """It must give its share back soon after another member wants it, so its loop wakes for
-    that; at the floor, or cut off from the exchange, it wakes for boundaries only."""
+    that; at the floor, or sharing by partitions, it wakes for boundaries only."""
     clock = MockClock(wall=T0)
     keepers = three(clock)
     run(keepers, {}, 4.55, clock=clock)
@@ -241,5 +241,5 @@ def test_an_idle_member_holding_its_even_share_looks_again_at_each_report():
     assert keeper.next_change() <= clock.time() + REPORT_INTERVAL / 2
     exchange.up = False
     keeper.update(urls(0), 2, 6)
-    assert keeper.mode == "cut off"
+    assert keeper.mode == "partitions"
     assert keeper.next_change() == T0 + 5.0

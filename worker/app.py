@@ -86,9 +86,7 @@ def build_loop(
         clock,
         concurrency=delivery.concurrency,
     )
-    shares = ShareKeeper(
-        cloudflare, clock, exchange=exchange, fixed=fixed_share, contact=source.last_contact
-    )
+    shares = ShareKeeper(cloudflare, clock, exchange=exchange, fixed=fixed_share)
     planner = None if process is not None else Planner(config.planning)
     return Loop(
         Intake(source, coalesce, clock, max_poll_records=config.kafka.max_poll_records),

@@ -23,7 +23,7 @@ each other (NTP), reports delivered within ``CUTOFF``, and each worker applying 
 split within a few hundred milliseconds of it (the loop wakes for it).
 
 A worker not yet in a snapshot spends almost nothing (``JOINING_SHARE``); one silent for
-``REPORT_TTL`` no longer counts; without the exchange, see ``worker.sending.fallback``.
+``REPORT_TTL`` no longer counts; without the exchange, each worker shares by partitions.
 Reports go by Kafka (``worker.kafka.exchange``); the arithmetic is in ``worker.sending.split``.
 """
 
@@ -38,7 +38,6 @@ from worker.clock import Clock
 from worker.observe import metrics
 from worker.sending.accounts import Accounts
 from worker.sending.applied import AppliedShares
-from worker.sending.fallback import PARTITIONS, Contact, Fallback
 from worker.sending.split import (
     CUTOFF,
     EPOCH,
@@ -68,8 +67,8 @@ log = structlog.get_logger("worker.sending")
 class ShareKeeper:
     """Decides this worker's share of each account's budgets and gives it to the limiters: a
     fixed share (replay); else the demand split at each epoch boundary while the exchange works;
-    else what ``Fallback`` decides (``contact``: when, monotonic, the consumer last heard from
-    Kafka). The group's ``share`` of an account caps it all. Only the worker's loop calls it."""
+    else this worker's part of the partitions. The group's configured ``share`` of an account
+    caps whatever is decided. Only the worker's loop calls it."""
 
     def __init__(
         self,
@@ -78,15 +77,15 @@ class ShareKeeper:
         *,
         exchange: Exchange | None = None,
         fixed: float | None = None,
-        contact: Contact = lambda: None,
     ) -> None:
         self._accounts = accounts
         self._clock = clock
         self._exchange = exchange
         self._fixed = fixed
         self._keys = {name: a.budget_key for name, a in accounts.settings.items()}
-        self._epoch = self._demand_at = -math.inf
-        self._fallback = Fallback(clock, contact, accounts)
+        self._epoch = -math.inf
+        self._demand_at = -math.inf
+        self._started = clock.time()
         self._partitions: tuple[int, int] = (0, 0)
         self._mode = "none"
         self._demand: dict[str, Demand] = {}
@@ -99,18 +98,22 @@ class ShareKeeper:
         self._gave: dict[str, int | None] = {}  # per account: the epoch it said it gave back
         # Per account: the epoch of the split last applied (None: not split by demand) and the
         # share of URLs allowed since, in the exchange's terms (before the group's cap).
-        self._allowed: dict[str, tuple[int | None, float]] = {}
+        self._allowed: dict[str, tuple[int | None, float]] = dict.fromkeys(
+            accounts.limiters, (JOINING_EPOCH, JOINING_SHARE)
+        )
         if fixed is not None:
-            self._apply_all("fixed", None, fixed)
+            self._mode = "fixed"
+            self._given.apply_all(Shares(fixed, fixed), "fixed", 0)
         elif exchange is not None:
             # Nobody counts this worker until its first report is in a snapshot.
-            self._apply_all("joining", JOINING_EPOCH, JOINING_SHARE)
+            self._mode = "joining"
+            self._given.apply_all(Shares(JOINING_SHARE, JOINING_SHARE), "joining", 0)
             # Reported at once: a lone worker takes the budget ``CUTOFF`` after its first report.
             self._publish(exchange)
 
     @property
     def mode(self) -> str:
-        """How shares are decided now: fixed, joining, demand, cut off, partitions, none."""
+        """How shares are decided now: fixed, joining, demand, partitions (or none yet)."""
         return self._mode
 
     def next_change(self) -> float | None:
@@ -148,20 +151,17 @@ class ShareKeeper:
                 self._alone(exchange, now, epoch)
                 self._take_back(exchange, now, epoch)
                 return
-            mode = self._fallback.mode(self._mode)
-            if mode != PARTITIONS:  # joining, or cut off from the others (``Fallback``)
-                if mode != self._mode:  # back, it waits for a split: a board just read is thin
-                    self._apply_all(mode, None, JOINING_SHARE)
-                return
-        if (self._mode != PARTITIONS or (assigned, total) != self._partitions) and total:
+            if self._mode == "joining" and now - self._started < REPORT_TTL:
+                return  # still connecting: taking a partition share now could overrun others
+        if (self._mode != "partitions" or (assigned, total) != self._partitions) and total:
+            if self._mode == "demand":
+                log.warning("budget exchange silent; sharing the budget by partitions")
+            self._mode = "partitions"
             self._partitions = (assigned, total)
-            self._apply_all(PARTITIONS, None, max(assigned / total, JOINING_SHARE))
-
-    def _apply_all(self, mode: str, epoch: int | None, share: float) -> None:
-        """Every account at ``share`` of its budgets, outside the demand split."""
-        self._mode, self._epoch = mode, -math.inf
-        self._allowed = dict.fromkeys(self._accounts.limiters, (epoch, share))
-        self._given.apply_all(Shares(share, share), mode, 0)
+            self._epoch = -math.inf
+            part = max(assigned / total, JOINING_SHARE)
+            self._allowed = dict.fromkeys(self._accounts.limiters, (None, part))
+            self._given.apply_all(Shares(part, part), "partitions", 0)
 
     def _alone(self, exchange: Exchange, now: float, epoch: int) -> None:
         """A joining worker that has heard no other worker on an account in the last few
