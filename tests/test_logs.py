@@ -1,7 +1,10 @@
-"""Redaction: secrets from the config never reach a log line, whatever carries them."""
+"""Redaction: secrets from the config never reach a log line, whatever carries them; and a
+client's warning said again and again does not flood the log."""
 
 import io
 import json
+import logging
+import time
 
 from worker.config.load import parse
 from worker.observe import logs
@@ -45,3 +48,34 @@ def test_sasl_password_and_token_are_redacted_everywhere():
     assert lines[0]["password"] == "***" and lines[0]["nested"] == {"h": ["Bearer ***"]}
     assert "***" in lines[1]["exception"]
     assert lines[2]["error"] == "ValueError: *** rejected"
+
+
+def test_a_kafka_client_warning_said_again_and_again_is_held_back_and_counted():
+    """With Write on the budget topic taken away mid-run, kafka-python's producer warned four
+    times a second (tests/test_security_kafka.py). The first goes through, then one a minute
+    with the count held back; other warnings, and the worker's own lines, are not held."""
+    stream = io.StringIO()
+    logs.configure("json", "info", stream=stream)
+    client = logging.getLogger("kafka.producer.producer_batch")
+    other = logging.getLogger("kafka.coordinator")
+    start = time.time()
+
+    def warn(logger, at, *args):
+        record = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, *args, None)
+        record.created = start + at
+        logger.handle(record)
+
+    failed = ("Failed to produce messages to %s: %s", ("budget-1[0]", "TopicAuthorizationFailed"))
+    for i in range(120):  # four a second for 30 s
+        warn(client, i / 4, *failed)
+    warn(other, 1.0, "Heartbeat failed: %s", ("timeout",))
+    logs.structlog.get_logger("worker").warning("budget reports not sent")
+    warn(client, 60.5, *failed)
+    warn(client, 61.0, *failed)
+    warn(client, 10.0, "Failed to produce messages to %s: %s", ("receipts-1[2]", "Timeout"))
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    produce = [x for x in lines if x["event"].startswith("Failed to produce")]
+    assert [x.get("held_back") for x in produce] == [None, 119, None]  # 120 said, 1 let by
+    assert "receipts-1[2]" in produce[2]["event"]
+    assert sum(x["event"].startswith("Heartbeat failed") for x in lines) == 1
+    assert sum(x["event"] == "budget reports not sent" for x in lines) == 1

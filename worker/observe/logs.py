@@ -7,7 +7,9 @@ passwords) is replaced wherever it appears in any string of any log line, includ
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import threading
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
@@ -15,6 +17,8 @@ import structlog
 
 REDACTED = "***"
 _HANDLER_NAME = "purge-worker"
+# One of kafka-python's warnings said again within this long is held back (``_Repeats``).
+REPEAT_EVERY = 60.0
 _secrets: list[str] = []
 
 
@@ -123,6 +127,7 @@ def _route_stdlib(out: Any, renderer: Any, level: str) -> None:
                 structlog.stdlib.add_logger_name,
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.stdlib.ExtraAdder(allow=["held_back"]),
                 _client_errors_in_one_line,
             ],
             processors=[
@@ -134,9 +139,39 @@ def _route_stdlib(out: Any, renderer: Any, level: str) -> None:
         )
     )
     handler.set_name(_HANDLER_NAME)
+    handler.addFilter(_Repeats())
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]
     root.setLevel(level.upper())
     # kafka-python narrates every connection at INFO and every protocol frame at DEBUG (a flood
     # that slows the worker); its warnings and errors are what an operator needs.
     logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+class _Repeats(logging.Filter):
+    """kafka-python logs a warning each time it tries again: with Write on the budget topic
+    taken away mid-run, its producer said "Failed to produce messages" four times a second
+    (121 lines in 30 s). The first of a kind goes through; the same one again goes through
+    once ``every`` seconds, saying how many were held back (``held_back``) meanwhile."""
+
+    def __init__(self, every: float = REPEAT_EVERY, most: int = 1000) -> None:
+        super().__init__()
+        self._every, self._most = every, most
+        self._seen: dict[tuple[str, str, str], tuple[float, int]] = {}  # when let by, held
+        self._lock = threading.Lock()  # kafka-python logs from its own threads
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not record.name.startswith("kafka"):
+            return True
+        key = (record.name, str(record.msg), str(record.args))
+        with self._lock:
+            let_by, held = self._seen.get(key, (-math.inf, 0))
+            if record.created - let_by < self._every:
+                self._seen[key] = (let_by, held + 1)
+                return False
+            if len(self._seen) >= self._most:  # messages that differ each time: start over
+                self._seen.clear()
+            self._seen[key] = (record.created, 0)
+        if held:
+            record.held_back = held
+        return True
