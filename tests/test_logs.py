@@ -73,9 +73,24 @@ def test_a_kafka_client_warning_said_again_and_again_is_held_back_and_counted():
     warn(client, 60.5, *failed)
     warn(client, 61.0, *failed)
     warn(client, 10.0, "Failed to produce messages to %s: %s", ("receipts-1[2]", "Timeout"))
+    # kafka-python passes its connections as arguments: each has a repr of its own, and the
+    # same text (65 "Connection lost" lines from one 30 s broker outage).
+    connections = [Connection() for _ in range(10)]
+    for i, conn in enumerate(connections):
+        warn(other, 2.0 + i / 10, "%s: Connection lost: %s", (conn, "socket disconnected"))
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert sum("Connection lost" in x["event"] for x in lines) == 1
     produce = [x for x in lines if x["event"].startswith("Failed to produce")]
     assert [x.get("held_back") for x in produce] == [None, 119, None]  # 120 said, 1 let by
     assert "receipts-1[2]" in produce[2]["event"]
     assert sum(x["event"].startswith("Heartbeat failed") for x in lines) == 1
     assert sum(x["event"] == "budget reports not sent" for x in lines) == 1
+    # A line that cannot be formatted is the formatter's to report, never an error raised
+    # into the client's thread.
+    bad = other.makeRecord(other.name, logging.WARNING, __file__, 1, "%d", ("x",), None)
+    assert logs._Repeats().filter(bad)
+
+
+class Connection:
+    def __str__(self) -> str:
+        return "<KafkaConnection node_id=1 (disconnected)>"

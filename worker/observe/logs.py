@@ -151,19 +151,22 @@ def _route_stdlib(out: Any, renderer: Any, level: str) -> None:
 class _Repeats(logging.Filter):
     """kafka-python logs a warning each time it tries again: with Write on the budget topic
     taken away mid-run, its producer said "Failed to produce messages" four times a second
-    (121 lines in 30 s). The first of a kind goes through; the same one again goes through
-    once ``every`` seconds, saying how many were held back (``held_back``) meanwhile."""
+    (121 lines in 30 s). The first of a kind goes through; the same line again (same logger and
+    text) goes through once ``every`` seconds, saying how many were held back (``held_back``)."""
 
     def __init__(self, every: float = REPEAT_EVERY, most: int = 1000) -> None:
         super().__init__()
         self._every, self._most = every, most
-        self._seen: dict[tuple[str, str, str], tuple[float, int]] = {}  # when let by, held
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # when let by, held
         self._lock = threading.Lock()  # kafka-python logs from its own threads
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or not record.name.startswith("kafka"):
             return True
-        key = (record.name, str(record.msg), str(record.args))
+        try:
+            key = (record.name, record.getMessage())  # as it reads: arguments' reprs differ
+        except Exception:  # noqa: BLE001 - a bad format is the formatter's to report, not ours
+            return True
         with self._lock:
             let_by, held = self._seen.get(key, (-math.inf, 0))
             if record.created - let_by < self._every:
