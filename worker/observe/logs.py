@@ -17,8 +17,10 @@ import structlog
 
 REDACTED = "***"
 _HANDLER_NAME = "purge-worker"
-# One of kafka-python's warnings said again within this long is held back (``_Repeats``).
+# One of kafka-python's warnings said again within this long is held back (``_Repeats``),
+# remembering at most this many different ones (lines that differ each time: start over).
 REPEAT_EVERY = 60.0
+REPEATS_KEPT = 1000
 _secrets: list[str] = []
 
 
@@ -152,11 +154,11 @@ class _Repeats(logging.Filter):
     """kafka-python logs a warning each time it tries again: with Write on the budget topic
     taken away mid-run, its producer said "Failed to produce messages" four times a second
     (121 lines in 30 s). The first of a kind goes through; the same line again (same logger and
-    text) goes through once ``every`` seconds, saying how many were held back (``held_back``)."""
+    text) goes through once every ``REPEAT_EVERY`` seconds, saying how many were held back
+    (``held_back``)."""
 
-    def __init__(self, every: float = REPEAT_EVERY, most: int = 1000) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self._every, self._most = every, most
         self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # when let by, held
         self._lock = threading.Lock()  # kafka-python logs from its own threads
 
@@ -169,10 +171,10 @@ class _Repeats(logging.Filter):
             return True
         with self._lock:
             let_by, held = self._seen.get(key, (-math.inf, 0))
-            if record.created - let_by < self._every:
+            if record.created - let_by < REPEAT_EVERY:
                 self._seen[key] = (let_by, held + 1)
                 return False
-            if len(self._seen) >= self._most:  # messages that differ each time: start over
+            if len(self._seen) >= REPEATS_KEPT:
                 self._seen.clear()
             self._seen[key] = (record.created, 0)
         if held:
