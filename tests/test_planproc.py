@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import cloudevent, make_config
 from worker.events import Record
-from worker.planning import process
+from worker.planning import numbering, process
 from worker.planning.planner import SKIPPED, Planned, Planner
 from worker.planning.process import PlannerDied, PlanningProcess, usable_cpus, wanted
 
@@ -112,8 +112,9 @@ def test_records_no_rule_fires_for_share_one_plan_across_the_pipe(config, remote
     assert SKIPPED.skipped and not (SKIPPED.targets or SKIPPED.errors or SKIPPED.warm)
 
 
-def test_numbering_starts_over_without_mixing_targets_up(config, monkeypatch):
-    monkeypatch.setattr(process, "NUMBERED_TARGETS", 5)  # the child is forked with it
+@pytest.mark.parametrize("table", ["NUMBERED_TARGETS", "NUMBERED_LISTS"])
+def test_numbering_starts_over_without_mixing_targets_up(config, monkeypatch, table):
+    monkeypatch.setattr(numbering, table, 5)  # the child is forked with it
     remote = PlanningProcess(config.planning).start()
     try:
         planner = Planner(config.planning)
@@ -124,6 +125,20 @@ def test_numbering_starts_over_without_mixing_targets_up(config, monkeypatch):
                 same(got, Planned.of(planner.plan(record), use_event_time=False))
     finally:
         remote.close()
+
+
+def test_records_with_one_plan_share_one_list_of_targets(config, remote):
+    """The pending stage knows records with the same plan by their list being the same object;
+    a list crosses the pipe once, and rows name it by number after that."""
+    batch = [r for r in records(70) if r.offset % 7 not in (3, 5)]  # no failures
+    remote.submit(batch)
+    remote.submit(batch)
+    first, second = remote.collect(), remote.collect()
+    assert all(p.targets for p in first)
+    for a, b in zip(first, second, strict=True):
+        assert b.targets is a.targets
+    distinct = {id(p.targets) for p in first}
+    assert len(distinct) == len({tuple(p.targets) for p in first})
 
 
 def test_batches_larger_than_the_pipe_do_not_block_either_side(config, remote):

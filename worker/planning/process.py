@@ -2,14 +2,14 @@
 
 In a backlog the loop is CPU-bound, and one Python process runs on one core at a time. The
 loop keeps Kafka's client, the ledger, the pending set and the requests; decoding, rules and
-routing (``Planner.plan``) run in a child process on another core, a poll's batch at a time,
+routing (``Planner.planned``) run in a child process on another core, a poll's batch at a time,
 while the loop reads the next batch and sends purges.
 
 The child is forked before the worker starts any thread (``run`` starts it first), so it holds
 the compiled config and plug-ins as they were loaded. What comes back is the plan without the
-event (the loop needs only its id and times), its targets as numbers. The child ignores
-SIGINT and SIGTERM: the worker stops it by closing the pipe, and a killed worker's pipe closes
-too, so the child never outlives it.
+event (the loop needs only its id and times), its targets as numbers (``numbering``). The child
+ignores SIGINT and SIGTERM: the worker stops it by closing the pipe, and a killed worker's pipe
+closes too, so the child never outlives it.
 """
 
 from __future__ import annotations
@@ -23,26 +23,21 @@ import signal
 import sys
 import threading
 from collections import deque
-from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from worker.errors import PurgeWorkerError
 from worker.events import Record
-from worker.planning.planner import SKIPPED, Planned, Planner, PlanningSettings, Routed
+from worker.planning.numbering import Numbered, Numbering
+from worker.planning.planner import Planned, Planner, PlanningSettings
 from worker.runtime import freeze_before_fork, tune_gc_forked
-from worker.targets import Mode, Target
 
 # How long the child may take to exit once its pipe is closed, before it is killed.
 EXIT_WAIT = 1.0
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 # The worker's to act on (it stops, then closes the pipe); the child ignores them.
 TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-# Routed targets numbered before the numbering starts over.
-NUMBERED_TARGETS = 50_000
-# Target lists kept for records to share (then started over): a backlog repeats far fewer plans.
-SHARED_LISTS = 10_000
 # Bytes each pipe holds (Linux's default ceiling for an unprivileged process). A poll's batch of
 # records (about 400 KB in the benchmark's backlog) then goes in one write. With the default
 # 64 KB, the worker blocked on every batch until the child's reader thread, competing for the
@@ -82,11 +77,7 @@ class PlanningProcess:
         self._out: Connection | None = None  # batches go out on it
         self._process: Any = None
         self._batches: deque[int] = deque()  # sizes of the batches sent and not yet answered
-        # Routed targets by number, as the child numbered them: each crosses the pipe once.
-        self._targets: list[Routed] = []
-        # One list per set of numbers: records with the same plan share their targets' list,
-        # which lets the pending stage remember what it found for the plan (``PendingTargets``).
-        self._lists: dict[tuple[int, ...], list[Routed]] = {}
+        self._numbered = Numbered()  # what the child numbered, to read its rows with
 
     def start(self) -> PlanningProcess:
         # What is buffered now would be written twice, once by each process.
@@ -139,38 +130,7 @@ class PlanningProcess:
             raise self._died(exc) from None
         if len(rows) != self._batches.popleft():
             raise self._died(None)
-        table, lists = self._targets, self._lists
-        if reset:
-            table.clear()
-        if reset or len(lists) >= SHARED_LISTS:
-            lists.clear()
-        table.extend(new)
-
-        def shared(ids: tuple[int, ...]) -> list[Routed]:
-            found = lists.get(ids)
-            if found is None:
-                found = lists[ids] = [table[i] for i in ids]
-            return found
-
-        plans: list[Planned] = []
-        for row in rows:
-            if row is None:
-                plans.append(SKIPPED)
-                continue
-            event_id, event_time, ledger_time, skipped, ids, errors, warm, dropped = row
-            plans.append(
-                Planned(
-                    event_id,
-                    event_time,
-                    ledger_time,
-                    skipped,
-                    shared(ids),
-                    errors,
-                    [table[i] for i in warm] if warm else (),
-                    dropped,
-                )
-            )
-        return plans
+        return self._numbered.plans(reset, new, rows)
 
     def close(self) -> None:
         """Stop the child (it exits when the pipe closes); batches not collected are dropped."""
@@ -223,70 +183,19 @@ def _serve(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINAL_SIGNALS)
     tune_gc_forked()
     planner = Planner(settings)
-    use_event_time = settings.use_event_time
-    numbers = _Numbering()
+    numbers = Numbering()
     # A thread takes every batch off the pipe as it comes: the worker may send the next batch
     # while this one's plans are on their way back, and neither side must wait on the other.
     batches: queue.SimpleQueue[list[tuple[Any, ...]] | None] = queue.SimpleQueue()
     threading.Thread(target=_read, args=(conn, batches), daemon=True).start()
     while (records := batches.get()) is not None:
         reset = numbers.start_batch()
-        rows = [
-            numbers.row(Planned.of(planner.plan(Record._make(r)), use_event_time)) for r in records
-        ]
+        rows = [numbers.row(planner.planned(Record._make(r))) for r in records]
         try:
             plans.send((reset, numbers.take_new(), rows))
         except OSError:
             return
         sys.stdout.flush()  # a line logged while planning (a plug-in's bug) shows now
-
-
-class _Numbering:
-    """Numbers for routed targets, so a plan crosses the pipe as a row of small values; a
-    target's zone, mode and form cross once, with the first plan that has it."""
-
-    def __init__(self) -> None:
-        self._numbers: dict[tuple[str, Mode, Target], int] = {}
-        self._new: list[Routed] = []
-
-    def start_batch(self) -> bool:
-        """True when the numbering starts over with this batch (memory stays bounded)."""
-        if len(self._numbers) < NUMBERED_TARGETS:
-            return False
-        self._numbers.clear()
-        return True
-
-    def row(self, plan: Planned) -> tuple[Any, ...] | None:
-        if plan is SKIPPED:
-            return None  # one byte across the pipe, and the one shared plan back
-        return (
-            plan.event_id,
-            plan.event_time,
-            plan.ledger_time,
-            plan.skipped,
-            tuple(self._number(plan.targets)),
-            # Most plans have none of these: an empty tuple crosses the pipe as one byte and
-            # comes back as the one empty tuple, not a new list per record.
-            tuple(plan.errors),
-            tuple(self._number(plan.warm)),
-            tuple(plan.dropped),
-        )
-
-    def take_new(self) -> list[Routed]:
-        new, self._new = self._new, []
-        return new
-
-    def _number(self, targets: Sequence[Routed]) -> list[int]:
-        numbers = self._numbers
-        out = []
-        for routed in targets:
-            key = (routed.zone.id, routed.mode, routed.target)
-            n = numbers.get(key)
-            if n is None:
-                n = numbers[key] = len(numbers)
-                self._new.append(routed)
-            out.append(n)
-        return out
 
 
 def _read(conn: Connection, batches: queue.SimpleQueue[list[tuple[Any, ...]] | None]) -> None:

@@ -49,11 +49,9 @@ class Planning(Generic[R]):
         ``PlannerDied`` if the planning process has ended."""
         if self._process is None:
             assert self._planner is not None
-            plan = self._planner.plan
-            use_event_time = self._planner.settings.use_event_time
+            planned = self._planner.planned
             self._ready += [
-                (ref, Planned.of(plan(record), use_event_time))
-                for ref, record in zip(refs, records, strict=True)
+                (ref, planned(record)) for ref, record in zip(refs, records, strict=True)
             ]
             return
         if records:
