@@ -1,13 +1,13 @@
 """The purge ledger: what an accepted purge already covers, in flight or done, and forgetting."""
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.pending.bucket import Pending
 from worker.pending.cover import covers, prefixes_covering
 from worker.pending.ledger import COVERED, LedgerSettings, PurgeLedger
-from worker.targets import Mode, Target
+from worker.targets import Kind, Mode, Target
 
 Z = "z" * 32
 P = Mode.PURGE
@@ -167,9 +167,16 @@ def test_records_sharing_a_plan_get_the_ledgers_verdict_target_by_target():
     assert stage.add("r2", plan_of(shared, SENT - 10)) == 0  # now remembered
     assert stage.add("r3", plan_of(shared, SENT - 6)) == 0
     assert stage.add("r4", plan_of(shared, SENT - 4)) == 2  # within the margin: both again
-    purged(ledger, a, at=SENT + 100)  # a later send only widens what is covered
+    sent_from_pending(stage, ledger, Kind.FILES, at=SENT + 100)  # a, as the dispatcher sends it
     assert stage.add("r5", plan_of(shared, SENT - 6)) == 0
     assert stage.add("r6", plan_of(shared, SENT + 50)) == 1  # a's later send covers it, b's not
+
+
+def sent_from_pending(stage, ledger, kind, at):
+    """What the dispatcher does: take a kind's pending items, send them, settle them accepted."""
+    batch = stage.coalescer.take(Z, P, kind, 1000)
+    ledger.sending(Z, P, batch.items, at)
+    ledger.settled(Z, P, batch.items, at, {item.target for item in batch.items})
 
 
 def test_a_forgotten_entry_ends_what_the_stage_remembered():
@@ -233,3 +240,113 @@ def test_targets_count_as_repeating_until_steps_have_measured_them():
     assert not stage.repeating  # four steps of targets met once each
     step("again", [f"3/{n}" for n in range(10)])  # the last step's ten again, still pending
     assert stage.repeating
+
+
+class _Unremembered(dict):
+    """A memo that keeps nothing: the stage then asks the ledger target by target, always."""
+
+    def get(self, key, default=None):
+        return default
+
+    def __setitem__(self, key, value):
+        pass
+
+
+POOL = [
+    Target.url("https://example.com/a/1"),
+    Target.url("https://example.com/a/2"),
+    Target.url("https://example.com/b/1"),
+    Target.tag("t1"),
+    Target.tag("t2"),
+    Target.prefix("example.com/a"),
+    Target.host("example.com"),
+]
+# Lists records share, as the planning process hands them out: the same object every time.
+SHARED = [routed(*(POOL[i] for i in ids)) for ids in [(0,), (0, 3), (1, 2, 4), (0, 1), (3, 4)]]
+SHARED += [routed(POOL[5], POOL[0]), routed(POOL[6]), routed(POOL[2], POOL[3])]
+
+ADD = st.tuples(st.just("add"), st.integers(0, len(SHARED) - 1), st.integers(-12, 8))
+OPS = st.lists(
+    st.one_of(
+        ADD,
+        ADD,
+        ADD,
+        st.tuples(st.just("send"), st.sampled_from(list(Kind)), st.integers(1, 3)),
+        st.tuples(st.just("settle"), st.integers(0, 1), st.just(0)),
+        st.tuples(st.just("learn"), st.integers(0, len(POOL) - 1), st.integers(-10, 30)),
+        st.tuples(st.just("discard"), st.integers(0, 3), st.just(0)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPS)
+def test_records_riding_on_pending_items_get_what_the_ledger_would_say(ops):
+    """A record whose list of targets an earlier record sent to the pending set rides on the
+    same items without asking the ledger target by target: every answer, every item's owners
+    and every send must be what asking the ledger each time gives."""
+    stages = [pending_stage(), pending_stage()]
+    stages[1][0]._riding = _Unremembered()
+    learned: list[list] = [[], []]
+    flying: list[list] = [[], []]  # requests sent and not yet ended, oldest first
+    for (stage, _), box in zip(stages, learned, strict=True):
+        stage._learned = lambda box=box: [box.pop() for _ in range(len(box))]
+    now = SENT
+    for n, (op, a, b) in enumerate(ops):
+        seen = []
+        for (stage, ledger), box, flights in zip(stages, learned, flying, strict=True):
+            if op == "add":
+                stage.learn()
+                seen.append(stage.add((n, a), plan_of(SHARED[a], now + b)))
+            elif op == "send" and stage.coalescer.count(Z, P, a):
+                items = stage.coalescer.take(Z, P, a, b).items
+                ledger.sending(Z, P, items, now)
+                flights.append((items, now))
+            elif op == "settle" and flights:
+                items, sent_at = flights.pop(0)
+                accepted = {i.target for i in items[a:]}  # the first one failed, or none did
+                ledger.settled(Z, P, items, sent_at, accepted)
+                seen.append(owners(items))
+            elif op == "learn":
+                target = POOL[a]
+                box.append(((Z, P, target.kind, target.value, target.headers), now + b))
+            elif op == "discard":
+                seen.append(stage.discard(lambda owner, a=a: owner[0] % 4 == a))
+        assert not seen or seen[0] == seen[1]
+        if op != "add":
+            now += 1.0  # records are read in steps; the clock moves between them
+    left = [
+        owners(i for b in stage.coalescer.flush_all() for i in b.items)
+        + [owners(items) for items, _ in flights]
+        for (stage, _), flights in zip(stages, flying, strict=True)
+    ]
+    assert left[0] == left[1]
+
+
+def owners(items):
+    return sorted((str(item.target), sorted(map(str, item.owners))) for item in items)
+
+
+def test_a_record_does_not_ride_on_an_item_in_flight_or_taken_over():
+    """Records with one list of targets ride on the items the first one went to, while those
+    wait in the pending set. Once one is sent, or a target covering it takes it over, the next
+    record is judged by the ledger again: an item in flight covers only what came before it."""
+    stage, ledger = pending_stage()
+    a = Target.url("https://example.com/a/1")
+    shared = routed(a, Target.tag("t"))
+    assert stage.add("r1", plan_of(shared, SENT)) == 2
+    assert stage.add("r2", plan_of(shared, SENT)) == 2  # rides
+    items = stage.coalescer.take(Z, P, Kind.FILES, 10).items
+    assert [sorted(i.owners) for i in items] == [["r1", "r2"]]
+    ledger.sending(Z, P, items, SENT - 60)  # sent before r3's event: it cannot cover r3
+    assert stage.add("r3", plan_of(shared, SENT)) == 2
+    assert items[0].owners == ["r1", "r2"]  # r3's URL waits for a request of its own
+    assert stage.coalescer.count(Z, P, Kind.FILES) == 1
+
+    other = routed(Target.url("https://example.com/a/2"), Target.tag("u"))
+    assert stage.add("r4", plan_of(other, SENT)) == 2
+    stage.add("r5", plan_of(routed(Target.prefix("example.com/a")), SENT))  # takes a/2 over
+    assert stage.add("r6", plan_of(other, SENT)) == 2
+    (prefix,) = stage.coalescer.take(Z, P, Kind.PREFIXES, 10).items
+    assert sorted(prefix.owners) == ["r3", "r4", "r5", "r6"]  # r6 joined the prefix, not a/2

@@ -58,6 +58,9 @@ class PurgeLedger:
         self._kinds: dict[tuple[str, Mode, Kind], int] = {}
         # Entries forgotten so far: what was learned from ``purged_since`` holds while this does.
         self.evictions = 0
+        # Entries learned from receipts so far: the only entries not made by this worker's own
+        # sends (``PendingTargets`` relies on that while a target waits in the pending set).
+        self.learned = 0
 
     def __len__(self) -> int:
         return len(self._sent)
@@ -160,6 +163,7 @@ class PurgeLedger:
             self._remember(key, sent_at)
             count += 1
         if count:
+            self.learned += count
             metrics.LEDGER_RESTORED.inc(count)
             metrics.LEDGER_ENTRIES.set(len(self._sent))
         return count
