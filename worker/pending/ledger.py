@@ -40,6 +40,8 @@ class _Covered:
 
 
 COVERED = _Covered()
+# The kinds whose entries can cover a target of another kind.
+COVERING = frozenset({Kind.EVERYTHING, Kind.HOSTS, Kind.PREFIXES})
 
 
 def key_of(zone_id: str, mode: Mode, target: Target) -> Key:
@@ -53,8 +55,9 @@ class PurgeLedger:
         self._enabled, self._margin = settings.enabled, settings.margin_seconds
         self._sent: OrderedDict[Key, float] = OrderedDict()
         self._in_flight: dict[Key, tuple[float, Pending]] = {}
-        # Kinds with entries per zone and mode: a URL is looked up under prefixes, hosts and
-        # everything only where some exist, which keeps the common case to one look-up.
+        # Entries of the kinds that cover others (everything, hosts, prefixes) per zone and mode:
+        # a URL is looked up under them only where some exist, and with none at all (a backlog
+        # of URLs and tags) a target is one look-up.
         self._kinds: dict[tuple[str, Mode, Kind], int] = {}
         # Entries forgotten so far: what was learned from ``purged_since`` holds while this does.
         self.evictions = 0
@@ -182,6 +185,8 @@ class PurgeLedger:
             self.evictions += 1
 
     def _count(self, key: Key, delta: int) -> None:
+        if key[2] not in COVERING:
+            return
         kind = (key[0], key[1], key[2])
         left = self._kinds.get(kind, 0) + delta
         if left > 0:
