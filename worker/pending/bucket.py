@@ -29,6 +29,9 @@ class Pending:
     # Taken out of the pending set: sent, merged into an item that covers it, or discarded.
     # What joins it then would wait for a request already made, or for none.
     gone: bool = False
+    # Set by the purge ledger: when its request went (wall clock), and that it has ended.
+    sent_at: float | None = None
+    ended: bool = False
 
     def join(self, owner: Owner) -> Pending:
         """One more target of ``owner`` rides on this item (a duplicate, or a covered one)."""

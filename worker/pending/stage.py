@@ -10,7 +10,6 @@ items it owns. Not thread-safe: only the loop's thread touches it.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
 
@@ -18,6 +17,7 @@ from worker.observe import metrics
 from worker.pending.bucket import Owner, Pending
 from worker.pending.coalescer import Coalescer
 from worker.pending.ledger import COVERED, Key, PurgeLedger
+from worker.pending.riding import IN_FLIGHT, PENDING, SENT, Rides
 from worker.planning.planner import Planned, Routed
 from worker.targets import Kind
 
@@ -34,21 +34,6 @@ class _Plan(NamedTuple):
     # The earliest send among their accepted purges (None: not yet known; -inf: not of exactly
     # these targets).
     since: float | None
-    tally: tuple[tuple[tuple[Kind, str], int], ...]
-
-
-class _Riding(NamedTuple):
-    """What a record with this very list of targets found: the ledger sent every target to the
-    pending set, where each rides on ``items`` (one per target, held weakly: an item sent and
-    settled is not kept alive for this)."""
-
-    targets: Sequence[Routed]
-    items: tuple[weakref.ref[Pending], ...]
-    # The lowest horizon (event time + margin) for which the ledger said so, or None if it
-    # could not judge (no event time): every entry that could cover these targets was sent
-    # at or before it.
-    horizon: float | None
-    learned: int  # the ledger's ``learned`` then
     tally: tuple[tuple[tuple[Kind, str], int], ...]
 
 
@@ -75,9 +60,8 @@ class PendingTargets:
         # already purged, the earliest of their sends and the tally of a covered record.
         self._plans: dict[int, _Plan] = {}
         self._evictions = ledger.evictions
-        # Per list of targets that records share: the pending items a record with it rode on,
-        # when the ledger sent all of its targets to the pending set (``_ride``).
-        self._riding: dict[int, _Riding] = {}
+        # Per list of targets that records share: what the ledger answered for it last.
+        self._rides = Rides(ledger)
 
     def young(self, now: float) -> bool:
         """The newest record taken is younger than the ledger's margin: a purge sent now would
@@ -121,79 +105,33 @@ class PendingTargets:
                     tally[key] = tally.get(key, 0) + n
                 return 0
         horizon = None if event_time is None else event_time + self.ledger.margin
-        riding = self._riding.get(id(targets))
-        if (
-            riding is not None
-            and riding.targets is targets
-            and (rode := self._ride(riding, owner, horizon)) is not None
-        ):
+        rode = self._rides.take(targets, owner, horizon, tally)
+        if rode is not None:
             return rode
         check, add = self.ledger.check, self.coalescer.add
         waiting = 0
-        items: list[Pending] | None = []
+        hows: list[str] = []
+        items: list[Pending] = []
         for zone, mode, target in targets:
             verdict = check(zone.id, mode, target, event_time)
             if verdict is COVERED:
-                how = "sent"
-                items = None
+                how = SENT
             else:
                 waiting += 1
                 if isinstance(verdict, Pending):
-                    verdict.join(owner)
-                    how = "in_flight"
-                    items = None
+                    items.append(verdict.join(owner))
+                    how = IN_FLIGHT
                 else:
-                    item = add(zone.id, mode, target, owner)
-                    how = ""
-                    if items is not None:
-                        items.append(item)
+                    items.append(add(zone.id, mode, target, owner))
+                    how = PENDING
+            hows.append(how)
             key = (target.kind, how)
             tally[key] = tally.get(key, 0) + 1
-        if items:
-            self._remember_riding(targets, items, horizon)
-        elif not waiting and targets and event_time is not None:
+        if waiting:
+            self._rides.remember(targets, hows, items, horizon)
+        elif targets and event_time is not None:
             self._covered(targets)
         return waiting
-
-    def _ride(self, riding: _Riding, owner: Hashable, horizon: float | None) -> int | None:
-        """Take the record's targets the way ``riding`` found them, without asking the ledger
-        target by target: the same verdicts, if nothing has changed that could change them.
-        Every ledger entry that could cover these targets was sent at or before
-        ``riding.horizon``, so none covers this record if its horizon is no lower. A new entry
-        comes only from a send, which takes a riding item out of the pending set (``gone``:
-        the item itself, or one covering its target that took it over first), or from
-        receipts (``learned``). None, taking nothing, if one of those happened."""
-        if horizon is not None and (riding.horizon is None or horizon < riding.horizon):
-            return None  # the ledger could tell this record's targets apart
-        if riding.learned != self.ledger.learned:
-            return None
-        items = [ref() for ref in riding.items]
-        for item in items:
-            if item is None or item.gone:
-                return None
-        for item in items:
-            item.owners.append(owner)  # type: ignore[union-attr]
-        tally = self._tally
-        for key, n in riding.tally:
-            tally[key] = tally.get(key, 0) + n
-        return len(items)
-
-    def _remember_riding(
-        self, targets: Sequence[Routed], items: list[Pending], horizon: float | None
-    ) -> None:
-        if len(self._riding) >= MAX_PLANS:
-            self._riding.clear()
-        counts: dict[tuple[Kind, str], int] = {}
-        for routed in targets:
-            key = (routed.target.kind, "")
-            counts[key] = counts.get(key, 0) + 1
-        self._riding[id(targets)] = _Riding(
-            targets,
-            tuple(weakref.ref(item) for item in items),
-            horizon,
-            self.ledger.learned,
-            tuple(counts.items()),
-        )
 
     def _covered(self, targets: Sequence[Routed]) -> None:
         """Every target of ``targets`` was already purged: the second time a record with this
