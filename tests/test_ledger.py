@@ -1,7 +1,5 @@
 """The purge ledger: what an accepted purge already covers, in flight or done, and forgetting."""
 
-import random
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,7 +7,7 @@ from hypothesis import strategies as st
 from worker.pending.bucket import Pending
 from worker.pending.cover import covers, prefixes_covering
 from worker.pending.ledger import COVERED, LedgerSettings, PurgeLedger
-from worker.targets import Kind, Mode, Target
+from worker.targets import Mode, Target
 
 Z = "z" * 32
 P = Mode.PURGE
@@ -169,16 +167,9 @@ def test_records_sharing_a_plan_get_the_ledgers_verdict_target_by_target():
     assert stage.add("r2", plan_of(shared, SENT - 10)) == 0  # now remembered
     assert stage.add("r3", plan_of(shared, SENT - 6)) == 0
     assert stage.add("r4", plan_of(shared, SENT - 4)) == 2  # within the margin: both again
-    sent_from_pending(stage, ledger, Kind.FILES, at=SENT + 100)  # a, as the dispatcher sends it
+    purged(ledger, a, at=SENT + 100)  # a later send only widens what is covered
     assert stage.add("r5", plan_of(shared, SENT - 6)) == 0
     assert stage.add("r6", plan_of(shared, SENT + 50)) == 1  # a's later send covers it, b's not
-
-
-def sent_from_pending(stage, ledger, kind, at):
-    """What the dispatcher does: take a kind's pending items, send them, settle them accepted."""
-    batch = stage.coalescer.take(Z, P, kind, 1000)
-    ledger.sending(Z, P, batch.items, at)
-    ledger.settled(Z, P, batch.items, at, {item.target for item in batch.items})
 
 
 def test_a_forgotten_entry_ends_what_the_stage_remembered():
@@ -242,162 +233,3 @@ def test_targets_count_as_repeating_until_steps_have_measured_them():
     assert not stage.repeating  # four steps of targets met once each
     step("again", [f"3/{n}" for n in range(10)])  # the last step's ten again, still pending
     assert stage.repeating
-
-
-POOL = [
-    Target.url("https://example.com/a/1"),
-    Target.url("https://example.com/a/2"),
-    Target.url("https://example.com/b/1"),
-    Target.tag("t1"),
-    Target.tag("t2"),
-    Target.prefix("example.com/a"),
-    Target.host("example.com"),
-]
-# Lists records share, as the planning process hands them out: the same object every time.
-SHARED = [routed(*(POOL[i] for i in ids)) for ids in [(0,), (0, 3), (1, 2, 4), (0, 1), (3, 4)]]
-SHARED += [routed(POOL[5], POOL[0]), routed(POOL[6]), routed(POOL[2], POOL[3])]
-
-
-def random_ops(seed: int, count: int = 400) -> list[tuple]:
-    """Records with event times around the clock (the ledger's margin is 5 s, so a request
-    sent a few steps before covers some and not others), sends of a kind or of everything,
-    requests ending (some items refused), receipts learned, partitions revoked."""
-    rng = random.Random(seed)
-    ops: list[tuple] = []
-    for _ in range(count):
-        roll = rng.random()
-        if roll < 0.5:
-            ops.append(("add", rng.randrange(len(SHARED)), rng.randint(-12, 8)))
-        elif roll < 0.75:
-            ops.append(("send", rng.choice([Kind.FILES, Kind.TAGS, None]), rng.randint(1, 3)))
-        elif roll < 0.92:
-            ops.append(("settle", rng.randint(0, 1), 0))
-        elif roll < 0.97:
-            ops.append(("learn", rng.randrange(len(POOL)), rng.randint(-10, 30)))
-        else:
-            ops.append(("discard", rng.randrange(4), 0))
-    return ops
-
-
-@pytest.mark.parametrize("seed", range(40))
-def test_records_riding_on_pending_items_get_what_the_ledger_would_say(seed):
-    """A record whose list of targets an earlier record sent to the pending set rides on the
-    same items without asking the ledger target by target: every answer, every item's owners
-    and every send must be what asking the ledger each time gives."""
-    ops = random_ops(seed)
-    stages = [pending_stage(), pending_stage()]
-    stages[1][0]._rides.take = lambda *args: None  # asks the ledger target by target, always
-    learned: list[list] = [[], []]
-    flying: list[list] = [[], []]  # requests sent and not yet ended, oldest first
-    ended: list = []
-    for (stage, _), box in zip(stages, learned, strict=True):
-        stage._learned = lambda box=box: [box.pop() for _ in range(len(box))]
-    now = SENT
-    for n, (op, a, b) in enumerate(ops):
-        seen = []
-        for (stage, ledger), box, flights in zip(stages, learned, flying, strict=True):
-            if op == "add":
-                stage.learn()
-                seen.append(stage.add((n, a), plan_of(SHARED[a], now + b)))
-            elif op == "send":
-                for kind in [a] if a else list(Kind):  # None: every kind, as a drain sends
-                    if stage.coalescer.count(Z, P, kind):
-                        items = stage.coalescer.take(Z, P, kind, b if a else 100).items
-                        ledger.sending(Z, P, items, now)
-                        flights.append((items, now))
-            elif op == "settle" and flights:
-                items, sent_at = flights.pop(0)
-                accepted = {i.target for i in items[a:]}  # the first one failed, or none did
-                ledger.settled(Z, P, items, sent_at, accepted)
-                seen.append(owners(items))
-                ended.append(items)  # receipts may still hold them
-            elif op == "learn":
-                target = POOL[a]
-                box.append(((Z, P, target.kind, target.value, target.headers), now + b))
-            elif op == "discard":
-                seen.append(stage.discard(lambda owner, a=a: owner[0] % 4 == a))
-        assert not seen or seen[0] == seen[1]
-        if op != "add":
-            now += 1.0  # records are read in steps; the clock moves between them
-    left = [
-        owners(i for b in stage.coalescer.flush_all() for i in b.items)
-        + [owners(items) for items, _ in flights]
-        for (stage, _), flights in zip(stages, flying, strict=True)
-    ]
-    assert left[0] == left[1]
-
-
-def owners(items):
-    return sorted((str(item.target), sorted(map(str, item.owners))) for item in items)
-
-
-def test_a_record_does_not_ride_on_an_item_in_flight_or_taken_over():
-    """Records with one list of targets ride on the items the first one went to, while those
-    wait in the pending set. Once one is sent, or a target covering it takes it over, the next
-    record is judged by the ledger again: an item in flight covers only what came before it."""
-    stage, ledger = pending_stage()
-    a = Target.url("https://example.com/a/1")
-    shared = routed(a, Target.tag("t"))
-    assert stage.add("r1", plan_of(shared, SENT)) == 2
-    assert stage.add("r2", plan_of(shared, SENT)) == 2  # rides
-    items = stage.coalescer.take(Z, P, Kind.FILES, 10).items
-    assert [sorted(i.owners) for i in items] == [["r1", "r2"]]
-    ledger.sending(Z, P, items, SENT - 60)  # sent before r3's event: it cannot cover r3
-    assert stage.add("r3", plan_of(shared, SENT)) == 2
-    assert items[0].owners == ["r1", "r2"]  # r3's URL waits for a request of its own
-    assert stage.coalescer.count(Z, P, Kind.FILES) == 1
-
-    other = routed(Target.url("https://example.com/a/2"), Target.tag("u"))
-    assert stage.add("r4", plan_of(other, SENT)) == 2
-    stage.add("r5", plan_of(routed(Target.prefix("example.com/a")), SENT))  # takes a/2 over
-    assert stage.add("r6", plan_of(other, SENT)) == 2
-    (prefix,) = stage.coalescer.take(Z, P, Kind.PREFIXES, 10).items
-    assert sorted(prefix.owners) == ["r3", "r4", "r5", "r6"]  # r6 joined the prefix, not a/2
-
-
-def test_a_record_rides_on_a_request_in_flight_only_until_it_ends():
-    stage, ledger = pending_stage()
-    shared = routed(Target.url("https://example.com/a/1"))
-    assert stage.add("r1", plan_of(shared, SENT)) == 1
-    (item,) = stage.coalescer.take(Z, P, Kind.FILES, 10).items
-    ledger.sending(Z, P, [item], SENT + 1)
-    assert stage.add("r2", plan_of(shared, SENT - 10)) == 1  # joins the request in flight
-    assert stage.add("r3", plan_of(shared, SENT - 9)) == 1  # rides on it
-    assert item.owners == ["r1", "r2", "r3"]
-    ledger.settled(Z, P, [item], SENT + 1, {item.target})
-    assert stage.add("r4", plan_of(shared, SENT - 9)) == 0  # the ledger's entry covers it
-    assert stage.add("r5", plan_of(shared, SENT - 3)) == 1  # too young for it: pending again
-    assert item.owners == ["r1", "r2", "r3"]
-    assert stage.coalescer.count(Z, P, Kind.FILES) == 1
-
-
-def test_a_second_request_for_a_target_ends_the_riding_on_it():
-    """Records too young for a request in flight send their target again; when the first
-    request ends, its entry covers older records, which then finish at once."""
-    stage, ledger = pending_stage()
-    shared = routed(Target.url("https://example.com/a/1"))
-    stage.add("r1", plan_of(shared, SENT))
-    first = stage.coalescer.take(Z, P, Kind.FILES, 10).items
-    ledger.sending(Z, P, first, SENT + 1)
-    assert stage.add("r2", plan_of(routed(*(r.target for r in shared)), SENT + 10)) == 1
-    second = stage.coalescer.take(Z, P, Kind.FILES, 10).items
-    ledger.sending(Z, P, second, SENT + 20)  # the first is still in flight
-    assert stage.add("r3", plan_of(shared, SENT - 10)) == 1  # joins the second
-    ledger.settled(Z, P, first, SENT + 1, {first[0].target})
-    assert stage.add("r4", plan_of(shared, SENT - 8)) == 0  # the first one's entry covers it
-    assert second[0].owners == ["r2", "r3"]
-
-
-def test_a_record_does_not_ride_on_a_host_request_its_url_was_sent_after():
-    stage, ledger = pending_stage()
-    url = Target.url("https://example.com/a/1")
-    shared = routed(url)
-    stage.add("r1", plan_of(routed(Target.host("example.com")), SENT))
-    host = stage.coalescer.take(Z, P, Kind.HOSTS, 10).items
-    ledger.sending(Z, P, host, SENT + 1)
-    assert stage.add("r2", plan_of(shared, SENT - 10)) == 1  # joins the host's request
-    assert stage.add("r3", plan_of(routed(url), SENT + 10)) == 1  # too young for it
-    own = stage.coalescer.take(Z, P, Kind.FILES, 10).items
-    ledger.sending(Z, P, own, SENT + 20)
-    assert stage.add("r4", plan_of(shared, SENT - 8)) == 1
-    assert own[0].owners == ["r3", "r4"]  # the ledger's answer: the URL's own request

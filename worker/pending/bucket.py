@@ -17,7 +17,7 @@ from worker.targets import Kind, Target
 Owner = Hashable
 
 
-@dataclass(slots=True, weakref_slot=True)
+@dataclass(slots=True)
 class Pending:
     """A pending item: its target, and the owners (records) whose targets it stands for, one
     entry per target (an owner may appear more than once); a record is purged once every item
@@ -26,21 +26,13 @@ class Pending:
 
     target: Target
     owners: list[Owner] = field(default_factory=list)
-    # Taken out of the pending set: sent, merged into an item that covers it, or discarded.
-    # What joins it then would wait for a request already made, or for none.
-    gone: bool = False
-    # Set by the purge ledger: when its request went (wall clock), and that it has ended.
-    sent_at: float | None = None
-    ended: bool = False
 
-    def join(self, owner: Owner) -> Pending:
+    def join(self, owner: Owner) -> None:
         """One more target of ``owner`` rides on this item (a duplicate, or a covered one)."""
         self.owners.append(owner)
-        return self
 
     def absorb(self, other: Pending) -> None:
         self.owners += other.owners
-        other.gone = True
 
 
 class ZoneBucket:
@@ -68,23 +60,24 @@ class ZoneBucket:
             return len(self.tags)
         return 1 if self.everything else 0
 
-    def add(self, target: Target, owner: Owner) -> Pending:
-        """Add one target for ``owner``, merged into whatever pending item covers it; returns
-        the item it rides on."""
+    def add(self, target: Target, owner: Owner) -> None:
+        """Add one target for ``owner``, merged into whatever pending item covers it."""
         if self.everything is not None:
-            return self.everything.join(owner)
+            self.everything.join(owner)
+            return
         kind = target.kind
         # URLs and tags, the targets a backlog repeats, join their pending item without making
         # one of their own first.
         if kind is Kind.FILES:
-            return self._add_file(target, owner)
-        if kind is Kind.TAGS:
-            return self._join(self.tags, target.value, target, owner)
-        if kind is Kind.EVERYTHING:
-            return self._add_everything(Pending(target, [owner]))
-        if kind is Kind.HOSTS:
-            return self._add_host(target, owner)
-        return self._add_prefix(Pending(target, [owner]))
+            self._add_file(target, owner)
+        elif kind is Kind.TAGS:
+            self._join(self.tags, target.value, target, owner)
+        elif kind is Kind.EVERYTHING:
+            self._add_everything(Pending(target, [owner]))
+        elif kind is Kind.HOSTS:
+            self._add_host(target, owner)
+        else:
+            self._add_prefix(Pending(target, [owner]))
 
     def _join(
         self,
@@ -92,15 +85,15 @@ class ZoneBucket:
         key: object,
         target: Target,
         owner: Owner,
-    ) -> Pending:
-        existing: Pending | None = table.get(key)  # type: ignore[call-overload]
-        if existing is not None:
-            return existing.join(owner)
-        item = table[key] = Pending(target, [owner])  # type: ignore[index]
-        self.size += 1
-        return item
+    ) -> None:
+        existing = table.get(key)  # type: ignore[call-overload]
+        if existing is None:
+            table[key] = Pending(target, [owner])  # type: ignore[index]
+            self.size += 1
+        else:
+            existing.join(owner)
 
-    def _add_everything(self, item: Pending) -> Pending:
+    def _add_everything(self, item: Pending) -> None:
         for pending in self._all():
             item.absorb(pending)
         self.hosts.clear()
@@ -109,31 +102,30 @@ class ZoneBucket:
         self.tags.clear()
         self.everything = item
         self.size = 1
-        return item
 
-    def _add_host(self, target: Target, owner: Owner) -> Pending:
+    def _add_host(self, target: Target, owner: Owner) -> None:
         host = target.value
-        keeper = self._join(self.hosts, host, target, owner)
+        self._join(self.hosts, host, target, owner)
+        keeper = self.hosts[host]
         for table in (self.prefixes, self.files):
             swallowed = table.pop(host, None)
             if swallowed:
                 for pending in swallowed.values():
                     keeper.absorb(pending)
                 self.size -= len(swallowed)
-        return keeper
 
-    def _add_prefix(self, item: Pending) -> Pending:
+    def _add_prefix(self, item: Pending) -> None:
         prefix = item.target.value
         host_key = netloc(prefix)
         host = self.hosts.get(host_key)
         if host is not None:
             host.absorb(item)
-            return host
+            return
         on_host = self.prefixes.setdefault(host_key, {})
         cover = next((p for key, p in on_host.items() if covers(key, prefix)), None)
         if cover is not None:
             cover.absorb(item)
-            return cover
+            return
         for key in [k for k in on_host if covers(prefix, k)]:
             item.absorb(on_host.pop(key))
             self.size -= 1
@@ -143,23 +135,24 @@ class ZoneBucket:
             self.size -= 1
         on_host[prefix] = item
         self.size += 1
-        return item
 
-    def _add_file(self, target: Target, owner: Owner) -> Pending:
+    def _add_file(self, target: Target, owner: Owner) -> None:
         path = bare(target.value)
         host_key = netloc(path)
         host = self.hosts.get(host_key)
         if host is not None:
-            return host.join(owner)
+            host.join(owner)
+            return
         prefixes = self.prefixes.get(host_key)
         if prefixes:
             for key, cover in prefixes.items():
                 if covers(key, path):
-                    return cover.join(owner)
+                    cover.join(owner)
+                    return
         files = self.files.get(host_key)
         if files is None:
             files = self.files[host_key] = {}
-        return self._join(files, target, target, owner)
+        self._join(files, target, target, owner)
 
     def _all(self) -> Iterator[Pending]:
         if self.everything:
@@ -183,12 +176,10 @@ class ZoneBucket:
                 pending.owners = [o for o in pending.owners if not drop(o)]
                 if not pending.owners:
                     del table[key]
-                    pending.gone = True
                     removed += 1
         if self.everything is not None:
             self.everything.owners = [o for o in self.everything.owners if not drop(o)]
             if not self.everything.owners:
-                self.everything.gone = True
                 self.everything = None
                 removed += 1
         for nested in (self.prefixes, self.files):
@@ -217,6 +208,4 @@ class ZoneBucket:
                 if not inner:
                     del nested[netloc]
         self.size -= len(out)
-        for item in out:
-            item.gone = True
         return out

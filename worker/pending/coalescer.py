@@ -67,13 +67,12 @@ class Coalescer:
                     out[(zone_id, kind)] = out.get((zone_id, kind), 0) + n
         return out
 
-    def add(self, zone_id: str, mode: Mode, target: Target, owner: Owner) -> Pending:
-        """Add ``target`` for ``owner``; returns the pending item it rides on."""
+    def add(self, zone_id: str, mode: Mode, target: Target, owner: Owner) -> None:
         key = (zone_id, mode)
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = ZoneBucket(self._clock.monotonic())
-        return bucket.add(target, owner)
+        bucket.add(target, owner)
 
     def next_due(self) -> float | None:
         """Monotonic time at which the next window ends, if one is still open (None if not)."""

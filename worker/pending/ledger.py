@@ -61,12 +61,6 @@ class PurgeLedger:
         self._kinds: dict[tuple[str, Mode, Kind], int] = {}
         # Entries forgotten so far: what was learned from ``purged_since`` holds while this does.
         self.evictions = 0
-        # Entries learned from receipts so far, and requests for an item sent while another for
-        # it was in flight, or ended after that: with them, the only changes to what the ledger
-        # answers for a key are its request in flight ending, or one sent for it
-        # (``PendingTargets`` relies on that).
-        self.learned = 0
-        self.overlaps = 0
 
     def __len__(self) -> int:
         return len(self._sent)
@@ -132,13 +126,9 @@ class PurgeLedger:
         (earlier than the real send, so never a skip too many)."""
         if not self._settings.enabled:
             return
-        in_flight = self._in_flight
         for item in items:
             key = key_of(zone_id, mode, item.target)
-            if key in in_flight:
-                self.overlaps += 1
-            in_flight[key] = (sent_at, item)
-            item.sent_at = sent_at
+            self._in_flight[key] = (sent_at, item)
             self._count(key, +1)
 
     def settled(
@@ -153,14 +143,11 @@ class PurgeLedger:
         if not self._settings.enabled:
             return
         for item in items:
-            item.ended = True
             key = key_of(zone_id, mode, item.target)
             flight = self._in_flight.get(key)
             if flight is not None and flight[1] is item:
                 del self._in_flight[key]
                 self._count(key, -1)
-            else:
-                self.overlaps += 1
             if item.target in accepted:
                 self._remember(key, sent_at)
         metrics.LEDGER_ENTRIES.set(len(self._sent))
@@ -176,7 +163,6 @@ class PurgeLedger:
             self._remember(key, sent_at)
             count += 1
         if count:
-            self.learned += count
             metrics.LEDGER_RESTORED.inc(count)
             metrics.LEDGER_ENTRIES.set(len(self._sent))
         return count

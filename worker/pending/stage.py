@@ -17,7 +17,6 @@ from worker.observe import metrics
 from worker.pending.bucket import Owner, Pending
 from worker.pending.coalescer import Coalescer
 from worker.pending.ledger import COVERED, Key, PurgeLedger
-from worker.pending.riding import IN_FLIGHT, PENDING, SENT, Rides
 from worker.planning.planner import Planned, Routed
 from worker.targets import Kind
 
@@ -60,8 +59,6 @@ class PendingTargets:
         # already purged, the earliest of their sends and the tally of a covered record.
         self._plans: dict[int, _Plan] = {}
         self._evictions = ledger.evictions
-        # Per list of targets that records share: what the ledger answered for it last.
-        self._rides = Rides(ledger)
 
     def young(self, now: float) -> bool:
         """The newest record taken is younger than the ledger's margin: a purge sent now would
@@ -104,32 +101,23 @@ class PendingTargets:
                 for key, n in known.tally:
                     tally[key] = tally.get(key, 0) + n
                 return 0
-        horizon = None if event_time is None else event_time + self.ledger.margin
-        rode = self._rides.take(targets, owner, horizon, tally)
-        if rode is not None:
-            return rode
         check, add = self.ledger.check, self.coalescer.add
         waiting = 0
-        hows: list[str] = []
-        items: list[Pending] = []
-        for zone, mode, target in targets:
+        for zone, mode, target in plan.targets:
             verdict = check(zone.id, mode, target, event_time)
             if verdict is COVERED:
-                how = SENT
+                how = "sent"
             else:
                 waiting += 1
                 if isinstance(verdict, Pending):
-                    items.append(verdict.join(owner))
-                    how = IN_FLIGHT
+                    verdict.join(owner)
+                    how = "in_flight"
                 else:
-                    items.append(add(zone.id, mode, target, owner))
-                    how = PENDING
-            hows.append(how)
+                    add(zone.id, mode, target, owner)
+                    how = ""
             key = (target.kind, how)
             tally[key] = tally.get(key, 0) + 1
-        if waiting:
-            self._rides.remember(targets, hows, items, horizon)
-        elif targets and event_time is not None:
+        if not waiting and targets and event_time is not None:
             self._covered(targets)
         return waiting
 
