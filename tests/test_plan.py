@@ -18,6 +18,7 @@ from worker.intake.decode import decode
 from worker.intake.memory import InMemorySource
 from worker.outcome.memory import InMemorySink
 from worker.planning.planner import Planner
+from worker.planning.rules import ruleset
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = sorted((ROOT / "examples" / "events").glob("*.json"))
@@ -141,3 +142,60 @@ def test_the_decoder_says_why_a_value_is_unreadable(value, reason):
     with pytest.raises(InvalidEvent) as failed:
         decode(Record("cms", 0, 0, None, value, ()))
     assert str(failed.value) == reason
+
+
+RULES_BY_TYPE = [
+    {
+        "name": "news",
+        "match": {"type": {"regex": "^article\\.(?P<what>\\w+)$"}, "fields": {"data.kind": "news"}},
+        "urls": ["https://www.example.com/{match.what}/{data.slug}"],
+    },
+    {
+        "name": "images",
+        "match": {"type": "image.updated"},
+        "tags": ["img-{data.id}"],
+        "zone": "example.com",
+    },
+]
+
+
+def test_events_no_rule_can_match_share_one_plan_whatever_their_fields(monkeypatch):
+    """A page view no rule matches has one plan, made once: only what the rules that can match
+    an event's topic and type read tells its plans apart (each article viewed had its own)."""
+    config = make_config("http://127.0.0.1:1", rules=RULES_BY_TYPE)
+    planner = Planner(config.planning)
+    made = []
+    evaluate = config.rules.evaluate
+    monkeypatch.setattr(config.rules, "evaluate", lambda e: made.append(e.type) or evaluate(e))
+    for n in range(50):
+        view = cloudevent("page.viewed", {"id": n, "slug": f"s{n}", "kind": "news"}, f"v{n}")
+        assert planner.planned(Record("cms", 0, n, None, view, ())).skipped
+    assert made == ["page.viewed"]
+    # Where a rule can match, what it reads still tells plans apart: its fields, its captures.
+    for n, (type_, kind, slug) in enumerate(
+        [
+            ("article.updated", "news", "a"),
+            ("article.updated", "blog", "a"),
+            ("article.deleted", "news", "a"),
+            ("article.updated", "news", "b"),
+            ("image.updated", "news", "a"),
+        ]
+        * 2
+    ):
+        value = cloudevent(type_, {"id": 3, "slug": slug, "kind": kind}, f"e{n}")
+        record = Record("cms", 0, 100 + n, None, value, ())
+        fresh = Planner(make_config("http://127.0.0.1:1", rules=RULES_BY_TYPE).planning)
+        kept, made_afresh = planner.planned(record), fresh.planned(record)
+        assert kept[:4] == made_afresh[:4] and list(kept.targets) == list(made_afresh.targets)
+        assert not kept.errors and not made_afresh.errors
+    assert made.count("article.updated") == 3 and made.count("image.updated") == 1
+
+
+def test_what_the_rules_read_per_type_is_remembered_within_a_bound():
+    config = make_config("http://127.0.0.1:1", rules=RULES_BY_TYPE)
+    rules = config.rules
+    for n in range(ruleset.READERS_KEPT + 10):
+        assert rules.reads_for("cms", f"t{n}") == ()  # no rule can match any of them
+    assert len(rules._reads_for) <= ruleset.READERS_KEPT
+    assert rules.reads_for("cms", "article.x") == (("data", "kind"), ("data", "slug"))
+    assert rules.reads_for("cms", None) == ()

@@ -140,9 +140,9 @@ class Planner:
             ROUTE_CACHE_SIZE, ROUTE_CACHE_TARGETS, _route_weight
         )
         # In a backlog the same article comes by again and again, each time as a new event
-        # (its own id and time): events alike in everything the rules read get one plan, made
-        # once. Not with plug-in rules, which may read anything.
-        self._reads = settings.rules.reads
+        # (its own id and time): events alike in everything the rules that can match them read
+        # get one plan, made once. Not with plug-in rules, which may read anything.
+        self._reads_for = settings.rules.reads_for
         self._plans: Memo[_Known] = Memo(PLAN_CACHE_SIZE, PLAN_CACHE_TARGETS, _plan_weight)
 
     def plan(self, record: Record) -> RecordPlan:
@@ -192,9 +192,10 @@ class Planner:
     def _key(self, event: Event) -> Hashable | None:
         """What the rules' outcome depends on: topic, type and the values they read (None with
         plug-in rules, which may read anything)."""
-        if self._reads is None:
+        reads = self._reads_for(event.topic, event.type)
+        if reads is None:
             return None
-        return (event.topic, event.type, values_at(event, self._reads))
+        return (event.topic, event.type, values_at(event, reads))
 
     def _evaluate(self, record: Record, plan: RecordPlan, key: Hashable | None) -> RecordPlan:
         """Run the rules on ``plan.event`` and route what they ask for; remembered by ``key``."""

@@ -184,6 +184,10 @@ class DeclarativeRule:
         sub.done()
         return _UrlTemplate(url, tuple(headers), literal_host(url))
 
+    def may_fire(self, topic: str, type_: str | None) -> bool:
+        """Whether an event of this topic and type can match the rule, whatever its fields."""
+        return self._match.may_match(topic, type_)
+
     def evaluate(self, event: Event) -> list[RuleTarget] | None:
         captures = self._match.test(event)
         if captures is None:

@@ -135,6 +135,13 @@ class Match:
                 names |= m.captures
         return frozenset(names)
 
+    def may_match(self, topic: str, type_: str | None) -> bool:
+        """Whether an event of this topic and type can match, whatever its fields."""
+        captures: dict[str, str] = {}
+        return (self.topic is None or self.topic.test(topic, captures)) and (
+            self.type is None or self.type.test(type_, captures)
+        )
+
     def test(self, event: Event) -> dict[str, str] | None:
         captures: dict[str, str] = {}
         if self.topic and not self.topic.test(event.topic, captures):

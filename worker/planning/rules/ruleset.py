@@ -36,10 +36,19 @@ def _named(rule: str, exc: PermanentError) -> PermanentError:
     return exc
 
 
+# Topics and types whose readers are remembered (then started over): a stream has a handful,
+# a hostile one any number.
+READERS_KEPT = 1_000
+
+Reads = tuple[tuple[str, ...], ...]
+
+
 class RuleSet:
     def __init__(self, rules: Sequence[Rule], max_targets: int = MAX_TARGETS_PER_RECORD) -> None:
         self.rules = list(rules)
         self.max_targets = max_targets
+        self._all_reads = self.reads
+        self._reads_for: dict[tuple[str, str | None], Reads] = {}
 
     @property
     def reads(self) -> tuple[tuple[str, ...], ...] | None:
@@ -52,6 +61,25 @@ class RuleSet:
                 return None
             paths.update(dict.fromkeys(reads))
         return tuple(paths)
+
+    def reads_for(self, topic: str, type_: str | None) -> Reads | None:
+        """``reads`` for an event of this topic and type: only what the rules that can match it
+        read. A page view no rule matches then has one plan, whatever its fields (with every
+        rule's paths, each article viewed had a plan of its own). None with a plug-in rule."""
+        if self._all_reads is None:
+            return None
+        key = (topic, type_)
+        reads = self._reads_for.get(key)
+        if reads is None:
+            if len(self._reads_for) >= READERS_KEPT:
+                self._reads_for.clear()
+            paths: dict[tuple[str, ...], None] = {}
+            for rule in self.rules:  # declarative all (a plug-in has no ``reads``)
+                may_fire = getattr(rule, "may_fire", None)
+                if may_fire is None or may_fire(topic, type_):
+                    paths.update(dict.fromkeys(getattr(rule, "reads", ())))
+            reads = self._reads_for[key] = tuple(paths)
+        return reads
 
     @property
     def warms(self) -> bool:
