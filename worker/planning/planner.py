@@ -97,8 +97,7 @@ class Planned(NamedTuple):
             event_id = event_time = ledger_time = None
         else:
             event_id, event_time = event.id, event.time
-            use = use_event_time and event.time is not None
-            ledger_time = event.time if use else event.record_time
+            ledger_time = ledger_time_of(event, use_event_time)
         return Planned(
             event_id,
             event_time,
@@ -109,6 +108,12 @@ class Planned(NamedTuple):
             plan.warm,
             plan.dropped,
         )
+
+
+def ledger_time_of(event: Event, use_event_time: bool) -> float | None:
+    """What the purge ledger judges ``event`` by: its own time if so configured and it has one,
+    else its record's."""
+    return event.time if use_event_time and event.time is not None else event.record_time
 
 
 # The plan of every record no rule fired for: nothing of its event matters to the loop, which
@@ -179,8 +184,7 @@ class Planner:
             return Planned.of(self._evaluate(record, RecordPlan(event), key), use_event_time)
         if not known.fired:
             return SKIPPED
-        use = use_event_time and event.time is not None
-        ledger_time = event.time if use else event.record_time
+        ledger_time = ledger_time_of(event, use_event_time)
         return Planned(event.id, event.time, ledger_time, False, known.targets, (), known.warm, ())
 
     def _decode(self, record: Record) -> Event:

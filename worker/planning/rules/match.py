@@ -127,6 +127,11 @@ class Match:
         fields.done()
         section.done()
 
+    def _topic_and_type(self, topic: str, type_: str | None, captures: dict[str, str]) -> bool:
+        return (self.topic is None or self.topic.test(topic, captures)) and (
+            self.type is None or self.type.test(type_, captures)
+        )
+
     @property
     def captures(self) -> frozenset[str]:
         names: set[str] = set()
@@ -137,16 +142,11 @@ class Match:
 
     def may_match(self, topic: str, type_: str | None) -> bool:
         """Whether an event of this topic and type can match, whatever its fields."""
-        captures: dict[str, str] = {}
-        return (self.topic is None or self.topic.test(topic, captures)) and (
-            self.type is None or self.type.test(type_, captures)
-        )
+        return self._topic_and_type(topic, type_, {})
 
     def test(self, event: Event) -> dict[str, str] | None:
         captures: dict[str, str] = {}
-        if self.topic and not self.topic.test(event.topic, captures):
-            return None
-        if self.type and not self.type.test(event.type, captures):
+        if not self._topic_and_type(event.topic, event.type, captures):
             return None
         for path, matcher in self.fields:
             if not matcher.test(lookup(event, path), captures):

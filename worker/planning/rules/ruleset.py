@@ -43,42 +43,39 @@ READERS_KEPT = 1_000
 Reads = tuple[tuple[str, ...], ...]
 
 
+def _union(rules: Sequence[DeclarativeRule]) -> Reads:
+    """Every path ``rules`` read, each once, in their order."""
+    return tuple(dict.fromkeys(path for rule in rules for path in rule.reads))
+
+
 class RuleSet:
     def __init__(self, rules: Sequence[Rule], max_targets: int = MAX_TARGETS_PER_RECORD) -> None:
         self.rules = list(rules)
         self.max_targets = max_targets
-        self._all_reads = self.reads
+        self._declarative = [r for r in self.rules if isinstance(r, DeclarativeRule)]
+        # Plans are remembered only when every rule says what it reads (none is a plug-in).
+        self._remembers = len(self._declarative) == len(self.rules)
         self._reads_for: dict[tuple[str, str | None], Reads] = {}
 
     @property
-    def reads(self) -> tuple[tuple[str, ...], ...] | None:
+    def reads(self) -> Reads | None:
         """The event paths every rule's outcome depends on besides the topic and type: events
         alike in these get the same plan. None when a plug-in rule reads what it likes."""
-        paths: dict[tuple[str, ...], None] = {}
-        for rule in self.rules:
-            reads = getattr(rule, "reads", None)
-            if reads is None:
-                return None
-            paths.update(dict.fromkeys(reads))
-        return tuple(paths)
+        return _union(self._declarative) if self._remembers else None
 
     def reads_for(self, topic: str, type_: str | None) -> Reads | None:
         """``reads`` for an event of this topic and type: only what the rules that can match it
         read. A page view no rule matches then has one plan, whatever its fields (with every
         rule's paths, each article viewed had a plan of its own). None with a plug-in rule."""
-        if self._all_reads is None:
+        if not self._remembers:
             return None
         key = (topic, type_)
         reads = self._reads_for.get(key)
         if reads is None:
             if len(self._reads_for) >= READERS_KEPT:
                 self._reads_for.clear()
-            paths: dict[tuple[str, ...], None] = {}
-            for rule in self.rules:  # declarative all (a plug-in has no ``reads``)
-                may_fire = getattr(rule, "may_fire", None)
-                if may_fire is None or may_fire(topic, type_):
-                    paths.update(dict.fromkeys(getattr(rule, "reads", ())))
-            reads = self._reads_for[key] = tuple(paths)
+            rules = [r for r in self._declarative if r.may_fire(topic, type_)]
+            reads = self._reads_for[key] = _union(rules)
         return reads
 
     @property
