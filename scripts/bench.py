@@ -677,10 +677,11 @@ BARE_STAGES = (
 )
 
 
-def stage_costs(bootstrap: str, work: Workload) -> dict[str, Any]:
+def stage_costs(bootstrap: str, work: Workload, run: str = "") -> dict[str, Any]:
     """One drain of ``work`` (no limits) with a clock on each stage of the worker's loop
-    (``scripts/bench_stages.py``), and one bare reader with a clock on its polls."""
-    group = f"{work.topic}-stages"
+    (``scripts/bench_stages.py``), and one bare reader with a clock on its polls; ``run`` tells
+    repeated drains apart (each a group of its own)."""
+    group = f"{work.topic}-stages{run}"
     emulator = Emulator("enterprise", rate_limits=False)
     cfg = config(
         WORK / f"{group}.yaml",
