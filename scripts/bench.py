@@ -976,8 +976,9 @@ def stages_section(st: dict[str, Any]) -> list[str]:
         + (f"{planning:.2f} s ({planning * per:.1f} µs a record)" if planning else "none")
         + f". The bare reader used {bare['cpu_s']:.2f} s of CPU in all. µs a record = CPU ÷ "
         f"{events:,}. Own time: a stage's time without the stages it calls (the rest is the "
-        "step's own). Wall beyond CPU is waiting: for the planning process, for Kafka, or for "
-        "the interpreter lock, which the other threads hold meanwhile.",
+        "step's own). Wall beyond CPU is waiting: for the planning process, for Kafka, for "
+        "the interpreter lock (which the other threads hold meanwhile), or for a core (the "
+        "planning process, the broker and the emulator run on the same two).",
     ]
     return lines
 
