@@ -657,23 +657,34 @@ def strong_peer(bootstrap: str, work: Workload, plan: str) -> dict[str, Any]:
 
 # The bare reader with a clock on its polls and on its decoding (thread CPU), for the breakdown:
 # kafka-python's fetch and parsing is what every reader pays, the worker's loop included.
-BARE_STAGES = (
-    BARE_READER.replace("seen = 0", "import json, time\npoll_cpu = decode_cpu = 0.0\nseen = 0")
-    .replace(
+def _edited(text: str, *edits: tuple[str, str]) -> str:
+    """``text`` with each (old, new) replaced; an ``old`` not there stops the bench (a silent
+    miss would report a clock that never ran as zero)."""
+    for old, new in edits:
+        if old not in text:
+            raise RuntimeError(f"bench script edit found nothing to replace: {old!r}")
+        text = text.replace(old, new)
+    return text
+
+
+BARE_STAGES = _edited(
+    BARE_READER,
+    ("seen = 0", "import json, time\npoll_cpu = decode_cpu = 0.0\nseen = 0"),
+    (
         "    for records in consumer.poll(timeout_ms=1000).values():",
         "    cpu = time.thread_time()\n    batches = consumer.poll(timeout_ms=1000)\n"
         "    poll_cpu += time.thread_time() - cpu\n    cpu = time.thread_time()\n"
         "    for records in batches.values():",
-    )
-    .replace(
+    ),
+    (
         "        seen += len(records)",
         "        seen += len(records)\n    decode_cpu += time.thread_time() - cpu",
-    )
-    .replace(
+    ),
+    (
         "consumer.close()",
         "consumer.close()\nprint(json.dumps({'poll_cpu_s': poll_cpu, 'decode_cpu_s': decode_cpu, "
         "'cpu_s': time.process_time()}))",
-    )
+    ),
 )
 
 
@@ -719,6 +730,7 @@ def stage_costs(bootstrap: str, work: Workload, run: str = "") -> dict[str, Any]
     marks = report["marks"]
     return {
         **report,
+        "workload": work.name,
         "events": work.events,
         "first_record_s": marks["first_record"] - started,
         "all_read_s": marks["all_read"] - started,
@@ -943,7 +955,7 @@ def _spread(values: list[float], fmt: str = "{:.2f}") -> str:
 
 
 def stages_section(st: dict[str, Any]) -> list[str]:
-    """Where one drain of the aged backlog spends its time, stage by stage."""
+    """Where one drain spends its time, stage by stage."""
     events, bare = st["events"], st["bare"]
     per = 1e6 / events  # seconds over the drain → µs a record
     loop_cpu = sum(cpu for _, cpu, _ in st["stages"].values())
@@ -951,7 +963,8 @@ def stages_section(st: dict[str, Any]) -> list[str]:
     start_cpu = st["marks"]["first_record_thread_cpu_s"]
     others = st["process_cpu_s"] - st["loop_thread_cpu_s"]
     lines = [
-        "Where one drain of the aged backlog spends its time (no limits; the worker as a process, "
+        f"Where one drain of the {st['workload']} spends its time (no limits; the worker as a "
+        "process, "
         "with a clock on each stage of its loop: `scripts/bench_stages.py`). Timeline, from "
         f"process start: first records read at {st['first_record_s']:.2f} s, all "
         f"{events:,} read at {st['all_read_s']:.2f} s, all committed at "
