@@ -233,3 +233,29 @@ def test_targets_count_as_repeating_until_steps_have_measured_them():
     assert not stage.repeating  # four steps of targets met once each
     step("again", [f"3/{n}" for n in range(10)])  # the last step's ten again, still pending
     assert stage.repeating
+
+
+def test_records_judged_by_their_shared_list_are_counted_like_the_others():
+    from worker.observe import metrics
+
+    def counted(name, **labels):
+        return metrics.REGISTRY.get_sample_value(name, {"kind": "files", **labels}) or 0.0
+
+    stage, ledger = pending_stage()
+    shared = routed(*(Target.url(f"https://example.com/m{n}") for n in range(3)))
+    purged(ledger, *(r.target for r in shared), at=SENT)
+    before = (
+        counted("purge_worker_targets_total"),
+        counted("purge_worker_targets_already_purged_total", how="sent"),
+    )
+    stage.begin()
+    assert stage.add("r1", plan_of(shared, SENT - 10)) == 0  # target by target
+    assert stage.add("r2", plan_of(shared, SENT - 10)) == 0  # remembers the list
+    assert all(stage.covered(plan_of(shared, SENT - 10)) for _ in range(5))  # by the list
+    assert not stage.covered(plan_of(shared, SENT - 4))  # within the margin: not by the list
+    stage.flush_metrics()
+    after = (
+        counted("purge_worker_targets_total"),
+        counted("purge_worker_targets_already_purged_total", how="sent"),
+    )
+    assert (after[0] - before[0], after[1] - before[1]) == (7 * 3, 7 * 3)

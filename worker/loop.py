@@ -15,7 +15,7 @@ own their state; the loop only hands each one what the one before it produced.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Set
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
 
 import structlog
@@ -24,10 +24,10 @@ from worker.clock import Clock
 from worker.events import Record, TopicPartition
 from worker.intake.stage import Intake
 from worker.observe import metrics
-from worker.outcome.inflight import Ref
+from worker.outcome.inflight import Opened
 from worker.outcome.stage import Outcome
 from worker.pending.stage import PendingTargets
-from worker.planning.planner import SKIPPED, Planned
+from worker.planning.planner import Planned
 from worker.planning.stage import Planning
 from worker.runtime import tune_gc
 from worker.sending.stage import Sending
@@ -59,7 +59,7 @@ class Loop:
     """The stages, in the order a record meets them, and what the loop keeps of its own."""
 
     intake: Intake
-    planning: Planning[Ref]
+    planning: Planning[Opened]
     pending: PendingTargets
     sending: Sending
     outcome: Outcome
@@ -111,11 +111,9 @@ class Loop:
             self._forget(revoked, "partitions revoked")
         self.status.last_poll = now = self.clock.time()
         metrics.LAST_POLL_TIME.set(now)
-        arrived = self.outcome.arrived(len(records))
-        opened = self.outcome.open  # once per record read: one call, not two
-        refs = [opened(record, arrived) or self._reopen(record, arrived) for record in records]
+        opened = self.outcome.open(records, self._rewound)
         self._turn(holding)
-        self.planning.submit(refs, records)
+        self.planning.submit(opened, records)
         self._turn(holding)
         self._pend()
         # Before the sends: a share that changed since the last step (the whole budget, once
@@ -193,25 +191,19 @@ class Loop:
 
     # -- between the stages -----------------------------------------------------------------------
 
-    def _reopen(self, record: Record, arrived: float) -> Ref:
-        """The partition is being read again from an earlier position (a rebalance, a reset):
-        start its bookkeeping over."""
-        self._forget({(record.topic, record.partition)}, "partition rewound")
-        ref = self.outcome.open(record, arrived)
-        assert ref is not None
-        return ref
+    def _rewound(self, tps: set[TopicPartition]) -> None:
+        """Partitions being read again from an earlier position (a rebalance, a reset): their
+        bookkeeping starts over."""
+        self._forget(tps, "partition rewound")
 
-    def _pend(self, plans: Iterable[tuple[Ref, Planned]] | None = None) -> None:
-        """Hand the plans ready (or ``plans``) to the pending stage and the outcome stage."""
+    def _pend(self, plans: Iterable[tuple[Opened, Sequence[Planned]]] | None = None) -> None:
+        """Hand the plans ready (or ``plans``) to the outcome stage, which finishes the records
+        that wait for nothing and pends the others' targets."""
         ready = self.planning.poll() if plans is None else plans
         self.pending.learn()  # what receipts told since, before any target meets the ledger
         self.pending.begin()
-        records = self.outcome.records
-        for ref, plan in ready:
-            if plan is SKIPPED:  # no rule fired: nothing to pend
-                records.skip(ref)
-            elif (state := records.get(ref)) is not None:  # else revoked or rewound meanwhile
-                self.outcome.planned(ref, state, plan, self.pending.add(ref, plan))
+        for opened, planned in ready:
+            self.outcome.planned(opened, planned, self.pending.covered, self.pending.add)
         self.pending.flush_metrics()
 
     def _send_and_settle(self, *, send: bool = True) -> None:
@@ -279,13 +271,13 @@ class Loop:
 
     def _forget(self, tps: Set[TopicPartition], why: str) -> None:
         """Drop all state of records from ``tps``: their new owner (or re-read) redoes them."""
-        gone = self.outcome.forget(tps)
+        gone, dropped_records = self.outcome.forget(tps)
         # Their pending targets would only spend the budget on work that is done again anyway.
         dropped = self.pending.discard(lambda owner: owner in gone)
         log.info(
             why,
             partitions=sorted(f"{t}[{p}]" for t, p in tps),
-            dropped_records=len(gone),
+            dropped_records=dropped_records,
             dropped_targets=dropped,
         )
 

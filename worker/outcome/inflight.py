@@ -1,29 +1,36 @@
-"""Records in flight: how many targets each still waits for, what failed, and which offsets may
-be committed because every record at or below them is finished (purged or dead-lettered).
+"""Records in flight: a poll's records until their plans come, then those that still wait (how
+many targets each waits for, what failed), and which offsets may be committed because every
+record at or below them is finished (purged, skipped or dead-lettered). In a backlog most
+records wait for nothing once planned (no rule fired, or an earlier purge covers them): they
+never get a state of their own, and their poll's run finishes whole.
 
 Not thread-safe: only the loop's thread touches it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 
 from worker.errors import PermanentError
 from worker.events import Record, TopicPartition
-from worker.outcome.offsets import OffsetTracker
+from worker.outcome.offsets import OffsetTracker, Run
 
 if TYPE_CHECKING:
     from worker.planning.planner import Routed
 
 _log = structlog.get_logger("worker.outcome")
+# A record's partition, as ``groupby`` keys a poll's records by it.
+_partition_of: Callable[[Record], TopicPartition] = itemgetter(0, 1)
 
 
 class Ref(NamedTuple):
-    """A record's identity while in flight. ``seq`` (an ingest sequence number) tells a record
+    """A record's identity while in flight. ``seq`` (its run's, numbered as read) tells a record
     re-delivered after a rebalance from its earlier copy, so stale work never completes it."""
 
     topic: str
@@ -65,30 +72,69 @@ class InFlight:
         )
 
 
+class Opened(NamedTuple):
+    """A poll's records as tracked: per partition, its run of them (``records[lo:hi]``)."""
+
+    records: Sequence[Record]
+    runs: list[tuple[TopicPartition, Run, int, int]]
+    arrived: float  # monotonic time they were taken from Kafka
+
+
 class InFlightRecords:
+    """Records from when they are read until they are finished. A poll's records are tracked
+    by partition runs (``OffsetTracker``) until their plans come; only the records that then
+    still wait for something (a purge, a dead letter) get a state of their own."""
+
     def __init__(self) -> None:
         self._records: dict[Ref, InFlight] = {}
         self._offsets = OffsetTracker()
         # Records ready to finish, with their states (``forget`` takes out those it drops).
         self._ready: list[tuple[Ref, InFlight]] = []
         self._seq = 0
+        self._unplanned = 0  # records read whose plans have not been applied
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._records) + self._unplanned
 
     def __contains__(self, ref: object) -> bool:
         return ref in self._records
 
-    def open(self, record: Record, arrived: float = 0.0) -> Ref | None:
-        """Start tracking ``record``; its offset is not committable until it is finished. None,
-        tracking nothing, when the record is not past the last one taken from its partition:
-        the partition is being read again (a rebalance, a reset) and must be forgotten first."""
-        if not self._offsets.track((record.topic, record.partition), record.offset):
-            return None
-        self._seq += 1
-        ref = Ref(record.topic, record.partition, record.offset, self._seq)
-        self._records[ref] = InFlight(record, arrived)
-        return ref
+    def open(
+        self,
+        records: Sequence[Record],
+        arrived: float,
+        rewound: Callable[[set[TopicPartition]], None],
+    ) -> Opened:
+        """Start tracking a poll's ``records`` (each partition's in offset order); none is
+        committable until its plan is applied and it is finished. A partition read again from
+        an earlier position (a rebalance, a reset) is handed to ``rewound`` to be forgotten
+        first."""
+        runs: list[tuple[TopicPartition, Run, int, int]] = []
+        lo = 0
+        for tp, group in groupby(records, key=_partition_of):
+            offsets = [record.offset for record in group]
+            hi = lo + len(offsets)
+            self._seq += 1
+            run = self._offsets.track(tp, offsets, self._seq)
+            if run is None:
+                rewound({tp})
+                run = self._offsets.track(tp, offsets, self._seq)
+                assert run is not None
+            runs.append((tp, run, lo, hi))
+            self._unplanned += hi - lo
+            lo = hi
+        return Opened(records, runs, arrived)
+
+    def add(self, ref: Ref, record: Record, arrived: float) -> InFlight:
+        """A state for a record of a run being planned that waits for something."""
+        state = self._records[ref] = InFlight(record, arrived)
+        return state
+
+    def planned(self, tp: TopicPartition, run: Run, waiting: set[int]) -> None:
+        """The plans of ``run`` are applied: ``waiting`` are the offsets of its records that
+        got a state (``add``); the others are finished."""
+        self._unplanned -= len(run.offsets)
+        self._offsets.planned(tp, run, waiting)
 
     def get(self, ref: Hashable) -> InFlight | None:
         """``ref``'s state, if it is a record still in flight."""
@@ -99,18 +145,11 @@ class InFlightRecords:
         get = self._records.get
         return [state for ref in refs if (state := get(ref)) is not None]  # type: ignore[call-overload]
 
-    def planned(self, ref: Ref, state: InFlight, waiting: int) -> None:
-        """Planning is over and ``ref`` (whose state is ``state``) waits for ``waiting`` target
-        outcomes: none, and it is ready to finish."""
+    def waits(self, ref: Ref, state: InFlight, waiting: int) -> None:
+        """``ref`` (whose state is ``state``) waits for ``waiting`` more target outcomes: none,
+        and it is ready to finish."""
         state.remaining += waiting
         if state.remaining == 0:
-            self._ready.append((ref, state))
-
-    def skip(self, ref: Ref) -> None:
-        """Planned, and no rule fired for it: ready to finish (ignored if no longer tracked)."""
-        state = self._records.get(ref)
-        if state is not None:
-            state.skipped = True
             self._ready.append((ref, state))
 
     def settle(self, ref: Ref, count: int, error: PermanentError | None = None) -> None:
@@ -139,14 +178,17 @@ class InFlightRecords:
         del self._records[ref]
         self._offsets.complete((ref.topic, ref.partition), ref.offset)
 
-    def forget(self, tps: set[TopicPartition]) -> set[Ref]:
-        """Drop every record of ``tps`` (their new owner, or a re-read, redoes them)."""
-        self._offsets.forget(tps)
+    def forget(self, tps: set[TopicPartition]) -> tuple[set[Ref], int]:
+        """Drop every record of ``tps`` (their new owner, or a re-read, redoes them). Returns
+        those that had a state (work may be pending for them), and how many were dropped in
+        all (with those not yet planned)."""
+        unplanned = self._offsets.forget(tps)
+        self._unplanned -= unplanned
         gone = {ref for ref in self._records if ref.tp in tps}
         for ref in gone:
             del self._records[ref]
         self._ready = [(ref, state) for ref, state in self._ready if ref not in gone]
-        return gone
+        return gone, len(gone) + unplanned
 
     def to_commit(self) -> dict[TopicPartition, int]:
         return self._offsets.to_commit()

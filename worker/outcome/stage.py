@@ -10,7 +10,7 @@ and never holds it back. Not thread-safe: only the loop's thread touches it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Set
+from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 
 import structlog
@@ -23,10 +23,10 @@ from worker.outcome.commit import CommitPolicy
 from worker.outcome.dead_letters import DeadLetterSink, DeadLetterWrite, headers_for
 from worker.outcome.guard import HEADER as GUARD_HEADER
 from worker.outcome.guard import DeadLetterGuard
-from worker.outcome.inflight import InFlight, InFlightRecords, Ref
+from worker.outcome.inflight import InFlight, InFlightRecords, Opened, Ref
 from worker.outcome.receipts import Receipts
 from worker.outcome.warming import Warmer
-from worker.planning.planner import Planned
+from worker.planning.planner import SKIPPED, Planned
 from worker.sending.stage import Ended, Purged
 
 log = structlog.get_logger("worker.outcome")
@@ -61,21 +61,66 @@ class Outcome:
         """Dead-letter writes not yet confirmed."""
         return len(self._writes)
 
-    def arrived(self, count: int) -> float:
-        """``count`` records were just taken from Kafka (the guard counts them now); returns
-        the time they arrived, for ``open``."""
+    def open(
+        self, records: Sequence[Record], rewound: Callable[[set[TopicPartition]], None]
+    ) -> Opened:
+        """Track a poll's ``records`` until each is finished (the guard counts them as arrived
+        now). A partition being read again from an earlier position is handed to ``rewound``
+        to be forgotten first."""
         now = self.clock.monotonic()
-        self.guard.arrived(count, now)
-        return now
+        self.guard.arrived(len(records), now)
+        return self.records.open(records, now, rewound)
 
-    def open(self, record: Record, arrived: float) -> Ref | None:
-        """Track ``record`` until it is finished. None if its partition is being read again
-        from an earlier position: ``forget`` it first."""
-        return self.records.open(record, arrived)
+    def planned(
+        self,
+        opened: Opened,
+        plans: Sequence[Planned],
+        covered: Callable[[Planned], bool],
+        pend: Callable[[Ref, Planned], int],
+    ) -> None:
+        """The plans of ``opened``'s records, in their order. A record no rule fired for, or
+        whose every target ``covered`` finds purged already, is finished here; the others get
+        a state and their targets are handed to ``pend``, which says how many they wait for.
+        Runs of partitions forgotten meanwhile are passed over."""
+        records, add, waits = self.records, self.records.add, self.records.waits
+        now_wall = self.clock.time()
+        ages: list[float] = []
+        finished: Counter[tuple[str, str]] = Counter()
+        shortcut = not self.debug  # debug logs each record's plan, from its state
+        for tp, run, lo, hi in opened.runs:
+            if not run.alive:
+                continue
+            waiting: set[int] = set()
+            skipped = purged = 0
+            for i in range(lo, hi):
+                plan = plans[i]
+                if plan is SKIPPED:
+                    skipped += 1
+                    continue
+                if shortcut and not (plan.errors or plan.warm or plan.dropped) and covered(plan):
+                    purged += 1
+                    if plan.event_time:
+                        ages.append(now_wall - plan.event_time)
+                    continue
+                record = opened.records[i]
+                ref = Ref(tp[0], tp[1], record.offset, run.seq)
+                state = add(ref, record, opened.arrived)
+                waits(ref, state, self._planned(state, plan, pend(ref, plan)))
+                waiting.add(record.offset)
+            records.planned(tp, run, waiting)
+            finished[(tp[0], "skipped")] += skipped
+            finished[(tp[0], "purged")] += purged
+            if skipped + purged:
+                self.last_record = now_wall
+        metrics.EVENT_AGE.observe_all(ages)
+        for (topic, outcome), n in finished.items():
+            if n:
+                metrics.child(metrics.RECORDS, topic, outcome).inc(n)
+        metrics.LAST_RECORD_TIME.set(self.last_record)
 
-    def planned(self, ref: Ref, state: InFlight, plan: Planned, waiting: int) -> None:
-        """``ref``'s plan is known and it waits for ``waiting`` target outcomes. ``state``: its
-        state, which the loop has already looked up (``InFlightRecords.get``)."""
+    def _planned(self, state: InFlight, plan: Planned, waiting: int) -> int:
+        """Keep of ``plan`` what ``state``'s record needs until it is finished; returns
+        ``waiting``, the target outcomes it waits for."""
         state.event_id, state.event_time = plan.event_id, plan.event_time
         state.skipped = plan.skipped
         if plan.errors:
@@ -86,7 +131,7 @@ class Outcome:
             state.log.warning("target dropped: unknown zone", error=str(dropped))
         if self.debug:  # builds nothing per record unless asked for
             state.log.debug("record planned", targets=len(plan.targets), failures=len(plan.errors))
-        self.records.planned(ref, state, waiting)
+        return waiting
 
     def settle(self, ended: Iterable[Ended], purged: Iterable[Purged] = ()) -> None:
         """Targets whose requests ended: each owner's share of them is done (or failed);
@@ -190,8 +235,9 @@ class Outcome:
             self.records.finish(ref)
             self.last_record = self.clock.time()
 
-    def forget(self, tps: Set[TopicPartition]) -> set[Ref]:
-        """Drop every record of ``tps`` (their new owner, or a re-read, redoes them)."""
+    def forget(self, tps: Set[TopicPartition]) -> tuple[set[Ref], int]:
+        """Drop every record of ``tps`` (their new owner, or a re-read, redoes them); returns
+        those that had a state, and how many records were dropped in all."""
         return self.records.forget(set(tps))
 
     def receipts_written(self) -> bool:

@@ -45,6 +45,10 @@ class PendingTargets:
         self._learned = learned
         # Targets counted per step, not per target: the loop handles thousands a second.
         self._tally: dict[tuple[Kind, str], int] = {}
+        # Records ``covered`` found purged, per tally of one such record (added to ``_tally``
+        # when the step's metrics are flushed).
+        self._hits: dict[tuple[tuple[tuple[Kind, str], int], ...], int] = {}
+        self._margin = ledger.margin
         self._newest = -math.inf  # the latest event time of a record taken
         # Of the targets lately taken that were not already purged, the share that met one
         # pending or in flight: how likely what is pending is to meet more of itself. Until
@@ -81,26 +85,38 @@ class PendingTargets:
         this step meets it). Returns the entries learned."""
         return self.ledger.learn(self._learned()) if self._learned is not None else 0
 
+    def covered(self, plan: Planned) -> bool:
+        """Every target of ``plan`` is known purged by a request sent after its record's margin
+        (a list of targets a record before it found all purged: ``_covered``): its record
+        waits for nothing. Counts the targets if so. False says only that this shortcut does
+        not know: ``add`` decides."""
+        event_time = plan.ledger_time
+        if event_time is None:
+            return False
+        self._newest = max(self._newest, event_time)
+        targets = plan.targets
+        known = self._plans.get(id(targets))
+        if (
+            known is None
+            or known.targets is not targets
+            or known.since is None
+            # Every target purged by a request sent after this record's margin: the same
+            # verdict as the ledger's, target by target, in one comparison.
+            or known.since <= event_time + self._margin
+            or self.ledger.evictions != self._evictions
+        ):
+            return False
+        hits, tally = self._hits, known.tally
+        hits[tally] = hits.get(tally, 0) + 1
+        return True
+
     def add(self, owner: Hashable, plan: Planned) -> int:
         """Take ``plan``'s targets for ``owner``; returns how many of them it must wait for
         (the ones the ledger finds already purged are done now). Never blocks."""
+        if self.covered(plan):
+            return 0
         event_time = plan.ledger_time
-        if event_time is not None and event_time > self._newest:
-            self._newest = event_time
         tally, targets = self._tally, plan.targets
-        if event_time is not None and self.ledger.evictions == self._evictions:
-            known = self._plans.get(id(targets))
-            if (
-                known is not None
-                and known.targets is targets
-                and known.since is not None
-                and known.since > event_time + self.ledger.margin
-            ):
-                # Every target purged by a request sent after this record's margin: the same
-                # verdict as the ledger's, target by target, in one comparison.
-                for key, n in known.tally:
-                    tally[key] = tally.get(key, 0) + n
-                return 0
         check, add = self.ledger.check, self.coalescer.add
         waiting = 0
         for zone, mode, target in plan.targets:
@@ -152,6 +168,11 @@ class PendingTargets:
 
     def flush_metrics(self) -> None:
         """Count the targets taken since ``begin``."""
+        tally = self._tally
+        for hit, times in self._hits.items():
+            for key, n in hit:
+                tally[key] = tally.get(key, 0) + n * times
+        self._hits.clear()
         met = sum(n for (_, how), n in self._tally.items() if how != "sent")
         if met:
             again = met - (self.coalescer.pending - self._size)

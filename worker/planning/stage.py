@@ -1,4 +1,4 @@
-"""The planning stage: records in, their plans out, in the order they came.
+"""The planning stage: a poll's records in, their plans out, a poll at a time, in order.
 
 Inline, each record is planned when it is submitted. With the planning process
 (``worker.planning.process``), a poll's batch goes there whole; a large batch is left to be
@@ -9,7 +9,7 @@ and any small one, is taken at once (a trickle waits no longer than the child ta
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Generic, TypeVar
 
 import structlog
@@ -23,11 +23,11 @@ log = structlog.get_logger("worker.planning")
 # A poll's batch at least this large is planned in the planning process while the loop goes on.
 OVERLAP_BATCH = 100
 
-R = TypeVar("R", bound=Hashable)
+B = TypeVar("B")
 
 
-class Planning(Generic[R]):
-    """Plans records for the loop; ``R`` is what the loop names a record by."""
+class Planning(Generic[B]):
+    """Plans records for the loop; ``B`` is what the loop names a poll's records by."""
 
     def __init__(self, planner: Planner | None, process: PlanningProcess | None = None) -> None:
         """Plans with ``process`` when given, else with ``planner``."""
@@ -35,38 +35,38 @@ class Planning(Generic[R]):
             raise ValueError("planning needs a planner or a planning process")
         self._planner = planner
         self._process = process
-        # Batches sent to the process and not yet planned, oldest first, as their refs.
-        self._out: deque[Sequence[R]] = deque()
-        self._ready: list[tuple[R, Planned]] = []
+        # Batches sent to the process and not yet planned, oldest first, as the loop names them.
+        self._out: deque[B] = deque()
+        self._ready: list[tuple[B, Sequence[Planned]]] = []
 
     @property
     def waiting(self) -> bool:
         """Plans are on their way from the planning process."""
         return bool(self._out)
 
-    def submit(self, refs: Sequence[R], records: Sequence[Record]) -> None:
-        """Plan ``records`` (one ``ref`` each, handed back with its plan). Raises
+    def submit(self, batch: B, records: Sequence[Record]) -> None:
+        """Plan ``records`` (a poll's, named ``batch``: handed back with their plans). Raises
         ``PlannerDied`` if the planning process has ended."""
         if self._process is None:
             assert self._planner is not None
             planned = self._planner.planned
-            self._ready += [
-                (ref, planned(record)) for ref, record in zip(refs, records, strict=True)
-            ]
+            if records:
+                self._ready.append((batch, [planned(record) for record in records]))
             return
         if records:
             self._process.submit(list(records))
-            self._out.append(refs)
+            self._out.append(batch)
         keep = 1 if len(records) >= OVERLAP_BATCH else 0
         while len(self._out) > keep:
             self._take()
 
-    def poll(self) -> list[tuple[R, Planned]]:
-        """The plans ready now, in the order their records came. Never blocks long."""
+    def poll(self) -> list[tuple[B, Sequence[Planned]]]:
+        """The plans ready now, a batch at a time, in the order their records came. Never
+        blocks long."""
         ready, self._ready = self._ready, []
         return ready
 
-    def join(self) -> Iterator[tuple[R, Planned]]:
+    def join(self) -> Iterator[tuple[B, Sequence[Planned]]]:
         """Every plan still to come (shutdown), while the planning process answers."""
         yield from self.poll()
         try:
@@ -84,5 +84,5 @@ class Planning(Generic[R]):
     def _take(self) -> None:
         """The plans of the oldest batch in the planning process (waits for them)."""
         assert self._process is not None
-        refs = self._out.popleft()
-        self._ready += zip(refs, self._process.collect(), strict=True)
+        batch = self._out.popleft()
+        self._ready.append((batch, self._process.collect()))
