@@ -220,3 +220,23 @@ def test_auto_plans_in_a_process_only_with_two_cpus_to_use(
     assert usable_cpus(tmp_path / "missing") == affinity
     assert wanted("process", 1) and not wanted("inline", 8)
     json.dumps(cpus)  # a plain number, as logged
+
+
+def test_waiting_for_plans_the_loop_is_called_back_now_and_then(config, remote):
+    # The loop frees the threads of ended requests while it waits for a slow batch's plans.
+    import itertools
+    import threading
+
+    pid = remote._process.pid
+    os.kill(pid, signal.SIGSTOP)  # the child is slow: it answers only once resumed
+    threading.Timer(0.2, os.kill, (pid, signal.SIGCONT)).start()
+    batch = records(50)
+    remote.submit(batch)
+    calls: list[float] = []
+    got = remote.collect(lambda: calls.append(time.monotonic()))
+    planner = Planner(config.planning)
+    for g, r in zip(got, batch, strict=True):
+        same(g, Planned.of(planner.plan(r), use_event_time=False))
+    # Every WAIT_STEP (5 ms) of the 0.2 s wait, give or take a slow machine's scheduling.
+    assert len(calls) >= 10
+    assert max(b - a for a, b in itertools.pairwise(calls)) < 0.1

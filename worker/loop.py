@@ -113,7 +113,8 @@ class Loop:
         metrics.LAST_POLL_TIME.set(now)
         opened = self.outcome.open(records, self._rewound)
         self._turn(holding)
-        self.planning.submit(opened, records)
+        # Waiting for plans, the loop still frees the threads of requests that ended.
+        self.planning.submit(opened, records, lambda: self._turn(holding, ended=True))
         self._turn(holding)
         self._pend()
         # Before the sends: a share that changed since the last step (the whole budget, once
@@ -217,10 +218,11 @@ class Loop:
         if self._settle() and send:
             self.sending.send(defer=defer, drain=end)  # threads just freed
 
-    def _turn(self, holding: bool) -> None:
+    def _turn(self, holding: bool, *, ended: bool = False) -> None:
         """Requests that ended meanwhile free their threads for the next batches now: with
-        budget to spare, a backlog's requests otherwise wait on the loop, not the API."""
-        if self.sending.in_flight:
+        budget to spare, a backlog's requests otherwise wait on the loop, not the API.
+        ``ended``: only if one has ended (the loop is waiting, and looks often)."""
+        if self.sending.ended if ended else self.sending.in_flight:
             self._send_and_settle(send=not holding)
 
     def _defer(self) -> float:

@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 # 64 KB, the worker blocked on every batch until the child's reader thread, competing for the
 # child's GIL with its planning, took each 64 KB out (3 ms a batch, a tenth of the loop's time).
 PIPE_BYTES = 1 << 20
+# While the loop waits for plans, how often it looks up to do something else meanwhile.
+WAIT_STEP = 0.005
 
 
 def usable_cpus(cgroup: Path = CGROUP_CPU_MAX) -> float:
@@ -121,10 +124,14 @@ class PlanningProcess:
             raise self._died(exc) from None
         self._batches.append(len(records))
 
-    def collect(self) -> list[Planned]:
-        """The plans of the oldest batch sent, in its order; waits for them."""
+    def collect(self, meanwhile: Callable[[], None] | None = None) -> list[Planned]:
+        """The plans of the oldest batch sent, in its order; waits for them, calling
+        ``meanwhile`` every ``WAIT_STEP`` of the wait."""
         conn = self._live(self._conn)
         try:
+            if meanwhile is not None:
+                while not conn.poll(WAIT_STEP):
+                    meanwhile()
             reset, new, rows = conn.recv()
         except (EOFError, OSError) as exc:
             raise self._died(exc) from None

@@ -9,7 +9,7 @@ and any small one, is taken at once (a trickle waits no longer than the child ta
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 import structlog
@@ -44,8 +44,11 @@ class Planning(Generic[B]):
         """Plans are on their way from the planning process."""
         return bool(self._out)
 
-    def submit(self, batch: B, records: Sequence[Record]) -> None:
-        """Plan ``records`` (a poll's, named ``batch``: handed back with their plans). Raises
+    def submit(
+        self, batch: B, records: Sequence[Record], meanwhile: Callable[[], None] | None = None
+    ) -> None:
+        """Plan ``records`` (a poll's, named ``batch``: handed back with their plans). While it
+        waits for the planning process, ``meanwhile`` is called now and then. Raises
         ``PlannerDied`` if the planning process has ended."""
         if self._process is None:
             assert self._planner is not None
@@ -58,7 +61,7 @@ class Planning(Generic[B]):
             self._out.append(batch)
         keep = 1 if len(records) >= OVERLAP_BATCH else 0
         while len(self._out) > keep:
-            self._take()
+            self._take(meanwhile)
 
     def poll(self) -> list[tuple[B, Sequence[Planned]]]:
         """The plans ready now, a batch at a time, in the order their records came. Never
@@ -81,8 +84,8 @@ class Planning(Generic[B]):
         if self._process is not None:
             self._process.close()
 
-    def _take(self) -> None:
+    def _take(self, meanwhile: Callable[[], None] | None = None) -> None:
         """The plans of the oldest batch in the planning process (waits for them)."""
         assert self._process is not None
         batch = self._out.popleft()
-        self._ready.append((batch, self._process.collect()))
+        self._ready.append((batch, self._process.collect(meanwhile)))

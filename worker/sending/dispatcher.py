@@ -58,6 +58,11 @@ class Dispatcher:
         """Requests sent and not yet collected."""
         return len(self._futures)
 
+    @property
+    def ended(self) -> bool:
+        """A request has ended and waits to be collected."""
+        return any(future.done() for future in self._futures)
+
     def zone_name(self, zone_id: str) -> str:
         return self._destinations[zone_id].zone_name
 

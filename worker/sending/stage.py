@@ -48,6 +48,11 @@ class Sending:
         """Requests sent whose outcome has not been collected."""
         return self.dispatcher.in_flight
 
+    @property
+    def ended(self) -> bool:
+        """A request has ended and waits to be collected (``collect``)."""
+        return self.dispatcher.ended
+
     def wake_at(self) -> tuple[float | None, float | None]:
         """When the loop should look again: the monotonic time budget refused by the last send
         is back, and the wall-clock time shares may next change (None: not known)."""
