@@ -81,7 +81,7 @@ def decode(
         fmt,
         eid,
         etype if type(etype) is str else None,
-        _event_time(get("time")) or fallback_time,
+        event_time(get("time")) or fallback_time,
         where.topic,
         where.partition,
         where.offset,
@@ -124,7 +124,7 @@ def _text(raw: bytes | None) -> str | None:
     return raw.decode("utf-8", "replace") if raw is not None else None
 
 
-def _event_time(value: Any) -> float | None:
+def event_time(value: Any) -> float | None:
     """The event's own time; None when it has none. A time that is not one is the event's
     error: the ledger would otherwise judge it by no time at all, silently."""
     if value is None:

@@ -1,0 +1,98 @@
+"""Plans remembered by an event's data, found without reading the data.
+
+In a backlog the same article comes by again and again, each time as a new CloudEvent: its own
+id and time, the same data. When the rules that can match an event of its topic and type read
+nothing but its ``data``, two such events whose data are the same bytes get the same plan. So
+the planning process reads only the envelope of such an event (id, type, time; a quarter of the
+work of decoding it whole and walking the paths the rules read) and looks its plan up by the
+data's bytes. What the look-up finds was made the whole way (``Planner.planned``) for an event
+with the same topic, type and data bytes.
+
+Anything out of the ordinary goes the whole way, and is judged there: a record with headers
+(binary CloudEvents, a content type) or over the size limit, an envelope that is not a plain
+structured CloudEvent 1.0 with string attributes and data, a time that is not one, rules that
+read outside ``data``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import NamedTuple
+
+import msgspec
+
+from worker.errors import InvalidEvent
+from worker.events import Record
+from worker.intake.decode import event_time
+from worker.planning.rules.ruleset import Reads
+
+
+class _Envelope(msgspec.Struct):
+    """A structured CloudEvent's attributes the plan needs, and its data left unread."""
+
+    specversion: str
+    id: str
+    source: str
+    type: str
+    data: msgspec.Raw
+    time: str | None = None
+
+
+_read_envelope = msgspec.json.Decoder(_Envelope).decode
+
+
+class Found(NamedTuple):
+    """An event whose plan may be looked up by ``key``, and what its plan carries of it: its
+    id, its own time (else its record's), and the time the purge ledger judges it by."""
+
+    key: Hashable
+    times: tuple[str, float | None, float | None]
+
+
+class ByData:
+    def __init__(
+        self,
+        reads_for: Callable[[str, str | None], Reads | None],
+        max_bytes: int,
+        use_event_time: bool,
+    ) -> None:
+        self._reads_for = reads_for
+        self._max_bytes = max_bytes
+        self._use_event_time = use_event_time
+        # Per topic and type: whether the rules that can match read only inside ``data``.
+        self._data_only: dict[tuple[str, str], bool] = {}
+
+    def find(self, record: Record) -> Found | None:
+        """The key ``record``'s plan is remembered by, or None: plan it the whole way."""
+        value = record.value
+        if record.headers or value is None or len(value) > self._max_bytes:
+            return None
+        try:
+            envelope = _read_envelope(value)
+        except (msgspec.DecodeError, ValueError, RecursionError):
+            return None
+        etype = envelope.type
+        if not (envelope.specversion == "1.0" and envelope.id and etype and envelope.source):
+            return None
+        topic = (record.origin or record).topic
+        data_only = self._data_only.get((topic, etype))
+        if data_only is None:
+            data_only = self._learn(topic, etype)
+        if not data_only:
+            return None
+        record_time = record.timestamp_ms / 1000 if record.timestamp_ms else None
+        try:
+            when = event_time(envelope.time) or record_time
+        except InvalidEvent:
+            return None
+        ledger_time = when if self._use_event_time and when is not None else record_time
+        key = (topic, etype, bytes(envelope.data))
+        return Found(key, (envelope.id, when, ledger_time))
+
+    def _learn(self, topic: str, etype: str) -> bool:
+        reads = self._reads_for(topic, etype)
+        data_only = reads is not None and all(path[0] == "data" for path in reads)
+        if len(self._data_only) >= 10_000:  # topics and types are few; a flood of types is not
+            self._data_only.clear()
+        self._data_only[(topic, etype)] = data_only
+        return data_only
