@@ -32,12 +32,17 @@ STAGES = [
     ("worker.intake.stage", "Intake", "poll", "Kafka poll: kafka-python's fetch and parsing"),
     ("worker.planning.stage", "Planning", "submit", "records to the planning process"),
     ("worker.planning.process", "PlanningProcess", "collect", "plans back (waiting included)"),
-    ("worker.loop", "Loop", "_pend", "plans meet the ledger and the pending set"),
+    (
+        "worker.loop",
+        "Loop",
+        "_pend",
+        "plans applied: records that wait for nothing finished, the others' targets pended",
+    ),
     ("worker.loop", "Loop", "_send_and_settle", "sending, and settling what ended"),
     ("worker.loop", "Loop", "_follow_shares", "budget shares and lag"),
-    ("worker.outcome.stage", "Outcome", "finish", "finishing records"),
+    ("worker.outcome.stage", "Outcome", "finish", "finishing records that waited for purges"),
     ("worker.outcome.commit", "CommitPolicy", "maybe_commit", "committing"),
-    ("worker.loop", "Loop", "step", "the rest: opening records, status, back-pressure"),
+    ("worker.loop", "Loop", "step", "the rest: opening a poll's records, status, back-pressure"),
 ]
 
 
