@@ -40,6 +40,9 @@ class _Envelope(msgspec.Struct):
 
 _read_envelope = msgspec.json.Decoder(_Envelope).decode
 
+DATA, NOTHING = 1, 2  # what a plan depends on besides topic and type (``ByData._depends``)
+_UNKNOWN = -1
+
 
 class Found(NamedTuple):
     """An event whose plan may be looked up by ``key``, and what its plan carries of it: its
@@ -59,8 +62,10 @@ class ByData:
         self._reads_for = reads_for
         self._max_bytes = max_bytes
         self._use_event_time = use_event_time
-        # Per topic and type: whether the rules that can match read only inside ``data``.
-        self._data_only: dict[tuple[str, str], bool] = {}
+        # Per topic and type: what the plan of such an event depends on besides them. ``DATA``:
+        # its data alone; ``NOTHING``: nothing (no rule can match: a stream of page views has
+        # one plan, whatever each view's data); None: something outside its data.
+        self._depends: dict[tuple[str, str], int | None] = {}
 
     def find(self, record: Record) -> Found | None:
         """The key ``record``'s plan is remembered by, or None: plan it the whole way."""
@@ -75,10 +80,10 @@ class ByData:
         if not (envelope.specversion == "1.0" and envelope.id and etype and envelope.source):
             return None
         topic = (record.origin or record).topic
-        data_only = self._data_only.get((topic, etype))
-        if data_only is None:
-            data_only = self._learn(topic, etype)
-        if not data_only:
+        depends = self._depends.get((topic, etype), _UNKNOWN)
+        if depends == _UNKNOWN:
+            depends = self._learn(topic, etype)
+        if depends is None:
             return None
         record_time = record.timestamp_ms / 1000 if record.timestamp_ms else None
         try:
@@ -86,13 +91,15 @@ class ByData:
         except InvalidEvent:
             return None
         ledger_time = when if self._use_event_time and when is not None else record_time
-        key = (topic, etype, bytes(envelope.data))
+        key = (topic, etype, bytes(envelope.data) if depends == DATA else b"")
         return Found(key, (envelope.id, when, ledger_time))
 
-    def _learn(self, topic: str, etype: str) -> bool:
+    def _learn(self, topic: str, etype: str) -> int | None:
         reads = self._reads_for(topic, etype)
-        data_only = reads is not None and all(path[0] == "data" for path in reads)
-        if len(self._data_only) >= 10_000:  # topics and types are few; a flood of types is not
-            self._data_only.clear()
-        self._data_only[(topic, etype)] = data_only
-        return data_only
+        depends: int | None = None
+        if reads is not None and all(path[0] == "data" for path in reads):
+            depends = DATA if reads else NOTHING
+        if len(self._depends) >= 10_000:  # topics and types are few; a flood of types is not
+            self._depends.clear()
+        self._depends[(topic, etype)] = depends
+        return depends
