@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import make_config
 from worker.events import Record
+from worker.planning import envelope
 from worker.planning.planner import Planned, Planner
 
 RULES = [
@@ -208,3 +209,43 @@ def test_an_event_like_a_remembered_one_in_its_data_gets_its_own_plan(second, ev
         planner.planned(first)
     fresh = Planner(config.planning)
     same(planner.planned(second), Planned.of(fresh.plan(second), event_time))
+
+
+def _article(n: int, data: dict) -> Record:
+    value = json.dumps(
+        {
+            "specversion": "1.0",
+            "id": f"e{n}",
+            "source": "/cms",
+            "type": "article.updated",
+            "data": data,
+        }
+    ).encode()
+    return Record("cms", 0, n, None, value, (), STAMP)
+
+
+def test_a_topic_whose_data_vary_in_what_the_rules_do_not_read_is_planned_the_whole_way():
+    config = make_config("http://127.0.0.1:1", rules=RULES)
+    planner = Planner(config.planning)
+    judge = lambda: planner._by_data._judges["cms"]  # noqa: E731
+    data = {"kind": "news", "pages": ["p"]}
+    # Ten articles, each update with its own version: the first ten plans are new (no
+    # judgement), the next JUDGED misses rest the topic, and five records go the whole way.
+    for n in range(10 + envelope.JUDGED + 5):
+        record = _article(n, {**data, "id": n % 10, "version": n})
+        same(planner.planned(record), Planned.of(Planner(config.planning).plan(record), False))
+    assert judge().resting == envelope.RESTING - 5
+    # Once rested, it looks again: data that repeat are found by them.
+    judge().resting = 0
+    for n in range(envelope.JUDGED):
+        planner.planned(_article(n, {**data, "id": n % 10}))
+    assert judge().resting == 0
+
+
+def test_a_backlogs_first_pass_of_new_plans_does_not_stop_the_look_ups():
+    config = make_config("http://127.0.0.1:1", rules=RULES)
+    planner = Planner(config.planning)
+    data = {"kind": "news", "pages": ["p"]}
+    for n in range(3 * envelope.JUDGED):  # every article new, then each again
+        planner.planned(_article(n, {**data, "id": n % envelope.JUDGED}))
+    assert planner._by_data._judges["cms"].resting == 0

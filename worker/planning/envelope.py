@@ -42,6 +42,38 @@ _read_envelope = msgspec.json.Decoder(_Envelope).decode
 
 DATA, NOTHING = 1, 2  # what a plan depends on besides topic and type (``ByData._depends``)
 _UNKNOWN = -1
+# Look-ups by data a topic's judge weighs at a time, and how many of the topic's records then go
+# the whole way without a look, if the look-ups mostly missed plans the whole way found.
+JUDGED = 1_000
+RESTING = 20_000
+
+
+class Judge:
+    """Whether looking plans up by data pays on a topic. It does not when the data vary in
+    what the rules do not read (a version, a time of update): every look-up misses, and the
+    whole way finds the plan anyway (3.0 -> 5.0 us an event, measured). Looks that miss where
+    the whole way also makes a new plan say nothing, so a backlog's first pass is not judged."""
+
+    __slots__ = ("found", "missed", "resting")
+
+    def __init__(self) -> None:
+        self.found = self.missed = self.resting = 0
+
+    def hit(self) -> None:
+        self.found += 1
+        if self.found + self.missed >= JUDGED:
+            self._judge()
+
+    def miss(self) -> None:
+        """A look-up missed a plan the whole way had remembered."""
+        self.missed += 1
+        if self.found + self.missed >= JUDGED:
+            self._judge()
+
+    def _judge(self) -> None:
+        if self.missed > self.found:
+            self.resting = RESTING
+        self.found = self.missed = 0
 
 
 class Found(NamedTuple):
@@ -50,6 +82,7 @@ class Found(NamedTuple):
 
     key: Hashable
     times: tuple[str, float | None, float | None]
+    judge: Judge
 
 
 class ByData:
@@ -66,9 +99,17 @@ class ByData:
         # its data alone; ``NOTHING``: nothing (no rule can match: a stream of page views has
         # one plan, whatever each view's data); None: something outside its data.
         self._depends: dict[tuple[str, str], int | None] = {}
+        self._judges: dict[str, Judge] = {}
 
     def find(self, record: Record) -> Found | None:
         """The key ``record``'s plan is remembered by, or None: plan it the whole way."""
+        topic = (record.origin or record).topic
+        judge = self._judges.get(topic)
+        if judge is None:
+            judge = self._judges[topic] = Judge()
+        if judge.resting:
+            judge.resting -= 1
+            return None
         value = record.value
         if record.headers or value is None or len(value) > self._max_bytes:
             return None
@@ -79,7 +120,6 @@ class ByData:
         etype = envelope.type
         if not (envelope.specversion == "1.0" and envelope.id and etype and envelope.source):
             return None
-        topic = (record.origin or record).topic
         depends = self._depends.get((topic, etype), _UNKNOWN)
         if depends == _UNKNOWN:
             depends = self._learn(topic, etype)
@@ -92,7 +132,7 @@ class ByData:
             return None
         ledger_time = when if self._use_event_time and when is not None else record_time
         key = (topic, etype, bytes(envelope.data) if depends == DATA else b"")
-        return Found(key, (envelope.id, when, ledger_time))
+        return Found(key, (envelope.id, when, ledger_time), judge)
 
     def _learn(self, topic: str, etype: str) -> int | None:
         reads = self._reads_for(topic, etype)
@@ -101,5 +141,6 @@ class ByData:
             depends = DATA if reads else NOTHING
         if len(self._depends) >= 10_000:  # topics and types are few; a flood of types is not
             self._depends.clear()
+            self._judges.clear()
         self._depends[(topic, etype)] = depends
         return depends

@@ -116,8 +116,7 @@ def ledger_time_of(event: Event, use_event_time: bool) -> float | None:
     return event.time if use_event_time and event.time is not None else event.record_time
 
 
-# The plan of every record no rule fired for: nothing of its event matters to the loop, which
-# finishes it at once (in a stream of page views, most records).
+# The plan of every record no rule fired for: the loop finishes it at once (most page views).
 SKIPPED = Planned(None, None, None, True, (), (), (), ())
 
 
@@ -178,6 +177,7 @@ class Planner:
         and found by the event's data bytes when it can be (``envelope``)."""
         found = self._by_data.find(record)
         if found is not None and (known := self._data_plans.get(found.key)) is not None:
+            found.judge.hit()
             if not known.fired:
                 return SKIPPED
             return Planned(*found.times, False, known.targets, (), known.warm, ())
@@ -195,6 +195,7 @@ class Planner:
                 self._data_plans.put(found.key, known)
             return planned
         if found is not None:
+            found.judge.miss()
             self._data_plans.put(found.key, known)
         if not known.fired:
             return SKIPPED
