@@ -84,8 +84,9 @@ def test_the_planning_caches_hold_their_bounds_for_any_shape_of_input():
     sizes: list[tuple[int, int, int, int]] = []
 
     def check() -> None:
-        assert len(plans) <= planner_module.PLAN_CACHE_SIZE
-        assert plans.weight <= planner_module.PLAN_CACHE_TARGETS
+        for memo in (plans, planner._data_plans):  # by what the rules read; by the data
+            assert len(memo) <= planner_module.PLAN_CACHE_SIZE
+            assert memo.weight <= planner_module.PLAN_CACHE_TARGETS
         assert len(routes) <= planner_module.ROUTE_CACHE_SIZE
         assert routes.weight <= planner_module.ROUTE_CACHE_TARGETS
         for memo in renders:
@@ -95,11 +96,12 @@ def test_the_planning_caches_hold_their_bounds_for_any_shape_of_input():
 
     # Many small plans: more distinct articles than the plan and route memos hold.
     for n in range(planner_module.ROUTE_CACHE_SIZE + 5_000):
-        plan = planner.plan(Record("cms", 0, n, None, _event(n, slug=f"a{n}", id=n), ()))
-        assert not plan.errors
+        record = Record("cms", 0, n, None, _event(n, slug=f"a{n}", id=n), ())
+        assert planner.planned(record).targets  # as the loop plans: remembered by data too
+        assert not planner.plan(record).errors
         if n % 1_000 == 0:
             check()
-    assert plans.restarts >= 1 and routes.restarts >= 1
+    assert plans.restarts >= 1 and routes.restarts >= 1 and planner._data_plans.restarts >= 1
     # Few heavy plans: 2,000 targets each (two templates over 1,000 pages), far fewer entries
     # than the count bound allows.
     for n in range(200):
@@ -112,7 +114,8 @@ def test_the_planning_caches_hold_their_bounds_for_any_shape_of_input():
 
 
 def test_the_planning_caches_at_their_bounds_fit_the_documented_memory():
-    """README, "Memory": the planning memos full of one-URL plans take under 48 MiB."""
+    """README, "Memory": the planning memos full of one-URL plans take under 48 MiB (planned
+    as the loop plans them: remembered by what the rules read and by the events' data)."""
     rules = [
         {
             "name": "article",
@@ -129,11 +132,11 @@ def test_the_planning_caches_at_their_bounds_fit_the_documented_memory():
     try:
         before = tracemalloc.get_traced_memory()[0]
         for n, body in enumerate(bodies):
-            planner.plan(Record("cms", 0, n, None, body, ()))
+            planner.planned(Record("cms", 0, n, None, body, ()))
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert len(planner._routes) == count
+    assert len(planner._routes) == count and len(planner._data_plans) > 0
     assert held < 48 * 2**20, f"{held / 2**20:.1f} MiB"
 
 
@@ -323,3 +326,17 @@ def test_freed_large_tables_go_back_to_the_system(mode):
         assert kept_kib < 4096, kept_kib
     else:
         assert kept_kib > 16384, kept_kib  # the effect the setting exists for
+
+
+def test_what_the_envelope_look_up_remembers_per_topic_and_type_holds_its_bound():
+    from worker.planning import envelope
+
+    planner = Planner(make_config(MemoryApi.URL).planning)
+    by_data = planner._by_data
+    for n in range(envelope.KEPT + 500):  # replayed dead letters name any topic they like
+        value = _event(n, f"t{n}", slug="s")
+        origin = Record(f"topic-{n}", 0, n, None, value, ())
+        planner.planned(Record("cms.dlq", 0, n, None, value, (), origin=origin))
+        assert len(by_data._judges) <= envelope.KEPT
+        assert len(by_data._depends) <= envelope.KEPT
+    assert len(by_data._judges) < envelope.KEPT and len(by_data._depends) < envelope.KEPT

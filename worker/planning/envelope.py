@@ -46,6 +46,9 @@ _UNKNOWN = -1
 # the whole way without a look, if the look-ups mostly missed plans the whole way found.
 JUDGED = 1_000
 RESTING = 20_000
+# Topics, and topic and type pairs, remembered at most (then started over): they are few, but
+# a replayed record names its origin's topic, which a dead letter's headers say.
+KEPT = 10_000
 
 
 class Judge:
@@ -106,6 +109,8 @@ class ByData:
         topic = (record.origin or record).topic
         judge = self._judges.get(topic)
         if judge is None:
+            if len(self._judges) >= KEPT:
+                self._judges.clear()
             judge = self._judges[topic] = Judge()
         if judge.resting:
             judge.resting -= 1
@@ -139,8 +144,7 @@ class ByData:
         depends: int | None = None
         if reads is not None and all(path[0] == "data" for path in reads):
             depends = DATA if reads else NOTHING
-        if len(self._depends) >= 10_000:  # topics and types are few; a flood of types is not
+        if len(self._depends) >= KEPT:
             self._depends.clear()
-            self._judges.clear()
         self._depends[(topic, etype)] = depends
         return depends
