@@ -240,3 +240,28 @@ def test_waiting_for_plans_the_loop_is_called_back_now_and_then(config, remote):
     # Every WAIT_STEP (5 ms) of the 0.2 s wait, give or take a slow machine's scheduling.
     assert len(calls) >= 10
     assert max(b - a for a, b in itertools.pairwise(calls)) < 0.1
+
+
+def test_plans_still_on_their_way_count_as_waiting_while_the_loop_does_other_work():
+    # The loop's sends ask whether plans are on their way (a backlog's end is judged by it):
+    # a batch whose plans are being waited for is one.
+    from worker.planning.stage import Planning
+
+    class Slow:
+        alive = True
+
+        def submit(self, records):
+            pass
+
+        def collect(self, meanwhile=None):
+            meanwhile()
+            return [SKIPPED] * 100
+
+    planning: Planning[str] = Planning(None, Slow())  # type: ignore[arg-type]
+    seen: list[bool] = []
+    batch = records(100)
+    planning.submit("first", batch, lambda: seen.append(planning.waiting))
+    assert seen == [] and planning.waiting  # a large batch is left to be planned meanwhile
+    planning.submit("empty poll", [], lambda: seen.append(planning.waiting))
+    assert seen == [True]  # its plans, taken after a poll that brought nothing
+    assert [name for name, _ in planning.poll()] == ["first"] and not planning.waiting
