@@ -265,3 +265,21 @@ def test_plans_still_on_their_way_count_as_waiting_while_the_loop_does_other_wor
     planning.submit("empty poll", [], lambda: seen.append(planning.waiting))
     assert seen == [True]  # its plans, taken after a poll that brought nothing
     assert [name for name, _ in planning.poll()] == ["first"] and not planning.waiting
+
+
+def test_threads_freed_while_waiting_for_plans_send_with_the_steps_last_judgement():
+    # Between the loop's judgements (waiting for plans) nothing is drained early and windows
+    # stay open as long as the step's last sends held them.
+    from worker.sending.stage import Sending
+
+    calls: list[dict[str, object]] = []
+
+    class Dispatcher:
+        def dispatch(self, **kw: object) -> int:
+            calls.append(kw)
+            return 0
+
+    sending = Sending(Dispatcher(), None, receipts=False)  # type: ignore[arg-type]
+    sending.send(drain=True, defer=4.5)
+    sending.send_again()
+    assert calls == [{"drain": True, "defer": 4.5}, {"defer": 4.5}]

@@ -114,7 +114,7 @@ class Loop:
         opened = self.outcome.open(records, self._rewound)
         self._turn(holding)
         # Waiting for plans, the loop still frees the threads of requests that ended.
-        self.planning.submit(opened, records, lambda: self._turn(holding, ended=True))
+        self.planning.submit(opened, records, lambda: self._meanwhile(holding))
         self._turn(holding)
         self._pend()
         # Before the sends: a share that changed since the last step (the whole budget, once
@@ -218,12 +218,18 @@ class Loop:
         if self._settle() and send:
             self.sending.send(defer=defer, drain=end)  # threads just freed
 
-    def _turn(self, holding: bool, *, ended: bool = False) -> None:
+    def _turn(self, holding: bool) -> None:
         """Requests that ended meanwhile free their threads for the next batches now: with
-        budget to spare, a backlog's requests otherwise wait on the loop, not the API.
-        ``ended``: only if one has ended (the loop is waiting, and looks often)."""
-        if self.sending.ended if ended else self.sending.in_flight:
+        budget to spare, a backlog's requests otherwise wait on the loop, not the API."""
+        if self.sending.in_flight:
             self._send_and_settle(send=not holding)
+
+    def _meanwhile(self, holding: bool) -> None:
+        """While the loop waits for plans (it looks often): requests that ended free their
+        threads for what is due, held back as the step's last sends were (``_defer``). Whether
+        a backlog is read to its end is the step's to judge, with every plan in."""
+        if self.sending.ended and self._settle() and not holding:
+            self.sending.send_again()
 
     def _defer(self) -> float:
         """How much longer windows stay open. While records younger than the ledger's margin

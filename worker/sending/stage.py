@@ -42,6 +42,7 @@ class Sending:
         # Without receipts nobody asks what was purged: nothing is kept for ``take_purged``.
         self._receipts = receipts
         self._purged: list[Purged] = []
+        self._defer = 0.0  # the last ``send``'s
 
     @property
     def in_flight(self) -> int:
@@ -62,7 +63,13 @@ class Sending:
         """Send what is due and has budget, while threads are free; ``drain`` makes everything
         pending due, ``defer`` keeps windows open longer. Never blocks. Returns the requests
         sent."""
+        self._defer = defer
         return self.dispatcher.dispatch(drain=drain, defer=defer)
+
+    def send_again(self) -> int:
+        """``send`` with the windows held as the last ``send`` held them, draining nothing:
+        for threads freed between the loop's judgements."""
+        return self.dispatcher.dispatch(defer=self._defer)
 
     def budget_bound(self) -> bool:
         """More is pending than a second of this worker's budget sends."""
