@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import make_config
+from tests.test_planproc import same
 from worker.events import Record
 from worker.planning import envelope
 from worker.planning.planner import Planned, Planner
@@ -108,14 +109,6 @@ def records(draw: st.DrawFn) -> Record:
         origin = Record(draw(st.sampled_from(["shop", "cms"])), 2, 5, None, value, headers, stamp)
         record = Record("cms.dlq", 0, 1, None, value, headers, stamp, origin=origin)
     return record
-
-
-def same(got: Planned, want: Planned) -> None:
-    assert got[:4] == want[:4]  # id, times, skipped
-    assert list(got.targets) == list(want.targets)
-    assert list(got.warm) == list(want.warm)
-    assert [(type(e), str(e)) for e in got.errors] == [(type(e), str(e)) for e in want.errors]
-    assert [str(e) for e in got.dropped] == [str(e) for e in want.dropped]
 
 
 @settings(max_examples=300, deadline=None)

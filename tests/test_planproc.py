@@ -243,8 +243,8 @@ def test_waiting_for_plans_the_loop_is_called_back_now_and_then(config, remote):
 
 
 def test_plans_still_on_their_way_count_as_waiting_while_the_loop_does_other_work():
-    # The loop's sends ask whether plans are on their way (a backlog's end is judged by it):
-    # a batch whose plans are being waited for is one.
+    # A batch whose plans are being waited for is still on its way (``waiting``): the loop's
+    # work meanwhile must not take it for nothing more to come.
     from worker.planning.stage import Planning
 
     class Slow:

@@ -40,7 +40,7 @@ def decode(
         # surrogates) and words the reason (bad UTF-8, bad JSON, too deep).
         parsed = _parse(value)
     key = _text(record.key)
-    fallback_time = record.timestamp_ms / 1000 if record.timestamp_ms else None
+    fallback_time = record_time(record)
     if "ce_specversion" in headers:
         body = {k[3:]: v for k, v in headers.items() if k.startswith("ce_")}
         body["data"] = parsed
@@ -122,6 +122,11 @@ def _headers(raw: tuple[tuple[str, bytes], ...]) -> dict[str, str]:
 
 def _text(raw: bytes | None) -> str | None:
     return raw.decode("utf-8", "replace") if raw is not None else None
+
+
+def record_time(record: Record) -> float | None:
+    """The Kafka record's timestamp, in seconds (None when it has none)."""
+    return record.timestamp_ms / 1000 if record.timestamp_ms else None
 
 
 def event_time(value: Any) -> float | None:

@@ -23,7 +23,7 @@ import msgspec
 
 from worker.errors import InvalidEvent
 from worker.events import Record
-from worker.intake.decode import event_time
+from worker.intake.decode import event_time, record_time
 from worker.planning.rules.ruleset import Reads
 
 
@@ -80,11 +80,12 @@ class Judge:
 
 
 class Found(NamedTuple):
-    """An event whose plan may be looked up by ``key``, and what its plan carries of it: its
-    id, its own time (else its record's), and the time the purge ledger judges it by."""
+    """An event whose plan may be looked up by ``key``, and what its plan carries of it."""
 
     key: Hashable
-    times: tuple[str, float | None, float | None]
+    event_id: str
+    event_time: float | None  # its own time, else its record's
+    record_time: float | None
     judge: Judge
 
 
@@ -93,11 +94,9 @@ class ByData:
         self,
         reads_for: Callable[[str, str | None], Reads | None],
         max_bytes: int,
-        use_event_time: bool,
     ) -> None:
         self._reads_for = reads_for
         self._max_bytes = max_bytes
-        self._use_event_time = use_event_time
         # Per topic and type: what the plan of such an event depends on besides them. ``DATA``:
         # its data alone; ``NOTHING``: nothing (no rule can match: a stream of page views has
         # one plan, whatever each view's data); None: something outside its data.
@@ -130,14 +129,13 @@ class ByData:
             depends = self._learn(topic, etype)
         if depends is None:
             return None
-        record_time = record.timestamp_ms / 1000 if record.timestamp_ms else None
+        stamp = record_time(record)
         try:
-            when = event_time(envelope.time) or record_time
+            when = event_time(envelope.time) or stamp
         except InvalidEvent:
             return None
-        ledger_time = when if self._use_event_time and when is not None else record_time
         key = (topic, etype, bytes(envelope.data) if depends == DATA else b"")
-        return Found(key, (envelope.id, when, ledger_time), judge)
+        return Found(key, envelope.id, when, stamp, judge)
 
     def _learn(self, topic: str, etype: str) -> int | None:
         reads = self._reads_for(topic, etype)

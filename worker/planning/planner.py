@@ -46,8 +46,7 @@ class Routed(NamedTuple):
 
 @dataclass(frozen=True)
 class PlanningSettings:
-    """What planning a record needs: the rules, the zones, how records are read, and what to do
-    with targets for no zone and records no rule matched."""
+    """What planning needs: rules, zones, how to read records, and where misfits go (below)."""
 
     rules: RuleSet
     zones: tuple[Zone, ...]
@@ -97,7 +96,7 @@ class Planned(NamedTuple):
             event_id = event_time = ledger_time = None
         else:
             event_id, event_time = event.id, event.time
-            ledger_time = ledger_time_of(event, use_event_time)
+            ledger_time = ledger_time_of(event.time, event.record_time, use_event_time)
         return Planned(
             event_id,
             event_time,
@@ -110,10 +109,9 @@ class Planned(NamedTuple):
         )
 
 
-def ledger_time_of(event: Event, use_event_time: bool) -> float | None:
-    """What the purge ledger judges ``event`` by: its own time if so configured and it has one,
-    else its record's."""
-    return event.time if use_event_time and event.time is not None else event.record_time
+def ledger_time_of(when: float | None, record: float | None, use_event_time: bool) -> float | None:
+    """What the ledger judges an event by: its time ``when`` if so configured, else its record's."""
+    return when if use_event_time and when is not None else record
 
 
 # The plan of every record no rule fired for: the loop finishes it at once (most page views).
@@ -126,6 +124,15 @@ class _Known(NamedTuple):
     fired: tuple[str, ...]
     targets: tuple[Routed, ...]
     warm: tuple[Routed, ...]
+
+    def planned(
+        self, event_id: str | None, when: float | None, record: float | None, by: bool
+    ) -> Planned:
+        """This plan for one event (``by``: the ledger goes by the event's time)."""
+        if not self.fired:
+            return SKIPPED
+        ledger_time = ledger_time_of(when, record, by)
+        return Planned(event_id, when, ledger_time, False, self.targets, (), self.warm, ())
 
 
 def _plan_weight(known: _Known) -> int:
@@ -143,13 +150,12 @@ class Planner:
         self._routes: Memo[tuple[Zone, tuple[Target, ...]] | UnknownZone] = Memo(
             ROUTE_CACHE_SIZE, ROUTE_CACHE_TARGETS, _route_weight
         )
-        # In a backlog the same article comes by again and again, each time as a new event
-        # (its own id and time): events alike in everything the rules that can match them read
-        # get one plan, made once. Not with plug-in rules, which may read anything.
+        # A backlog repeats an article as new events (own id and time): events alike in all the
+        # rules that can match them read get one plan, made once (not with plug-in rules).
         self._reads_for = settings.rules.reads_for
         self._plans: Memo[_Known] = Memo(PLAN_CACHE_SIZE, PLAN_CACHE_TARGETS, _plan_weight)
         # The same plans, found by the event's data bytes without decoding it (``envelope``).
-        self._by_data = ByData(self._reads_for, settings.max_record_bytes, settings.use_event_time)
+        self._by_data = ByData(self._reads_for, settings.max_record_bytes)
         self._data_plans: Memo[_Known] = Memo(PLAN_CACHE_SIZE, PLAN_CACHE_TARGETS, _plan_weight)
 
     def plan(self, record: Record) -> RecordPlan:
@@ -172,24 +178,21 @@ class Planner:
         return self._evaluate(record, plan, key)
 
     def planned(self, record: Record) -> Planned:
-        """What the loop keeps of ``record``'s plan: ``Planned.of(plan(record))``. A remembered
-        plan is answered without a ``RecordPlan`` (copying its lists took a third of the time),
-        and found by the event's data bytes when it can be (``envelope``)."""
+        """``Planned.of(plan(record))``; a remembered plan without a ``RecordPlan`` (copying its
+        lists took a third of the time), found by the data's bytes if it can be (``envelope``)."""
         found = self._by_data.find(record)
+        by_event = self.settings.use_event_time
         if found is not None and (known := self._data_plans.get(found.key)) is not None:
             found.judge.hit()
-            if not known.fired:
-                return SKIPPED
-            return Planned(*found.times, False, known.targets, (), known.warm, ())
-        use_event_time = self.settings.use_event_time
+            return known.planned(found.event_id, found.event_time, found.record_time, by_event)
         try:
             event = self._decode(record)
             key = self._key(event)
         except Exception:  # noqa: BLE001 (``plan`` meets it again, and words and logs it)
-            return Planned.of(self.plan(record), use_event_time)
+            return Planned.of(self.plan(record), by_event)
         known = self._plans.get(key) if key is not None else None
         if known is None:
-            planned = Planned.of(self._evaluate(record, RecordPlan(event), key), use_event_time)
+            planned = Planned.of(self._evaluate(record, RecordPlan(event), key), by_event)
             known = self._plans.get(key) if key is not None else None  # if it was remembered
             if known is not None and found is not None:
                 self._data_plans.put(found.key, known)
@@ -197,10 +200,7 @@ class Planner:
         if found is not None:
             found.judge.miss()
             self._data_plans.put(found.key, known)
-        if not known.fired:
-            return SKIPPED
-        ledger_time = ledger_time_of(event, use_event_time)
-        return Planned(event.id, event.time, ledger_time, False, known.targets, (), known.warm, ())
+        return known.planned(event.id, event.time, event.record_time, by_event)
 
     def _decode(self, record: Record) -> Event:
         settings = self.settings

@@ -87,6 +87,6 @@ class Planning(Generic[B]):
     def _take(self, meanwhile: Callable[[], None] | None = None) -> None:
         """The plans of the oldest batch in the planning process (waits for them)."""
         assert self._process is not None
-        # Still on its way while ``meanwhile`` runs: the loop asks ``waiting`` then.
+        # Still on its way (``waiting``) until its plans are in, ``meanwhile`` included.
         plans = self._process.collect(meanwhile)
         self._ready.append((self._out.popleft(), plans))
