@@ -259,3 +259,12 @@ def test_records_judged_by_their_shared_list_are_counted_like_the_others():
         counted("purge_worker_targets_already_purged_total", how="sent"),
     )
     assert (after[0] - before[0], after[1] - before[1]) == (7 * 3, 7 * 3)
+
+
+def test_a_record_pended_without_the_shortcut_still_counts_as_the_newest_seen():
+    # The loop skips ``covered`` for records it keeps a state of anyway (a failure, warming,
+    # debug logs); how young the backlog is must still count them.
+    stage, _ = pending_stage()
+    assert not stage.young(SENT)
+    stage.pend("r1", plan_of(routed(Target.url("https://example.com/n")), SENT))
+    assert stage.young(SENT + 1) and not stage.young(SENT + 6)

@@ -638,9 +638,9 @@ def test_a_request_that_ended_during_the_poll_frees_its_thread_before_the_step_p
     assert loop.pending.size >= 50
 
     seen: list[str] = []
-    sent, pend = loop.sending.send, loop.pending.add
+    sent, pend = loop.sending.send, loop.pending.pend
     loop.sending.send = lambda **kw: seen.append("send") or sent(**kw)  # type: ignore[method-assign]
-    loop.pending.add = lambda *a: seen.append("pend") or pend(*a)  # type: ignore[method-assign]
+    loop.pending.pend = lambda *a: seen.append("pend") or pend(*a)  # type: ignore[method-assign]
     source.add(rec(250, cloudevent(images, {"host": "www.example.com", "path": "t250"})))
     api.gate.clear()  # the next request stays on the wire
     try:

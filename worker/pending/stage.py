@@ -89,7 +89,7 @@ class PendingTargets:
         """Every target of ``plan`` is known purged by a request sent after its record's margin
         (a list of targets a record before it found all purged: ``_covered``): its record
         waits for nothing. Counts the targets if so. False says only that this shortcut does
-        not know: ``add`` decides."""
+        not know: ``pend`` decides."""
         event_time = plan.ledger_time
         if event_time is None:
             return False
@@ -113,9 +113,13 @@ class PendingTargets:
     def add(self, owner: Hashable, plan: Planned) -> int:
         """Take ``plan``'s targets for ``owner``; returns how many of them it must wait for
         (the ones the ledger finds already purged are done now). Never blocks."""
-        if self.covered(plan):
-            return 0
+        return 0 if self.covered(plan) else self.pend(owner, plan)
+
+    def pend(self, owner: Hashable, plan: Planned) -> int:
+        """``add``, for a plan ``covered`` did not find purged: each target meets the ledger."""
         event_time = plan.ledger_time
+        if event_time is not None:  # as ``covered`` does: the loop may not have asked it
+            self._newest = max(self._newest, event_time)
         tally, targets = self._tally, plan.targets
         check, add = self.ledger.check, self.coalescer.add
         waiting = 0
