@@ -247,24 +247,88 @@ def test_plans_still_on_their_way_count_as_waiting_while_the_loop_does_other_wor
     # work meanwhile must not take it for nothing more to come.
     from worker.planning.stage import Planning
 
-    class Slow:
-        alive = True
-
-        def submit(self, records):
-            pass
-
-        def collect(self, meanwhile=None):
-            meanwhile()
-            return [SKIPPED] * 100
-
-    planning: Planning[str] = Planning(None, Slow())  # type: ignore[arg-type]
+    slow = Slow(done=0)
+    planning: Planning[str] = Planning(None, slow)  # type: ignore[arg-type]
     seen: list[bool] = []
     batch = records(100)
     planning.submit("first", batch, lambda: seen.append(planning.waiting))
     assert seen == [] and planning.waiting  # a large batch is left to be planned meanwhile
+    slow.done = 1
     planning.submit("empty poll", [], lambda: seen.append(planning.waiting))
     assert seen == [True]  # its plans, taken after a poll that brought nothing
     assert [name for name, _ in planning.poll()] == ["first"] and not planning.waiting
+
+
+class Slow:
+    """A planning process whose plans are in only once ``done`` says so."""
+
+    alive = True
+
+    def __init__(self, done: int = 1) -> None:
+        self.sent: list[int] = []
+        self.done = done  # batches planned
+        self.waits: list[float] = []
+
+    def submit(self, records):
+        self.sent.append(len(records))
+
+    def ready(self, wait=0.0):
+        self.waits.append(wait)
+        return self.done > 0
+
+    def collect(self, meanwhile=None):
+        if meanwhile is not None:
+            meanwhile()
+        self.done -= 1
+        return [SKIPPED] * self.sent.pop(0)
+
+
+def test_a_backlog_is_read_ahead_while_the_child_plans_and_taken_as_it_comes():
+    # In a backlog the loop does not wait for a batch's plans to read the next poll: batches
+    # stay on their way up to READ_AHEAD records, each taken once its plans are in.
+    from worker.planning.stage import EMPTY_POLL_WAIT, READ_AHEAD, Planning
+
+    slow = Slow(done=0)
+    planning: Planning[int] = Planning(None, slow)  # type: ignore[arg-type]
+    size = 2000
+    n = READ_AHEAD // size
+    for i in range(n):
+        planning.submit(i, records(size))
+    assert planning.waiting and planning.poll() == [] and len(slow.sent) == n
+    planning.submit(n, records(size))  # past the bound: the oldest is waited for
+    assert [i for i, _ in planning.poll()] == [0] and len(slow.sent) == n
+    slow.done = 2  # two more are planned meanwhile: both taken at the next poll
+    planning.submit(n + 1, records(50))  # a small batch in a backlog is not waited for
+    assert [i for i, _ in planning.poll()] == [1, 2]
+    slow.waits.clear()
+    planning.submit(n + 2, [])  # Kafka had nothing yet: a short look, then back to Kafka
+    assert slow.waits == [EMPTY_POLL_WAIT] and planning.poll() == []
+    slow.done = len(slow.sent)
+    planning.submit(n + 3, [])
+    assert [i for i, _ in planning.poll()] == list(range(3, n + 2)) and not planning.waiting
+
+
+def test_a_trickle_takes_its_plans_at_once():
+    # No large batch on its way: a small poll's plans are waited for in the same step.
+    from worker.planning.stage import Planning
+
+    slow = Slow(done=1)
+    planning: Planning[str] = Planning(None, slow)  # type: ignore[arg-type]
+    planning.submit("few", records(3))
+    assert [name for name, _ in planning.poll()] == ["few"] and not planning.waiting
+
+
+def test_shutdown_takes_the_plans_that_come_within_the_deadline():
+    from worker.planning.stage import Planning
+
+    slow = Slow(done=0)
+    planning: Planning[int] = Planning(None, slow)  # type: ignore[arg-type]
+    for i in range(3):
+        planning.submit(i, records(200))
+    slow.done = 1  # the child plans one more batch, then no more before the deadline
+    left = iter([2.0, 1.5])
+    assert [i for i, _ in planning.join(lambda: next(left))] == [0]
+    assert slow.waits[-2:] == [2.0, 1.5]  # the second batch was waited for as long as was left
 
 
 def test_threads_freed_while_waiting_for_plans_send_with_the_steps_last_judgement():

@@ -149,7 +149,7 @@ class Loop:
         self.status.draining = True  # from here the loop runs without its lock
         self.intake.pause()
         # Records read are purged like the others, if the planning process still answers.
-        self._pend(self.planning.join())
+        self._pend(self.planning.join(lambda: deadline - self.clock.monotonic()))
         self.planning.close()
         # A tripped guard stops the sending too: what is pending waits on Kafka for the fix (a
         # restart would only purge it again). Dead letters already under way are confirmed.

@@ -124,6 +124,14 @@ class PlanningProcess:
             raise self._died(exc) from None
         self._batches.append(len(records))
 
+    def ready(self, wait: float = 0.0) -> bool:
+        """The oldest batch's plans are in (or the child ended: ``collect`` says so), waiting
+        up to ``wait`` seconds for them."""
+        try:
+            return self._live(self._conn).poll(wait)
+        except (EOFError, OSError) as exc:
+            raise self._died(exc) from None
+
     def collect(self, meanwhile: Callable[[], None] | None = None) -> list[Planned]:
         """The plans of the oldest batch sent, in its order; waits for them, calling
         ``meanwhile`` every ``WAIT_STEP`` of the wait."""
