@@ -245,3 +245,31 @@ def test_pausing_while_the_group_takes_a_partition_away_does_not_raise(kafka_boo
         assert len(poll_until(source, 4)) == 4  # resumed: the assigned partitions read on
     finally:
         source.close(1.0)
+
+
+def test_a_new_source_asks_for_its_topics_without_waiting_out_the_back_off(
+    kafka_bootstrap, make_topic, monkeypatch
+):
+    # kafka-python waits its 100 ms metadata back-off after the bootstrap before it asks for the
+    # subscribed topics: the source shortens it while it waits for them, and only then.
+    from kafka.cluster import ClusterMetadata
+
+    from worker.kafka import consumer
+
+    seen: list[int] = []
+    ttl = ClusterMetadata.ttl
+
+    def spied(self):
+        seen.append(self.config["retry_backoff_ms"])
+        return ttl(self)
+
+    monkeypatch.setattr(ClusterMetadata, "ttl", spied)
+    topic = make_topic("prompt", PARTITIONS)
+    source = Kafka(kafka_bootstrap, make_topic).open(topic, f"g-{uuid.uuid4().hex[:8]}")
+    try:
+        cluster = source._consumer._cluster
+        assert cluster.partitions_for_topic(topic) == set(range(PARTITIONS))
+        assert consumer.PROMPT_BACKOFF_MS in seen  # the topics were asked for promptly
+        assert cluster.config["retry_backoff_ms"] == 100  # and the back-off is kafka-python's again
+    finally:
+        source.close(1.0)
