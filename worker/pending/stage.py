@@ -142,16 +142,15 @@ class PendingTargets:
         return waiting
 
     def _covered(self, targets: Sequence[Routed]) -> None:
-        """Every target of ``targets`` was already purged: the second time a record with this
-        very list is, remember when they were (``PurgeLedger.purged_since``)."""
+        """Every target of ``targets`` was already purged: remember when they were
+        (``PurgeLedger.purged_since``), so the next record with this very list is finished
+        by ``covered``. Only a list that met purges already gets here: one that repeats."""
         plans = self._plans
         if self.ledger.evictions != self._evictions or len(plans) >= MAX_PLANS:
             plans.clear()
             self._evictions = self.ledger.evictions
         known = plans.get(id(targets))
-        if known is None or known.targets is not targets:
-            plans[id(targets)] = _Plan(targets, None, ())
-        elif known.since is None:
+        if known is None or known.targets is not targets or known.since is None:
             counts: dict[tuple[Kind, str], int] = {}
             for routed in targets:
                 key = (routed.target.kind, "sent")
