@@ -347,3 +347,29 @@ def test_threads_freed_while_waiting_for_plans_send_with_the_steps_last_judgemen
     sending.send(drain=True, defer=4.5)
     sending.send_again()
     assert calls == [{"drain": True, "defer": 4.5}, {"defer": 4.5}]
+
+
+def test_a_young_backlog_is_planned_a_poll_behind_not_read_ahead():
+    # Records younger than the ledger's margin: their targets wait for the repeats still
+    # unread, and windows run from when a record was read, so the loop stays a poll behind.
+    from worker.planning.stage import Planning
+
+    slow = Slow(done=0)
+    planning: Planning[int] = Planning(None, slow, aged=lambda records: False)  # type: ignore[arg-type]
+    planning.submit(0, records(2000))
+    assert planning.waiting and planning.poll() == []  # the newest batch is left to the child
+    planning.submit(1, records(2000))
+    assert [i for i, *_ in planning.poll()] == [0] and planning.waiting  # the one before: taken
+
+
+def test_records_are_aged_when_all_were_written_longer_than_the_margin_ago():
+    from worker.app import _aged
+    from worker.clock import MockClock
+
+    clock = MockClock()
+    aged = _aged(clock, margin=5.0)
+    now_ms = int(clock.time() * 1000)
+    old = [r._replace(timestamp_ms=now_ms - 6_000) for r in records(3)]
+    assert aged(old)
+    assert not aged([*old, old[0]._replace(timestamp_ms=now_ms - 4_000)])  # one young
+    assert not aged([*old, old[0]._replace(timestamp_ms=None)])  # one without a time

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import structlog
@@ -17,6 +17,7 @@ from worker.clock import Clock
 from worker.cloudflare.transport import RequestsTransport, Transport, dry_run
 from worker.config.settings import Config
 from worker.errors import ConfigError, PurgeWorkerError
+from worker.events import Record
 from worker.intake.source import Source
 from worker.intake.stage import Intake
 from worker.kafka.reader import recent_dead_letters
@@ -90,7 +91,7 @@ def build_loop(
     planner = None if process is not None else Planner(config.planning)
     return Loop(
         Intake(source, coalesce, clock, max_poll_records=config.kafka.max_poll_records),
-        Planning(planner, process),
+        Planning(planner, process, _aged(clock, ledger.margin)),
         PendingTargets(coalescer, ledger, learned),
         Sending(dispatcher, shares, receipts=receipts is not None),
         Outcome(
@@ -106,6 +107,21 @@ def build_loop(
         clock,
         delivery.drain_deadline_seconds,
     )
+
+
+def _aged(clock: Clock, margin: float) -> Callable[[Sequence[Record]], bool]:
+    """Whether records were all written longer than ``margin`` ago (by their Kafka times; one
+    without says no)."""
+
+    def aged(records: Sequence[Record]) -> bool:
+        newest = 0
+        for record in records:
+            if record.timestamp_ms is None:
+                return False
+            newest = max(newest, record.timestamp_ms)
+        return newest / 1000 + margin <= clock.time()
+
+    return aged
 
 
 def _receipts(config: Config, sink: ReceiptSink | None) -> Receipts | None:

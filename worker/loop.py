@@ -211,7 +211,7 @@ class Loop:
         defer = self._defer() if send else 0.0
         pending = self.pending.size > 0 or self.planning.waiting  # plans on their way count too
         end = send and self.intake.read_to_end(  # a backlog read: what it left goes now
-            pending, self.outcome.records.last_seen, self.sending.budget_bound
+            pending, self.outcome.records.last_planned, self.sending.budget_bound
         )
         if send:
             self.sending.send(defer=defer, drain=end)
@@ -249,7 +249,7 @@ class Loop:
             young
             and self.pending.repeating
             and self.sending.budget_bound()
-            and self.intake.behind(self.outcome.records.last_seen())
+            and self.intake.behind(self.outcome.records.last_planned())
         )
         return self.pending.ledger.margin if self._held else 0.0
 

@@ -201,3 +201,6 @@ class InFlightRecords:
 
     def last_seen(self) -> dict[TopicPartition, int]:
         return self._offsets.last_seen()
+
+    def last_planned(self) -> dict[TopicPartition, int]:
+        return self._offsets.last_planned()

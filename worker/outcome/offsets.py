@@ -48,6 +48,7 @@ class _Partition:
         self.committable: int | None = None
         self.committed: int | None = None
         self.last_seen: int | None = None
+        self.last_planned: int | None = None
 
 
 class OffsetTracker:
@@ -73,6 +74,7 @@ class OffsetTracker:
     def planned(self, tp: TopicPartition, run: Run, waiting: set[int]) -> None:
         """The run's plans are applied; ``waiting``: its offsets still unfinished."""
         run.waiting = waiting
+        self._parts[tp].last_planned = run.offsets[-1]
         self._advance(tp)
 
     def complete(self, tp: TopicPartition, offset: int) -> None:
@@ -127,4 +129,10 @@ class OffsetTracker:
         return unplanned
 
     def last_seen(self) -> dict[TopicPartition, int]:
+        """Per partition, the last offset read."""
         return {tp: p.last_seen for tp, p in self._parts.items() if p.last_seen is not None}
+
+    def last_planned(self) -> dict[TopicPartition, int]:
+        """Per partition, the last offset whose plan is applied: records read ahead of their
+        plans (``planning.stage``) are still to come for what judges a backlog's reading."""
+        return {tp: p.last_planned for tp, p in self._parts.items() if p.last_planned is not None}

@@ -25,6 +25,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -201,9 +202,13 @@ def _serve(
     numbers = Numbering()
     # A thread takes every batch off the pipe as it comes: the worker may send the next batch
     # while this one's plans are on their way back, and neither side must wait on the other.
-    batches: queue.SimpleQueue[list[tuple[Any, ...]] | None] = queue.SimpleQueue()
+    # Batches wait as the bytes they came as (half the memory of the records they hold: a
+    # backlog is read up to ``stage.READ_AHEAD`` records ahead).
+    batches: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
     threading.Thread(target=_read, args=(conn, batches), daemon=True).start()
-    while (records := batches.get()) is not None:
+    while (batch := batches.get()) is not None:
+        records: list[tuple[Any, ...]] = ForkingPickler.loads(batch)
+        del batch
         reset = numbers.start_batch()
         rows = [numbers.row(planner.planned(Record._make(r))) for r in records]
         try:
@@ -213,10 +218,10 @@ def _serve(
         sys.stdout.flush()  # a line logged while planning (a plug-in's bug) shows now
 
 
-def _read(conn: Connection, batches: queue.SimpleQueue[list[tuple[Any, ...]] | None]) -> None:
+def _read(conn: Connection, batches: queue.SimpleQueue[bytes | None]) -> None:
     while True:
         try:
-            batches.put(conn.recv())
+            batches.put(conn.recv_bytes())
         except (EOFError, OSError):
             batches.put(None)
             return
