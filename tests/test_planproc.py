@@ -373,3 +373,4 @@ def test_records_are_aged_when_all_were_written_longer_than_the_margin_ago():
     assert aged(old)
     assert not aged([*old, old[0]._replace(timestamp_ms=now_ms - 4_000)])  # one young
     assert not aged([*old, old[0]._replace(timestamp_ms=None)])  # one without a time
+    assert not aged([*old, old[0]._replace(timestamp_ms=0)])  # nor one at 0 (``record_time``)
