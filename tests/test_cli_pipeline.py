@@ -9,6 +9,8 @@ import yaml
 from tests.conftest import TOKEN, ZONE_A
 from tests.helpers import config_dict, write_config
 from worker.cli import main
+from worker.config.load import load
+from worker.kafka import admin
 
 
 @pytest.fixture
@@ -179,6 +181,32 @@ def test_check_online(tmp_path, emulator, kafka_bootstrap, make_topic, capsys, m
     assert main(["check", "-c", cfg, "--online"]) == 1
     out = capsys.readouterr().out
     assert "10000" in out and "bad-token-1234" not in out
+
+
+@pytest.mark.kafka
+def test_only_check_online_asks_whether_a_missing_topic_may_be_made(
+    tmp_path, emulator, kafka_bootstrap, make_topic, monkeypatch
+):
+    """``run`` leaves a missing budget or receipts topic to the part that makes it (asking costs
+    a round trip to the controller on the way to the first records); ``check --online`` asks."""
+    monkeypatch.setenv("CLOUDFLARE_API_TOKEN", TOKEN)
+    topic, dlq = make_topic("cms"), make_topic("dlq")
+    kafka = {
+        "bootstrap_servers": [kafka_bootstrap],
+        "topics": [topic],
+        "dead_letter_topic": dlq,
+        "budget_topic": f"{topic}.shares",
+    }
+    settings = load(write_config(tmp_path / "c.yaml", emulator.api_url, kafka=kafka)).kafka
+    asked: list[str] = []
+    monkeypatch.setattr(admin, "_may_create", lambda _admin, name: asked.append(name) or False)
+    assert admin.verify(settings, ask_create=False) == []
+    assert asked == []
+    problems = admin.verify(settings)
+    made = {f"{topic}.shares", settings.receipts_topic}
+    assert len(asked) == 2 and set(asked) == made
+    assert [p.fatal for p in problems] == [False, False]
+    assert all("may not create it" in p.line for p in problems)
 
 
 def test_rules_files_are_merged_and_errors_name_the_rules_file(

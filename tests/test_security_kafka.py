@@ -63,22 +63,20 @@ def broker():
 class Setup:
     """A test's topics (made by the admin), its group, and the ACLs granted to its principal."""
 
-    def __init__(self, broker: SecureBroker, principal: str) -> None:
+    def __init__(self, broker: SecureBroker, principal: str, *, budget: bool = True) -> None:
         self.broker = broker
         self.principal = principal
         tag = uuid.uuid4().hex[:8]
         self.topic, self.dlq = f"cms-{tag}", f"dlq-{tag}"
         self.budget, self.group = f"budget-{tag}", f"g-{tag}"
         self.receipts = f"receipts-{tag}"
+        topics = [NewTopic(self.topic, 2, 1), NewTopic(self.dlq, 1, 1)]
+        topics.append(NewTopic(self.receipts, 2, 1))
+        if budget:  # else missing: the worker would make it
+            compacted = {"cleanup.policy": "compact,delete"}
+            topics.append(NewTopic(self.budget, 1, 1, topic_configs=compacted))
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
-        admin.create_topics(
-            [
-                NewTopic(self.topic, 2, 1),
-                NewTopic(self.dlq, 1, 1),
-                NewTopic(self.budget, 1, 1, topic_configs={"cleanup.policy": "compact,delete"}),
-                NewTopic(self.receipts, 2, 1),
-            ]
-        )
+        admin.create_topics(topics)
         admin.close()
 
     def grant(self, resource: ResourceType, name: str, *ops: ACLOperation) -> None:
@@ -404,6 +402,35 @@ def test_a_budget_topic_refused_mid_run_falls_back_to_partitions_and_purges_on(
     times = [datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")) for r in refused]
     assert all((b - a).total_seconds() >= 60 for a, b in pairwise(times)), times
     assert all(r["held_back"] > 0 for r in refused[1:]), refused
+
+
+def test_a_missing_budget_topic_it_may_not_create_is_named_and_the_budget_goes_by_partitions(
+    broker, emulator, tmp_path
+):
+    """``check --online`` asks the broker whether the principal may create the topic; ``run``
+    leaves that to the exchange, which makes the topic (here: may not) and says so naming the
+    ACL; the worker purges on (sharing the budget by partitions)."""
+    s = Setup(broker, f"User:{SCRAM_USER}", budget=False)
+    s.grant_all()  # Describe on the budget topic's name: a missing topic is told as missing
+    cfg = config(tmp_path, emulator, s, "SASL_SSL", scram(broker))
+    cmd = [sys.executable, "-m", "worker", "check", "-c", cfg, "--online"]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=60, check=False)
+    assert f"topic {s.budget} does not exist" in proc.stdout, proc.stdout + proc.stderr
+    assert "this principal may not create it" in proc.stdout
+    log_path = tmp_path / "worker.log"
+    worker = start(cfg, log_path)
+    try:
+        produce(broker.bootstrap, s.topic, events(10, "m"), key=None, spread=2)
+        wait_for(
+            lambda: all_committed(broker.bootstrap, s.group, s.topic), 60, what="all committed"
+        )
+    finally:
+        assert stop(worker) == 0, log_path.read_text()[-3000:]
+    log = log_path.read_text()
+    assert set(purged_items(emulator)) == urls(10, "m")
+    unavailable = [line for line in log.splitlines() if "budget exchange unavailable" in line]
+    assert unavailable and "may not create it" in unavailable[0], log[-3000:]
+    assert "grant Read, Write and Describe" in unavailable[0]
 
 
 def test_check_online_names_every_acl_the_worker_lacks(broker, emulator, tmp_path):

@@ -229,7 +229,7 @@ def _clients(
 def _verify_access(config: Config) -> None:
     """Stop now, naming the topic and the ACL, when the worker cannot work on this cluster; warn
     about what it can work without (the guard's memory, the budget exchange)."""
-    problems = admin.verify(config.kafka)
+    problems = admin.verify(config.kafka, ask_create=False)
     for problem in problems:
         if not problem.fatal:
             log.warning("kafka access", problem=problem.line)
