@@ -254,7 +254,7 @@ def test_a_new_source_asks_for_its_topics_without_waiting_out_the_back_off(
     # subscribed topics: the source shortens it while it waits for them, and only then.
     from kafka.cluster import ClusterMetadata
 
-    from worker.kafka import consumer
+    from worker.kafka import client
 
     seen: list[int] = []
     ttl = ClusterMetadata.ttl
@@ -269,7 +269,95 @@ def test_a_new_source_asks_for_its_topics_without_waiting_out_the_back_off(
     try:
         cluster = source._consumer._cluster
         assert cluster.partitions_for_topic(topic) == set(range(PARTITIONS))
-        assert consumer.PROMPT_BACKOFF_MS in seen  # the topics were asked for promptly
+        assert client.PROMPT_BACKOFF_MS in seen  # the topics were asked for promptly
         assert cluster.config["retry_backoff_ms"] == 100  # and the back-off is kafka-python's again
+    finally:
+        source.close(1.0)
+
+
+def test_a_new_client_asks_for_a_missing_topic_without_waiting_out_the_back_off(
+    kafka_bootstrap, monkeypatch
+):
+    # The receipts feed, the budget exchange and the dead-letter readers ask a new client for a
+    # topic's partitions: a missing topic (a fresh receipts topic) cost the 100 ms back-off.
+    from kafka import KafkaConsumer
+    from kafka.cluster import ClusterMetadata
+
+    from worker.kafka import client
+
+    seen: list[int] = []
+    ttl = ClusterMetadata.ttl
+
+    def spied(self):
+        seen.append(self.config["retry_backoff_ms"])
+        return ttl(self)
+
+    monkeypatch.setattr(ClusterMetadata, "ttl", spied)
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None)
+    try:
+        assert client.partitions_of(consumer, f"missing-{uuid.uuid4().hex[:8]}") == set()
+        assert client.PROMPT_BACKOFF_MS in seen, seen
+        assert consumer._cluster.config["retry_backoff_ms"] == 100
+    finally:
+        consumer.close()
+
+
+def test_a_source_joins_at_start_up_fetching_nothing_and_then_reads_everything(
+    kafka_bootstrap, make_topic
+):
+    """``join`` (while the access check runs): the group is joined and the catch-up hook runs,
+    nothing is fetched meanwhile, and the first poll after it reads every record once."""
+    import threading
+
+    topic = make_topic("join", PARTITIONS)
+    kafka = Kafka(kafka_bootstrap, make_topic)
+    kafka.write(topic, values(30))
+    source = kafka.open(topic, f"g-{uuid.uuid4().hex[:8]}")
+    caught_up = threading.Event()
+    caught_up.set()
+    hooked: list[bool] = []
+    source.on_assign(lambda: hooked.append(True) or caught_up)
+    fetched: list[int] = []
+    poll = source._poll
+
+    def spied(timeout, max_records=None):
+        batches = poll(timeout, max_records)
+        fetched.append(sum(len(r) for r in batches.values()))
+        return batches
+
+    source._poll = spied
+    try:
+        joined_at = time.monotonic() + 30
+        polls_after_joined = []
+
+        def done() -> bool:
+            # Joined, then a few more polls: time enough for a fetch to have come back.
+            if source.assignment():
+                polls_after_joined.append(1)
+            return len(polls_after_joined) > 20 or time.monotonic() > joined_at
+
+        source.join(done, 30)
+        assert source.assignment() == {(topic, p) for p in range(PARTITIONS)}
+        assert hooked == [True]
+        assert sum(fetched) == 0 and len(fetched) > 20
+        assert source._consumer.paused() == set()
+        got = poll_until(source, 30)
+        assert sorted(r.value for r in got) == sorted(values(30))
+        assert source.poll(0.3, 500) == []
+    finally:
+        source.close(1.0)
+
+
+def test_a_join_ends_when_told_before_the_group_answers(kafka_bootstrap, make_topic):
+    """The check said its word first: the join goes on in the loop's first poll, unpaused."""
+    topic = make_topic("join", PARTITIONS)
+    kafka = Kafka(kafka_bootstrap, make_topic)
+    kafka.write(topic, values(9))
+    source = kafka.open(topic, f"g-{uuid.uuid4().hex[:8]}")
+    try:
+        started = time.monotonic()
+        source.join(lambda: True, 30)
+        assert time.monotonic() - started < 0.5
+        assert sorted(r.value for r in poll_until(source, 9)) == sorted(values(9))
     finally:
         source.close(1.0)

@@ -34,6 +34,9 @@ from worker.runtime import tune_malloc
 
 log = structlog.get_logger("worker.run")
 CONNECT_ATTEMPTS_SECONDS = 60.0
+# The consumer joins its group while the access check runs (``_clients``); past this, the check
+# is waited for alone (its requests time out in 10 s each).
+JOIN_WAIT = 30.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -137,7 +140,7 @@ def _start(
             receipts.close(timeout=0.1)
 
     try:
-        clients = _clients(config, stop, clock)
+        clients = _clients(config, stop, clock, feed)
     except PurgeWorkerError:
         abandon()
         raise
@@ -145,8 +148,6 @@ def _start(
         abandon()
         return None
     source, sink, seed = clients
-    if feed is not None:
-        source.on_assign(feed.mark)
     warmer = None
     if config.warming.enabled and config.rules.warms and not config.delivery.dry_run:
         warmer = Warmer(config.warming, clock, _warm_receipts(config, receipts, clock)).start()
@@ -206,19 +207,26 @@ def _warm_receipts(
 
 
 def _clients(
-    config: Config, stop: threading.Event, clock: SystemClock
+    config: Config, stop: threading.Event, clock: SystemClock, feed: ReceiptFeed | None
 ) -> tuple[KafkaSource, KafkaDeadLetterSink, app.GuardSeed] | None:
     """The consumer, the dead-letter writer and the dead letters within the guard's window, once
     the cluster says the worker may do what it does there; None if stopped or given up."""
     source, sink = _connect(config, stop)
     if source is None or sink is None:
         return None
-    # Both ask the cluster a round trip or more, and the group is joined only after them: side
-    # by side, a backlog's first records come ~0.1 s sooner.
-    with ThreadPoolExecutor(1, thread_name_prefix="guard-seed") as pool:
+    if feed is not None:  # before the group is joined: its first partitions wait for the feed
+        source.on_assign(feed.mark)
+    # The access check and the guard's dead letters each ask the cluster a round trip or more;
+    # meanwhile the consumer joins its group, fetching nothing until the check has said yes:
+    # side by side, a backlog's first records come ~0.1 s sooner.
+    with ThreadPoolExecutor(2, thread_name_prefix="start-up") as pool:
         seed = pool.submit(app.read_guard_seed, config, clock)
+        access = pool.submit(_verify_access, config)
         try:
-            _verify_access(config)
+            try:
+                source.join(lambda: access.done() or stop.is_set(), JOIN_WAIT)
+            finally:
+                access.result()  # its verdict first: it names what to grant
         except PurgeWorkerError:
             source.close(timeout=1.0)
             sink.close(timeout=1.0)

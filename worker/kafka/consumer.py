@@ -7,7 +7,7 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -19,7 +19,14 @@ from kafka.errors import CommitFailedError, KafkaError
 from worker.config.settings import KafkaSettings
 from worker.errors import AccessError
 from worker.events import Record, TopicPartition
-from worker.kafka.client import connecting, kafka_offsets, millis, options, to_record
+from worker.kafka.client import (
+    connecting,
+    kafka_offsets,
+    millis,
+    options,
+    prompt_metadata,
+    to_record,
+)
 from worker.kafka.handover import Listener
 
 log = structlog.get_logger("worker.kafka")
@@ -35,31 +42,11 @@ METADATA_WAIT = 2.0
 # asks ten times a second instead of twice.
 FETCH_WAIT_MS = 100
 METADATA_STEP = 0.005
-# The client's back-off between two metadata requests while a new consumer waits for its topics'.
-PROMPT_BACKOFF_MS = 10
+# The poll's timeout while ``join`` waits for the group and for what runs beside it (s).
+JOIN_STEP = 0.005
 # How long the lag of partitions not read from yet may wait for their end offsets, asked once per
 # assignment (ms).
 ENDS_WAIT_MS = 500
-
-
-@contextlib.contextmanager
-def _prompt_metadata(cluster: Any) -> Iterator[None]:
-    """Within: the client asks for the subscribed topics' metadata at once. kafka-python 3.0.12
-    waits its ``retry_backoff_ms`` (100 ms, not taken from the consumer's settings) after the
-    bootstrap's own metadata before it asks again: a tenth of a second of every start-up spent
-    waiting. Outside, the back-off is as it was, so a cluster in trouble is not asked more
-    often."""
-    settings = getattr(cluster, "config", None)
-    if not isinstance(settings, dict) or not isinstance(
-        backoff := settings.get("retry_backoff_ms"), int
-    ):
-        yield
-        return
-    settings["retry_backoff_ms"] = min(backoff, PROMPT_BACKOFF_MS)
-    try:
-        yield
-    finally:
-        settings["retry_backoff_ms"] = backoff
 
 
 def _await_metadata(cluster: Any, topics: Sequence[str]) -> None:
@@ -106,23 +93,50 @@ class KafkaSource:
         self._ends: dict[KafkaTP, int] = {}
         self._ends_asked: set[KafkaTP] = set()
         cluster = getattr(self._consumer, "_cluster", None)  # kafka-python's: read defensively
-        with _prompt_metadata(cluster):
+        with prompt_metadata(cluster):
             self._consumer.subscribe(list(config.topics), listener=self._listener)
             _await_metadata(cluster, config.topics)
 
     def poll(self, timeout: float, max_records: int) -> list[Record]:
         """Raises ``AccessError`` when the group or a topic may not be read."""
+        batches = self._poll(timeout, max_records)
+        if batches:
+            self._heard_at = time.monotonic()
+        return [to_record(r) for records in batches.values() for r in records]
+
+    def _poll(self, timeout: float, max_records: int | None = None) -> dict[KafkaTP, list[Any]]:
         try:
-            batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
+            return self._consumer.poll(  # type: ignore[no-any-return]
+                timeout_ms=int(timeout * 1000), max_records=max_records
+            )
         except kafka_errors.AuthorizationError as exc:
             raise AccessError(
                 f"group {self._config.group_id} on {', '.join(self._config.topics)}: not "
                 f"authorized ({type(exc).__name__}): grant Read and Describe on the topics and "
                 "the group"
             ) from None
-        if batches:
-            self._heard_at = time.monotonic()
-        return [to_record(r) for records in batches.values() for r in records]
+
+    def join(self, done: Callable[[], bool], timeout: float) -> None:
+        """Join the group and learn where each partition starts, fetching nothing, until
+        ``done()`` (at most ``timeout`` seconds): start-up's other round trips (the access
+        check, the guard's dead letters) run meanwhile, and the loop's first poll fetches at
+        once. A join not finished by then goes on in that poll. Raises like ``poll``."""
+        listener = self._listener
+        with listener.lock:
+            listener.hold = True  # what the group assigns meanwhile is paused (see Listener)
+        deadline = time.monotonic() + timeout
+        try:
+            while not done() and time.monotonic() < deadline:
+                for tp, records in self._poll(JOIN_STEP).items():
+                    # Not expected (paused as assigned); kept all the same: read again later.
+                    self._consumer.seek(tp, records[0].offset)
+        finally:
+            with listener.lock:
+                listener.hold, held = False, listener.held
+                listener.held = set()
+            for tp in held & self._consumer.assignment():
+                with contextlib.suppress(KeyError, KafkaError):
+                    self._consumer.resume(tp)
 
     def last_contact(self) -> float | None:
         # An idle member hears from the group coordinator every heartbeat (3 s); records and

@@ -28,7 +28,7 @@ from worker.clock import Clock
 from worker.config.settings import KafkaSettings
 from worker.errors import AccessError, PurgeWorkerError
 from worker.kafka.admin import ensure_topic
-from worker.kafka.client import learn_version, options
+from worker.kafka.client import learn_version, options, partitions_of
 from worker.kafka.repairs import mend
 from worker.sending.split import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report, news
 
@@ -192,10 +192,8 @@ class KafkaBudgetExchange:
     def _connect_consumer(self) -> KafkaConsumer:
         """The reader of the budget topic (made by ``_ensure_topic`` if missing and this worker
         may: one partition, compacted; an admin's topic is used as it is)."""
-        # ``options`` holds the broker's version the writer learned: the reader asks for this
-        # topic's metadata at once, not after kafka-python's 100 ms metadata backoff.
         consumer = KafkaConsumer(**options(self._config), group_id=None, enable_auto_commit=False)
-        parts = consumer.partitions_for_topic(self._topic) or {0}
+        parts = partitions_of(consumer, self._topic) or {0}
         tps = [TopicPartition(self._topic, p) for p in sorted(parts)]
         self._single = len(tps) == 1
         consumer.assign(tps)

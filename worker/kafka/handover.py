@@ -51,6 +51,10 @@ class Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
         self.catch_up: Callable[[], threading.Event] | None = None
         self.restoring = True  # no partitions yet: the first wait is the ledger's restore
         self.closing = False
+        # While the source joins at start-up (``KafkaSource.join``), what is assigned is paused
+        # (``held``): the group is joined and positions are learned, and nothing is fetched.
+        self.hold = False
+        self.held: set[KafkaTP] = set()
 
     async def _wait_until(self, done: Callable[[], bool], seconds: float) -> bool:
         """Ask ``done`` between short sleeps on the client's event loop (heartbeats go on
@@ -113,6 +117,9 @@ class Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
             self.lost -= kept
             self.revoked = set()
             self.finished = {tp: o for tp, o in self.finished.items() if tp in kept}
+            if self.hold and self.consumer is not None and assigned:
+                self.consumer.pause(*assigned)
+                self.held |= set(assigned)
         if gained and self.catch_up is not None:
             wait, self.restoring = RESTORE_WAIT if self.restoring else CATCH_UP_WAIT, False
             await self._caught_up(self.catch_up(), wait)

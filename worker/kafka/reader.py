@@ -28,6 +28,7 @@ from worker.kafka.client import (
     kafka_offsets,
     millis,
     options,
+    partitions_of,
     to_record,
     translated,
     unavailable,
@@ -69,7 +70,7 @@ class DeadLetterReader:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
             )
-            parts = self._consumer.partitions_for_topic(topic)
+            parts = partitions_of(self._consumer, topic)
         except KafkaError as exc:
             raise unavailable(f"cannot read {topic}", exc) from None
         if not parts:
@@ -186,7 +187,7 @@ def recent_dead_letters(
         "cannot reach Kafka",
     )
     try:
-        parts = consumer.partitions_for_topic(config.dead_letter_topic) or set()
+        parts = partitions_of(consumer, config.dead_letter_topic)
         tps = [KafkaTP(config.dead_letter_topic, p) for p in parts]
         if not tps:
             return []
@@ -228,7 +229,7 @@ def recent_dead_letters(
 def seek_since(consumer: Any, topic: str, since: float) -> dict[KafkaTP, int] | None:
     """Assign every partition of ``topic`` and seek to the first record at or after ``since``;
     returns the end offsets now (None: no such topic)."""
-    parts = consumer.partitions_for_topic(topic)
+    parts = partitions_of(consumer, topic)
     if not parts:
         return None
     tps = [KafkaTP(topic, p) for p in sorted(parts)]
