@@ -254,7 +254,7 @@ def test_a_new_source_asks_for_its_topics_without_waiting_out_the_back_off(
     # subscribed topics: the source shortens it while it waits for them, and only then.
     from kafka.cluster import ClusterMetadata
 
-    from worker.kafka import client
+    from worker.kafka import metadata
 
     seen: list[int] = []
     ttl = ClusterMetadata.ttl
@@ -269,7 +269,7 @@ def test_a_new_source_asks_for_its_topics_without_waiting_out_the_back_off(
     try:
         cluster = source._consumer._cluster
         assert cluster.partitions_for_topic(topic) == set(range(PARTITIONS))
-        assert client.PROMPT_BACKOFF_MS in seen  # the topics were asked for promptly
+        assert metadata.PROMPT_BACKOFF_MS in seen  # the topics were asked for promptly
         assert cluster.config["retry_backoff_ms"] == 100  # and the back-off is kafka-python's again
     finally:
         source.close(1.0)
@@ -283,7 +283,7 @@ def test_a_new_client_asks_for_a_missing_topic_without_waiting_out_the_back_off(
     from kafka import KafkaConsumer
     from kafka.cluster import ClusterMetadata
 
-    from worker.kafka import client
+    from worker.kafka import metadata
 
     seen: list[int] = []
     ttl = ClusterMetadata.ttl
@@ -295,8 +295,8 @@ def test_a_new_client_asks_for_a_missing_topic_without_waiting_out_the_back_off(
     monkeypatch.setattr(ClusterMetadata, "ttl", spied)
     consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None)
     try:
-        assert client.partitions_of(consumer, f"missing-{uuid.uuid4().hex[:8]}") == set()
-        assert client.PROMPT_BACKOFF_MS in seen, seen
+        assert metadata.partitions_of(consumer, f"missing-{uuid.uuid4().hex[:8]}") == set()
+        assert metadata.PROMPT_BACKOFF_MS in seen, seen
         assert consumer._cluster.config["retry_backoff_ms"] == 100
     finally:
         consumer.close()

@@ -24,10 +24,10 @@ from worker.kafka.client import (
     kafka_offsets,
     millis,
     options,
-    prompt_metadata,
     to_record,
 )
 from worker.kafka.handover import Listener
+from worker.kafka.metadata import prompt_metadata
 
 log = structlog.get_logger("worker.kafka")
 

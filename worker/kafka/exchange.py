@@ -28,7 +28,8 @@ from worker.clock import Clock
 from worker.config.settings import KafkaSettings
 from worker.errors import AccessError, PurgeWorkerError
 from worker.kafka.admin import ensure_topic
-from worker.kafka.client import learn_version, options, partitions_of
+from worker.kafka.client import learn_version, options
+from worker.kafka.metadata import partitions_of
 from worker.kafka.repairs import mend
 from worker.sending.split import REPORT_INTERVAL, REPORT_TTL, Board, Demand, Report, news
 

@@ -28,11 +28,11 @@ from worker.kafka.client import (
     kafka_offsets,
     millis,
     options,
-    partitions_of,
     to_record,
     translated,
     unavailable,
 )
+from worker.kafka.metadata import partitions_of
 from worker.outcome.dead_letters import PREFIX, ReplayFilter, header, original
 
 
