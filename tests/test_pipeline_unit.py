@@ -549,7 +549,7 @@ def _burst(clock, paths, repeats, *, age=0.0, over=0.0):
     ]
 
 
-def _drain_burst(records, clock, plan="pro", remote=False):
+def _drain_burst(records, clock, plan="pro", remote=False, **over):
     pipeline, source, _, api = build(
         records,
         remote=remote,
@@ -557,6 +557,7 @@ def _drain_burst(records, clock, plan="pro", remote=False):
         clock=clock,
         cloudflare__accounts={"main": {"plan": plan}},
         kafka={"topics": ["cms"], "dead_letter_topic": "dlq", "max_poll_records": 100},
+        **over,
     )
     first_send = None
     for _ in range(4000):
@@ -593,6 +594,23 @@ def test_a_fresh_burst_is_held_until_read_though_what_was_read_grows_old_meanwhi
     clock = MockClock()
     paths = [f"p{i}" for i in range(1000)]
     sent, _ = _drain_burst(_burst(clock, paths, 6, age=3.0, over=1.0), clock, plan="free")
+    assert sorted(sent) == sorted(f"https://www.example.com/{p}" for p in paths)
+
+
+@planning
+def test_a_fresh_burst_larger_than_the_records_that_may_wait_is_still_sent_once(remote):
+    # Reading pauses at 2,500 waiting records, 3,500 before the end. The hold goes on while it
+    # is paused, up to the ledger's margin: a purge sent then covers every record the burst
+    # had (ended rather the hold: each target sent again for its repeats still unread).
+    clock = MockClock()
+    paths = [f"p{i}" for i in range(1000)]
+    sent, _ = _drain_burst(
+        _burst(clock, paths, 6),
+        clock,
+        plan="free",
+        remote=remote,
+        coalesce={"max_pending_records": 2500},
+    )
     assert sorted(sent) == sorted(f"https://www.example.com/{p}" for p in paths)
 
 

@@ -89,11 +89,11 @@ class Intake:
 
     def behind(self, consumed: Mapping[TopicPartition, int]) -> bool:
         """More than a poll's worth of records is still to be read (from the last consumed
-        offsets), and reading goes on (not paused for the backlog)."""
+        offsets), paused for the backlog or not."""
         return self._behind(self.source.lag(dict(consumed)))
 
     def _behind(self, lags: Mapping[TopicPartition, int]) -> bool:
-        return not self._paused and sum(lags.values()) > self._max
+        return sum(lags.values()) > self._max
 
     def read_to_end(
         self,
