@@ -162,9 +162,9 @@ class LedgerSettings(Section):
 class CoalesceSettings(Section):
     window_seconds: float = Field(default=2.0, ge=0, le=300)
     max_pending_targets: int = Field(default=50_000, ge=1)
-    # A fresh burst's records must wait together for their purges to be sent once: at 20,000 a
-    # bulk re-publish of 120,000 events over 32,000 targets sent 1.67 items per target, at
-    # 100,000 1.10. A waiting record costs ~0.9 KB (the record itself a third of it).
+    # A fresh burst's records wait together for their purges to be sent once; past this many,
+    # reading pauses and the burst's targets wait out the ledger's margin instead (later, not
+    # twice). A waiting record costs ~0.9 KB (the record itself a third of it).
     max_pending_records: int = Field(default=100_000, ge=1)
     ledger: LedgerSettings = LedgerSettings()
 
