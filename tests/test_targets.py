@@ -1,5 +1,8 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from worker import targets
 from worker.errors import InvalidTarget
 from worker.targets import Kind, Mode, Target
 
@@ -71,3 +74,60 @@ def test_everything_and_modes():
     assert t.kind is Kind.EVERYTHING and t.zone == "example.com"
     assert Mode.PURGE.endpoint == "purge_cache"
     assert Mode.INVALIDATE.endpoint == "invalidate_cache"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.from_regex(targets._NORMAL_URL, fullmatch=True))
+def test_a_url_taken_as_already_normal_is_one_the_whole_way_leaves_alone(url):
+    # The fast path must only ever take URLs the whole way would return unchanged.
+    assert targets._normalize_url(url) == url
+
+
+URL_PARTS = st.sampled_from(
+    [
+        "http",
+        "https",
+        "HTTP",
+        "://",
+        "/",
+        "a",
+        "Z",
+        ".",
+        "-",
+        ":80",
+        "@",
+        "?",
+        "#",
+        "*",
+        "%",
+        "%41",
+        "~",
+        "é",
+        " ",
+        "\t",
+        "=",
+        "&",
+        "..",
+        "//",
+        "com",
+        "xn--",
+        "(",
+        "'",
+        ";",
+        "_",
+    ]
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(URL_PARTS, max_size=12).map("".join))
+def test_urls_normalise_the_same_with_and_without_the_fast_path(raw):
+    try:
+        want: str | type[InvalidTarget] = targets._normalize_url(raw)
+    except InvalidTarget:
+        want = InvalidTarget
+    try:
+        got: str | type[InvalidTarget] = targets.normalize_url.__wrapped__(raw)
+    except InvalidTarget:
+        got = InvalidTarget
+    assert got == want

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from worker.errors import UnknownZone
 from worker.targets import Kind, Target
 
+# Hosts remembered by ``ZoneRouter`` before it starts over (a host is event data).
+HOSTS_FOUND = 10_000
+
 
 @dataclass(frozen=True)
 class Zone:
@@ -18,6 +21,9 @@ class Zone:
     hosts: tuple[str, ...]
     # Cache-key variants every URL of the zone is purged in (e.g. per CF-Device-Type).
     url_variants: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+_UNSEEN = Zone("", "", "", ())
 
 
 class ZoneRouter:
@@ -36,6 +42,9 @@ class ZoneRouter:
                     self._exact[host.lower()] = zone
         # Most specific suffix first.
         self._suffix.sort(key=lambda item: -len(item[0]))
+        # Hosts found by suffix (None: by none), so each is looked for once: a site's pages
+        # are mostly on a few hosts under a wildcard.
+        self._found: dict[str, Zone | None] = {}
 
     def route(self, target: Target) -> Zone:
         """The zone for ``target``. Raises ``UnknownZone``."""
@@ -44,7 +53,12 @@ class ZoneRouter:
         host = target.hostname or ""
         zone = self._exact.get(host)
         if zone is None:
-            zone = next((z for suffix, z in self._suffix if host.endswith(suffix)), None)
+            zone = self._found.get(host, _UNSEEN)
+            if zone is _UNSEEN:
+                zone = next((z for suffix, z in self._suffix if host.endswith(suffix)), None)
+                if len(self._found) >= HOSTS_FOUND:
+                    self._found.clear()
+                self._found[host] = zone
         if zone is None:
             raise UnknownZone(f"{target.value}: host {host!r} is in no configured zone")
         return zone
