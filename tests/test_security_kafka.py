@@ -172,6 +172,22 @@ def closed(proc: subprocess.Popen) -> subprocess.Popen:
     return proc
 
 
+def purge_through(cfg: str, tmp_path: Path, emulator, s: Setup, n: int, prefix: str, **env_extra):
+    """A worker drains ``n`` events produced while it runs, is stopped cleanly, and purged
+    every one of their URLs; returns its log."""
+    log_path = tmp_path / "worker.log"
+    worker = start(cfg, log_path, **env_extra)
+    try:
+        produce(s.broker.bootstrap, s.topic, events(n, prefix), key=None, spread=2)
+        wait_for(
+            lambda: all_committed(s.broker.bootstrap, s.group, s.topic), 60, what="all committed"
+        )
+    finally:
+        assert stop(worker) == 0, log_path.read_text()[-3000:]
+    assert set(purged_items(emulator)) == urls(n, prefix)
+    return log_path.read_text()
+
+
 def events(n: int, prefix: str) -> list[bytes]:
     data = [{"host": "img.example-cdn.net", "path": f"{prefix}{i}"} for i in range(n)]
     return [cloudevent("image.updated", d, f"{prefix}{i}") for i, d in enumerate(data)]
@@ -233,16 +249,7 @@ def test_plain_and_mutual_tls_purge_as_well(broker, emulator, tmp_path, how):
         )
         extra["KAFKA_KEY_PASSPHRASE"] = KEY_PASSPHRASE
     cfg = config(tmp_path, emulator, s, "SASL_SSL" if how == "plain" else "MTLS", security)
-    worker = start(cfg, tmp_path / "worker.log", **extra)
-    try:
-        produce(broker.bootstrap, s.topic, events(6, how), key=None, spread=2)
-        wait_for(
-            lambda: all_committed(broker.bootstrap, s.group, s.topic), 60, what="all committed"
-        )
-    finally:
-        assert stop(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
-    assert set(purged_items(emulator)) == urls(6, how)
-    log = (tmp_path / "worker.log").read_text()
+    log = purge_through(cfg, tmp_path, emulator, s, 6, how, **extra)
     assert PLAIN_PASSWORD not in log and KEY_PASSPHRASE not in log
 
 
@@ -349,17 +356,7 @@ def test_a_receipts_topic_it_may_not_use_costs_one_warning_and_nothing_else(
     s = Setup(broker, f"User:{SCRAM_USER}")
     s.grant_all(receipts=False)
     cfg = config(tmp_path, emulator, s, "SASL_SSL", scram(broker))
-    log_path = tmp_path / "worker.log"
-    worker = start(cfg, log_path)
-    try:
-        produce(broker.bootstrap, s.topic, events(30, "n"), key=None, spread=2)
-        wait_for(
-            lambda: all_committed(broker.bootstrap, s.group, s.topic), 60, what="all committed"
-        )
-    finally:
-        assert stop(worker) == 0, log_path.read_text()[-3000:]
-    log = log_path.read_text()
-    assert set(purged_items(emulator)) == urls(30, "n")
+    log = purge_through(cfg, tmp_path, emulator, s, 30, "n")
     # Said once each, however many receipts were dropped: the writer's and the feed's warning.
     assert log.count("receipts not written") == 1, log[-3000:]
     assert log.count("receipts not read") == 1, log[-3000:]
@@ -417,17 +414,7 @@ def test_a_missing_budget_topic_it_may_not_create_is_named_and_the_budget_goes_b
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=60, check=False)
     assert f"topic {s.budget} does not exist" in proc.stdout, proc.stdout + proc.stderr
     assert "this principal may not create it" in proc.stdout
-    log_path = tmp_path / "worker.log"
-    worker = start(cfg, log_path)
-    try:
-        produce(broker.bootstrap, s.topic, events(10, "m"), key=None, spread=2)
-        wait_for(
-            lambda: all_committed(broker.bootstrap, s.group, s.topic), 60, what="all committed"
-        )
-    finally:
-        assert stop(worker) == 0, log_path.read_text()[-3000:]
-    log = log_path.read_text()
-    assert set(purged_items(emulator)) == urls(10, "m")
+    log = purge_through(cfg, tmp_path, emulator, s, 10, "m")
     unavailable = [line for line in log.splitlines() if "budget exchange unavailable" in line]
     assert unavailable and "may not create it" in unavailable[0], log[-3000:]
     assert "grant Read, Write and Describe" in unavailable[0]

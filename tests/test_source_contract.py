@@ -247,14 +247,10 @@ def test_pausing_while_the_group_takes_a_partition_away_does_not_raise(kafka_boo
         source.close(1.0)
 
 
-def test_a_new_source_asks_for_its_topics_without_waiting_out_the_back_off(
-    kafka_bootstrap, make_topic, monkeypatch
-):
-    # kafka-python waits its 100 ms metadata back-off after the bootstrap before it asks for the
-    # subscribed topics: the source shortens it while it waits for them, and only then.
+@pytest.fixture
+def backoffs_asked(monkeypatch) -> list[int]:
+    """The metadata back-off in force each time a client judged whether to ask for metadata."""
     from kafka.cluster import ClusterMetadata
-
-    from worker.kafka import metadata
 
     seen: list[int] = []
     ttl = ClusterMetadata.ttl
@@ -264,39 +260,40 @@ def test_a_new_source_asks_for_its_topics_without_waiting_out_the_back_off(
         return ttl(self)
 
     monkeypatch.setattr(ClusterMetadata, "ttl", spied)
+    return seen
+
+
+def test_a_new_source_asks_for_its_topics_without_waiting_out_the_back_off(
+    kafka_bootstrap, make_topic, backoffs_asked
+):
+    # kafka-python waits its 100 ms metadata back-off after the bootstrap before it asks for the
+    # subscribed topics: the source shortens it while it waits for them, and only then.
+    from worker.kafka import metadata
+
     topic = make_topic("prompt", PARTITIONS)
     source = Kafka(kafka_bootstrap, make_topic).open(topic, f"g-{uuid.uuid4().hex[:8]}")
     try:
         cluster = source._consumer._cluster
         assert cluster.partitions_for_topic(topic) == set(range(PARTITIONS))
-        assert metadata.PROMPT_BACKOFF_MS in seen  # the topics were asked for promptly
+        assert metadata.PROMPT_BACKOFF_MS in backoffs_asked  # the topics were asked for promptly
         assert cluster.config["retry_backoff_ms"] == 100  # and the back-off is kafka-python's again
     finally:
         source.close(1.0)
 
 
 def test_a_new_client_asks_for_a_missing_topic_without_waiting_out_the_back_off(
-    kafka_bootstrap, monkeypatch
+    kafka_bootstrap, backoffs_asked
 ):
     # The receipts feed, the budget exchange and the dead-letter readers ask a new client for a
     # topic's partitions: a missing topic (a fresh receipts topic) cost the 100 ms back-off.
     from kafka import KafkaConsumer
-    from kafka.cluster import ClusterMetadata
 
     from worker.kafka import metadata
 
-    seen: list[int] = []
-    ttl = ClusterMetadata.ttl
-
-    def spied(self):
-        seen.append(self.config["retry_backoff_ms"])
-        return ttl(self)
-
-    monkeypatch.setattr(ClusterMetadata, "ttl", spied)
     consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None)
     try:
         assert metadata.partitions_of(consumer, f"missing-{uuid.uuid4().hex[:8]}") == set()
-        assert metadata.PROMPT_BACKOFF_MS in seen, seen
+        assert metadata.PROMPT_BACKOFF_MS in backoffs_asked, backoffs_asked
         assert consumer._cluster.config["retry_backoff_ms"] == 100
     finally:
         consumer.close()
