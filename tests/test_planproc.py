@@ -16,8 +16,9 @@ import pytest
 from tests.helpers import cloudevent, make_config
 from worker.events import Record
 from worker.planning import numbering, process
-from worker.planning.planner import SKIPPED, Planned, Planner
+from worker.planning.planner import SKIPPED, Planned, Planner, Routed
 from worker.planning.process import PlannerDied, PlanningProcess, usable_cpus, wanted
+from worker.targets import Target
 
 RULES = [
     {
@@ -374,3 +375,34 @@ def test_records_are_aged_when_all_were_written_longer_than_the_margin_ago():
     assert not aged([*old, old[0]._replace(timestamp_ms=now_ms - 4_000)])  # one young
     assert not aged([*old, old[0]._replace(timestamp_ms=None)])  # one without a time
     assert not aged([*old, old[0]._replace(timestamp_ms=0)])  # nor one at 0 (``record_time``)
+
+
+def test_targets_cross_back_as_the_workers_own_types():
+    """Targets cross the pipe as plain tuples; the loop gets ``Routed`` and ``Target`` back, with
+    their kind, mode, zone and cache-key headers, as its own planner makes them."""
+    config = make_config("http://127.0.0.1:1")  # URLs with cache-key headers, prefixes, hosts
+    events = [
+        ("article.updated", {"locales": ["en"], "slug": "a", "id": 1}),
+        ("section.changed", {"section": "news"}),
+        ("site.rebuilt", {"host": "www.example.com"}),
+    ]
+    batch = [
+        Record("cms", 0, i, None, cloudevent(kind, data, f"e{i}"), (), 1_800_000_000_000)
+        for i, (kind, data) in enumerate(events)
+    ]
+    remote = PlanningProcess(config.planning).start()
+    try:
+        remote.submit(batch)
+        got = remote.collect()
+    finally:
+        remote.close()
+    planner = Planner(config.planning)
+    for record, plan in zip(batch, got, strict=True):
+        want = Planned.of(planner.plan(record), use_event_time=False).targets
+        assert list(plan.targets) == list(want) and plan.targets
+        for routed, made in zip(plan.targets, want, strict=True):
+            assert type(routed) is Routed and type(routed.target) is Target
+            assert routed.zone.id == made.zone.id and routed.mode is made.mode
+            assert routed.target.kind is made.target.kind
+    headers = [r.target.headers for p in got for r in p.targets if r.target.headers]
+    assert headers, "the default rules make URLs with cache-key headers"

@@ -2,6 +2,8 @@
 
 A routed target (its zone, mode and form) crosses once, with the first plan that has it, and is
 named by its number after that; so does each list of targets, as the numbers of its targets.
+Targets cross as plain tuples: a named tuple is pickled through a Python call (seven times the
+time, in the planning process, for the tens of thousands a backlog's first pass numbers).
 A plan is then a row of small values: the event's id and times and its list's number. Records
 with the same plan get the same list on the loop's side, which lets the pending stage remember
 what it found for the list (``PendingTargets``). Both sides start over together once either
@@ -21,6 +23,8 @@ NUMBERED_TARGETS = 50_000
 NUMBERED_LISTS = 20_000
 
 Row = tuple[Any, ...] | None
+# A routed target as it crosses: its zone, its mode, and its target as a plain tuple.
+Crossing = tuple[Any, Mode, tuple[Any, ...]]
 
 
 class Numbering:
@@ -32,7 +36,7 @@ class Numbering:
         # The number of each remembered plan's list (a tuple the planner hands every record with
         # that plan), by its identity; the tuple is held, so its id is not reused meanwhile.
         self._known: dict[int, tuple[Sequence[Routed], int]] = {}
-        self._new_targets: list[Routed] = []
+        self._new_targets: list[Crossing] = []
         self._new_lists: list[tuple[int, ...]] = []
 
     def start_batch(self) -> bool:
@@ -56,11 +60,11 @@ class Numbering:
             # Most plans have none of these: an empty tuple crosses the pipe as one byte and
             # comes back as the one empty tuple, not a new list per record.
             tuple(plan.errors),
-            tuple(self._number(plan.warm)),
+            tuple(self._number(plan.warm)) if plan.warm else (),
             tuple(plan.dropped),
         )
 
-    def take_new(self) -> tuple[list[Routed], list[tuple[int, ...]]]:
+    def take_new(self) -> tuple[list[Crossing], list[tuple[int, ...]]]:
         """The targets and lists numbered since the last call, for the loop's tables."""
         new = self._new_targets, self._new_lists
         self._new_targets, self._new_lists = [], []
@@ -89,7 +93,7 @@ class Numbering:
             n = numbers.get(key)
             if n is None:
                 n = numbers[key] = len(numbers)
-                self._new_targets.append(routed)
+                self._new_targets.append((routed.zone, routed.mode, tuple(routed.target)))
             out.append(n)
         return out
 
@@ -104,7 +108,7 @@ class Numbered:
     def plans(
         self,
         reset: bool,
-        new: tuple[list[Routed], list[tuple[int, ...]]],
+        new: tuple[list[Crossing], list[tuple[int, ...]]],
         rows: list[Row],
     ) -> list[Planned]:
         targets, lists = self._targets, self._lists
@@ -112,7 +116,8 @@ class Numbered:
             targets.clear()
             lists.clear()
         new_targets, new_lists = new
-        targets.extend(new_targets)
+        make = tuple.__new__  # a named tuple's own constructor is a Python call: twice the time
+        targets.extend([make(Routed, (z, mode, make(Target, t))) for z, mode, t in new_targets])
         lists.extend([targets[i] for i in numbers] for numbers in new_lists)
         plans: list[Planned] = []
         for row in rows:
@@ -121,15 +126,18 @@ class Numbered:
                 continue
             event_id, event_time, ledger_time, skipped, n, errors, warm, dropped = row
             plans.append(
-                Planned(
-                    event_id,
-                    event_time,
-                    ledger_time,
-                    skipped,
-                    lists[n],
-                    errors,
-                    [targets[i] for i in warm] if warm else (),
-                    dropped,
+                make(
+                    Planned,
+                    (
+                        event_id,
+                        event_time,
+                        ledger_time,
+                        skipped,
+                        lists[n],
+                        errors,
+                        [targets[i] for i in warm] if warm else (),
+                        dropped,
+                    ),
                 )
             )
         return plans
