@@ -19,13 +19,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from worker.config.settings import KafkaSettings
 from worker.errors import AccessError
 from worker.events import Record, TopicPartition
-from worker.kafka.client import (
-    connecting,
-    kafka_offsets,
-    millis,
-    options,
-    to_record,
-)
+from worker.kafka.client import connecting, kafka_offsets, millis, options, to_record
 from worker.kafka.handover import Listener
 from worker.kafka.metadata import prompt_metadata
 

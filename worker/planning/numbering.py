@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from worker.planning.planner import SKIPPED, Planned, Routed
+from worker.planning.routing import Zone
 from worker.targets import Mode, Target
 
 # Routed targets, and lists of them, numbered before the numbering starts over.
@@ -24,7 +25,7 @@ NUMBERED_LISTS = 20_000
 
 Row = tuple[Any, ...] | None
 # A routed target as it crosses: its zone, its mode, and its target as a plain tuple.
-Crossing = tuple[Any, Mode, tuple[Any, ...]]
+Crossing = tuple[Zone, Mode, tuple[Any, ...]]
 
 
 class Numbering:
