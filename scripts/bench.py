@@ -993,6 +993,19 @@ def stages_section(st: dict[str, Any]) -> list[str]:
         "the interpreter lock (which the other threads hold meanwhile), or for a core (the "
         "planning process, the broker and the emulator run on the same two).",
     ]
+    walls = sorted(st.get("request_wall_s", []))
+    if "pended_records" in st and walls:
+        lines += [
+            "",
+            f"Of the {events:,} records, {st['pended_records']:,} met their targets one by one "
+            "(some target not yet known purged: each is looked up in the ledger, joins what is "
+            "pending or in flight, or is made pending, and the record waits); the rest were "
+            "finished at once (their targets all purged already, or none). The first kind costs "
+            "more, and how many there are depends on how soon the first purges are accepted: "
+            f"{len(walls)} purge requests, each {statistics.mean(walls) * 1000:.1f} ms on its "
+            f"thread on average (median {statistics.median(walls) * 1000:.1f}, longest "
+            f"{walls[-1] * 1000:.1f}), at most `delivery.concurrency` at once.",
+        ]
     return lines
 
 

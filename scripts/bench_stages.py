@@ -7,9 +7,13 @@ stage's method on the loop's thread is wrapped to add up its wall time and its t
 (``time.thread_time``), its own time apart from the stages it calls. When the loop starts to
 drain (the bench stops the worker once every offset is committed), OUT.json gets the totals, the
 CPU of the worker's other threads and of its planning process, and when the first record and
-the RECORDS-th record were read (wall-clock seconds since the epoch).
+the RECORDS-th record were read (wall-clock seconds since the epoch). Two counts beside the
+clocks: the records whose targets met the pending stage one by one (``PendingTargets.pend``: a
+record whose targets are not all known purged yet; the others are finished at once), and each
+purge request's wall time on its thread (``Purger.send``).
 
-A wrapper costs about a microsecond a call, and the loop makes a few hundred calls a drain.
+A clock costs about a microsecond a call, and the loop makes a few hundred such calls a drain;
+the counter on ``pend`` is a tenth of that, over a few tens of thousands of calls.
 """
 
 from __future__ import annotations
@@ -93,6 +97,36 @@ def child_cpu() -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def count_pended() -> list[int]:
+    """A counter of ``PendingTargets.pend`` calls (one a record, on the loop's thread)."""
+    stage = importlib.import_module("worker.pending.stage").PendingTargets
+    pend, calls = stage.pend, [0]
+
+    def counted(self: Any, owner: Any, plan: Any) -> int:
+        calls[0] += 1
+        return pend(self, owner, plan)  # type: ignore[no-any-return]
+
+    stage.pend = counted
+    return calls
+
+
+def time_requests() -> list[float]:
+    """Each purge request's wall time on the thread that sent it (``Purger.send``)."""
+    purger = importlib.import_module("worker.sending.purger").Purger
+    send, walls = purger.send, []
+
+    @functools.wraps(send)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return send(*args, **kwargs)
+        finally:
+            walls.append(time.perf_counter() - started)  # one append: atomic across threads
+
+    purger.send = timed
+    return walls
+
+
 def main() -> None:
     out, records, argv = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     clocks = Clocks()
@@ -117,6 +151,7 @@ def main() -> None:
         return batch
 
     intake.poll = poll
+    pended, requests = count_pended(), time_requests()
     loop = importlib.import_module("worker.loop").Loop
     drain = loop.drain
 
@@ -128,6 +163,8 @@ def main() -> None:
             "loop_thread_cpu_s": time.thread_time(),
             "process_cpu_s": time.process_time(),
             "planning_process_cpu_s": child_cpu(),
+            "pended_records": pended[0],
+            "request_wall_s": requests,
         }
         out.write_text(json.dumps(report))
         return drain(self, *args, **kwargs)
