@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from worker import __version__
 from worker.errors import ConfigError, PermanentError, PurgeWorkerError, RetryableError, UsageError
-from worker.runtime import tune_gc_early
+from worker.runtime import tune_gc_thresholds
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -130,7 +130,7 @@ def _redact(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_gc_early()  # before the command's imports
+    tune_gc_thresholds()  # before the command's imports
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_chosen(argv) or "")
     if not argv:

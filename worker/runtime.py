@@ -48,14 +48,7 @@ def tune_gc() -> None:
     fork is not looked at again, so this looks at what the clients made since)."""
     gc.collect()
     freeze_before_fork()
-    tune_gc_forked()
-
-
-def tune_gc_early() -> None:
-    """At a command's start, before its imports: the collector's ``tune_gc`` thresholds. By
-    default it ran 144 young collections while ``run`` imported its modules (15 ms of its
-    start-up) and found 23 objects to free."""
-    gc.set_threshold(GC_THRESHOLD, 50, 100)
+    tune_gc_thresholds()
 
 
 def freeze_before_fork() -> None:
@@ -63,11 +56,14 @@ def freeze_before_fork() -> None:
     processes. A collection in the child would write to every object's header and so copy
     every page the two processes share (a forked child's memory is the parent's until written).
     Not collected first: before the fork nothing has met the network yet, and after
-    ``tune_gc_early`` a full collection here found nothing to free (0 objects, measured after
+    ``tune_gc_thresholds`` a full collection here found nothing to free (0 objects, measured after
     ``run``'s imports) and cost 9 ms on the way to the first records."""
     gc.freeze()
 
 
-def tune_gc_forked() -> None:
-    """``tune_gc`` for a child forked after ``freeze_before_fork``: no collection first."""
+def tune_gc_thresholds() -> None:
+    """``tune_gc``'s thresholds alone, with nothing collected or frozen: at a command's start,
+    before its imports (by default the collector ran 144 young collections while ``run``
+    imported its modules, 15 ms of its start-up, and found 23 objects to free), and in a child
+    forked after ``freeze_before_fork``."""
     gc.set_threshold(GC_THRESHOLD, 50, 100)

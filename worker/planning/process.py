@@ -33,7 +33,7 @@ from worker.errors import PurgeWorkerError
 from worker.events import Record
 from worker.planning.numbering import Numbered, Numbering
 from worker.planning.planner import Planned, Planner, PlanningSettings
-from worker.runtime import freeze_before_fork, tune_gc_forked
+from worker.runtime import freeze_before_fork, tune_gc_thresholds
 
 # How long the child may take to exit once its pipe is closed, before it is killed.
 EXIT_WAIT = 1.0
@@ -197,7 +197,7 @@ def _serve(
     for signum in TERMINAL_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINAL_SIGNALS)
-    tune_gc_forked()
+    tune_gc_thresholds()
     planner = Planner(settings)
     numbers = Numbering()
     # A thread takes every batch off the pipe as it comes: the worker may send the next batch
