@@ -268,3 +268,28 @@ def test_a_record_pended_without_the_shortcut_still_counts_as_the_newest_seen():
     assert not stage.young(SENT)
     stage.pend("r1", plan_of(routed(Target.url("https://example.com/n")), SENT))
     assert stage.young(SENT + 1) and not stage.young(SENT + 6)
+
+
+def test_a_run_of_plans_is_sifted_in_one_pass():
+    # What waits for nothing ends here: no rule fired, or every target was purged after the
+    # record's margin (judged by the list). The rest is left for ``pend``, in its order.
+    from worker.errors import InvalidEvent
+    from worker.planning.planner import SKIPPED
+
+    stage, ledger = pending_stage()
+    shared = routed(*(Target.url(f"https://example.com/s{n}") for n in range(3)))
+    purged(ledger, *(r.target for r in shared), at=SENT)
+    assert stage.add("r0", plan_of(shared, SENT - 10)) == 0  # the list is remembered
+    plans = [
+        SKIPPED,  # outside the run sifted
+        plan_of(shared, SENT - 10),
+        SKIPPED,
+        plan_of(routed(Target.url("https://example.com/new")), SENT - 10),
+        plan_of(shared, SENT - 4),  # within the margin of the purge
+        plan_of(shared, SENT - 10)._replace(errors=[InvalidEvent("bad")]),
+        plan_of(shared, SENT - 20),
+    ]
+    ages: list[float] = []
+    assert stage.sift(plans, 1, 7, SENT + 5, ages) == ([3, 4, 5], 1, 2)
+    assert ages == [15.0, 25.0]
+    assert stage.young(SENT) and not stage.young(SENT + 2)  # the newest sifted: SENT - 4

@@ -204,7 +204,7 @@ class Loop:
         self.pending.learn()  # what receipts told since, before any target meets the ledger
         self.pending.begin()
         for opened, planned in ready:
-            self.outcome.planned(opened, planned, self.pending.covered, self.pending.pend)
+            self.outcome.planned(opened, planned, self.pending.sift, self.pending.pend)
         self.pending.flush_metrics()
 
     def _send_and_settle(self, *, send: bool = True) -> None:

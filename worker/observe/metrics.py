@@ -116,8 +116,8 @@ class StepHistogram:
     def observe_all(self, values: Iterable[float]) -> None:
         """Observe each of ``values`` (a negative one, a clock's skew, as zero)."""
         bounds, counts, total = self._bounds, [0] * len(self._bounds), 0.0
-        for value in values:
-            seen = max(0.0, value)
+        for value in values:  # each purged record of a backlog: no call it can do without
+            seen = value if value > 0.0 else 0.0
             counts[bisect_left(bounds, seen)] += 1  # the first bucket whose bound is ≥ it
             total += seen
         with self._lock:

@@ -33,6 +33,10 @@ log = structlog.get_logger("worker.outcome")
 
 # A dead-letter write that failed is tried again after this pause.
 DEAD_LETTER_RETRY = 2.0
+# Of a run of plans (``plans[lo:hi]``), the positions of the records that wait for something,
+# how many were skipped and how many already purged (their ages as of ``now`` appended):
+# ``PendingTargets.sift``.
+Sift = Callable[[Sequence[Planned], int, int, float, list[float]], tuple[list[int], int, int]]
 
 
 @dataclass(eq=False)
@@ -75,34 +79,28 @@ class Outcome:
         self,
         opened: Opened,
         plans: Sequence[Planned],
-        covered: Callable[[Planned], bool],
+        sift: Sift,
         pend: Callable[[Ref, Planned], int],
     ) -> None:
         """The plans of ``opened``'s records, in their order. A record no rule fired for, or
-        whose every target ``covered`` finds purged already, is finished here; the others get
-        a state and their targets are handed to ``pend``, which says how many they wait for.
-        Runs of partitions forgotten meanwhile are passed over."""
+        whose every target is already purged, is finished here (``sift`` tells them); the
+        others get a state and their targets are handed to ``pend``, which says how many they
+        wait for. Runs of partitions forgotten meanwhile are passed over."""
         records, add, waits = self.records, self.records.add, self.records.waits
         now_wall = self.clock.time()
         ages: list[float] = []
         finished: Counter[tuple[str, str]] = Counter()
-        shortcut = not self.debug  # debug logs each record's plan, from its state
         for tp, run, lo, hi in opened.runs:
             if not run.alive:
                 continue
+            if self.debug:  # debug logs each record's plan, from its state
+                rest = [i for i in range(lo, hi) if plans[i] is not SKIPPED]
+                skipped, purged = hi - lo - len(rest), 0
+            else:
+                rest, skipped, purged = sift(plans, lo, hi, now_wall, ages)
             waiting: set[int] = set()
-            skipped = purged = 0
-            for i in range(lo, hi):
-                plan = plans[i]
-                if plan is SKIPPED:
-                    skipped += 1
-                    continue
-                if shortcut and not (plan.errors or plan.warm or plan.dropped) and covered(plan):
-                    purged += 1
-                    if plan.event_time:
-                        ages.append(now_wall - plan.event_time)
-                    continue
-                record = opened.records[i]
+            for i in rest:
+                plan, record = plans[i], opened.records[i]
                 ref = Ref(tp[0], tp[1], record.offset, run.seq)
                 state = add(ref, record, opened.arrived)
                 waits(ref, state, self._planned(state, plan, pend(ref, plan)))
