@@ -210,3 +210,15 @@ def test_help_loads_no_client_library(argv):
     if argv == ["--help"] or argv == ["--version"]:
         heavy |= {"pydantic", "structlog", "yaml"}
     assert not imported & heavy, sorted(imported & heavy)
+
+
+def test_run_leaves_the_http_library_to_load_beside_the_group_join():
+    """``run``'s modules do not import ``requests`` (~40 ms): it loads on a thread while the
+    consumer connects and joins its group, which mostly waits on the network."""
+    code = (
+        "import sys, worker.commands.run; print(sorted({'requests', 'urllib3'} & set(sys.modules)))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.stdout.strip() == "[]"

@@ -15,14 +15,16 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-import requests
 import structlog
 
 from worker import __version__
 from worker.errors import ApiRejected, TransportError
+
+if TYPE_CHECKING:
+    import requests
 
 log = structlog.get_logger("worker.cloudflare")
 
@@ -67,6 +69,8 @@ class RequestsTransport:
     """HTTP through a ``requests`` session (connections kept alive between requests)."""
 
     def __init__(self, timeout: tuple[float, float] = TIMEOUT) -> None:
+        import requests  # noqa: PLC0415 (~40 ms: loaded by a transport, not by each command)
+
         self._timeout = timeout
         self._session = requests.Session()
         self._session.headers["User-Agent"] = f"purge-worker/{__version__}"
@@ -79,6 +83,8 @@ class RequestsTransport:
             + (f":{parts.port}" if parts.port else "")
             + parts.path
         )
+        import requests  # noqa: PLC0415 (loaded by ``__init__``: a look-up)
+
         try:
             resp = self._session.request(
                 request.method,
@@ -109,6 +115,8 @@ class RequestsTransport:
 def _reason(exc: requests.RequestException) -> str:
     """The operating system's words for a failed connection ("Connection refused", "Name or
     service not known"), when the exception's text carries them; its text is not shown whole."""
+    import requests  # noqa: PLC0415 (as in ``__init__``)
+
     if isinstance(exc, requests.Timeout):
         return " (timed out)"
     found = re.search(r"\[Errno -?\d+\] ([A-Za-z][A-Za-z ,']{0,80})", str(exc))

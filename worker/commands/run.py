@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -124,6 +125,11 @@ def _start(
 ) -> tuple[Loop, Warmer | None, ReceiptFeed | None] | None:
     """The loop, connected and checked; None when stopped (or given up) before it could run.
     Raises ``PurgeWorkerError`` naming what stands in the way."""
+    # The purge transport's HTTP library (~40 ms to import) loads while Kafka connects and the
+    # group is joined, which mostly wait on the network: the loop needs it at its first purge.
+    threading.Thread(
+        target=importlib.import_module, args=("requests",), name="import-http", daemon=True
+    ).start()
     exchange = None
     if config.kafka.budget_topic and not config.delivery.dry_run:
         # Started first: it connects while the consumer does, so the budget is there sooner.

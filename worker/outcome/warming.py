@@ -20,16 +20,18 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
 
-import requests
 import structlog
 
 from worker.clock import Clock
 from worker.config.model import WarmingSettings
 from worker.observe import metrics
 from worker.planning.planner import Routed
+
+if TYPE_CHECKING:
+    import requests
 
 log = structlog.get_logger("worker.outcome.warming")
 
@@ -132,6 +134,8 @@ class Warmer:
     # -- the threads ------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        import requests  # noqa: PLC0415 (loaded where used: most workers never warm)
+
         session = requests.Session()
         try:
             while (job := self._next()) is not None:
@@ -174,6 +178,8 @@ class Warmer:
         pace = 1.0 / self._settings.requests_per_second
         self._clock.sleep(self._settings.delay_seconds)
         out: list[dict[str, object]] = []
+        import requests  # noqa: PLC0415 (as in ``_run``)
+
         with requests.Session() as session:
             for i, (zone, _, target) in enumerate(urls):
                 if i:
@@ -188,6 +194,8 @@ class Warmer:
 
     def _fetch(self, session: requests.Session, job: WarmJob) -> tuple[int | None, str]:
         """GET one URL as a visitor would; count and log what the edge said."""
+        import requests  # noqa: PLC0415 (as in ``_run``)
+
         s = self._settings
         headers = {**dict(job.headers), "User-Agent": s.user_agent}
         url = job.url
