@@ -1,8 +1,9 @@
-"""Four faults of kafka-python 3.0 that a broker outage brings out, mended where the worker
-meets it. Each is applied only to the code it mirrors; a kafka-python that differs is left as it
-is. The first two apply when ``worker.kafka`` is imported; ``mend`` applies the other two to each
-client the worker makes. Cut off from Kafka by a network partition, a worker used 1.2 cores
-before the last two (0.9 with only the sender's), 0.02 after.
+"""Four faults of kafka-python 3.0 that a broker outage brings out, and one cost it adds to every
+poll, mended where the worker meets them. Each is applied only to the code it mirrors; a
+kafka-python that differs is left as it is. The first two apply when ``worker.kafka`` is
+imported; ``mend`` applies the others to each client the worker makes. Cut off from Kafka by a
+network partition, a worker used 1.2 cores before ``steady_sender`` and ``steady_poll`` (0.9 with
+only the first), 0.02 after.
 
 - The socket of a connection attempt that fails is left to the garbage collector: the failed
   attempt's exception, kept by the connection it was for, holds the frame that holds the socket,
@@ -26,6 +27,12 @@ before the last two (0.9 with only the sender's), 0.02 after.
   each turn wakes the client's network thread. The heartbeat goes from that network thread
   whatever ``poll`` does, so ``steady_poll`` lets a poll wait at least ``OVERDUE_WAIT`` for
   records (which end the wait as they come).
+- Every poll of a group member first makes sure its coordinator is known, on the client's
+  network thread, and waits for the answer, even when it is known and connected: a round trip
+  between threads each poll, 1-2 ms on two busy cores. Draining 120,000 records, the worker's
+  coordinator polls waited 0.18-0.23 s in all, 0.10-0.14 s with ``known_coordinator`` (the
+  group join's own waits are in both). It answers from the poll's own thread when the
+  coordinator is known and its connection is up; otherwise the network thread looks, as before.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ def mend(client: Any) -> None:
     """Apply to ``client`` (any kafka-python client) what fits it."""
     steady_sender(client)
     steady_poll(client)
+    known_coordinator(client)
 
 
 def close_failed_connects() -> bool:
@@ -154,4 +162,29 @@ def steady_poll(consumer: Any) -> bool:
 
     time_to_next_poll.steady = True  # type: ignore[attr-defined]
     coordinator.time_to_next_poll = time_to_next_poll
+    return True
+
+
+def known_coordinator(consumer: Any) -> bool:
+    """Make ``consumer``'s coordinator answer ``ensure_coordinator_ready`` without the network
+    thread while the coordinator is known and connected (two reads: a stale one only sends the
+    next poll the long way). Returns whether it does (False: not the consumer expected)."""
+    coordinator: Any = getattr(consumer, "_coordinator", None)
+    original = getattr(coordinator, "ensure_coordinator_ready", None)
+    client: Any = getattr(coordinator, "_client", None)
+    if original is None or not callable(getattr(client, "connected", None)):
+        return False
+    if getattr(original, "known", False):
+        return True
+    if not hasattr(coordinator, "coordinator_id"):
+        return False
+
+    def ensure_coordinator_ready(timeout_ms: Any = None) -> bool:
+        node = coordinator.coordinator_id
+        if node is not None and client.connected(node):
+            return True
+        return bool(original(timeout_ms=timeout_ms))
+
+    ensure_coordinator_ready.known = True  # type: ignore[attr-defined]
+    coordinator.ensure_coordinator_ready = ensure_coordinator_ready
     return True
