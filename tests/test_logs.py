@@ -91,34 +91,6 @@ def test_a_kafka_client_warning_said_again_and_again_is_held_back_and_counted():
     assert logs._Repeats().filter(bad)
 
 
-def test_repeats_that_stop_within_the_interval_are_still_counted(monkeypatch):
-    """A burst of one warning that ends before the next may go through is told when the
-    interval ends (its last line, with the count held before it), and what is held at exit is
-    told then: every line said is shown or counted."""
-    monkeypatch.setattr(logs, "REPEAT_EVERY", 0.3)
-    stream = io.StringIO()
-    logs.configure("json", "info", stream=stream)
-    client = logging.getLogger("kafka.net.connection")
-
-    def shown():
-        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-        return [x.get("held_back", 0) for x in lines if x["event"] == "Connection lost: refused"]
-
-    for _ in range(5):
-        client.warning("Connection lost: %s", "refused")
-    assert shown() == [0]
-    deadline = time.monotonic() + 5
-    while len(shown()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert shown() == [0, 3]  # the fifth, told when the interval ended: three held before it
-    client.warning("Connection lost: %s", "refused")  # within the interval of the one told
-    client.warning("Connection lost: %s", "refused")
-    handler = next(h for h in logging.getLogger().handlers if h.get_name() == logs._HANDLER_NAME)
-    handler.filters[0].tell_all()  # as at exit
-    assert shown() == [0, 3, 1]
-    assert sum(n + 1 for n in shown()) == 7
-
-
 class Connection:
     def __str__(self) -> str:
         return "<KafkaConnection node_id=1 (disconnected)>"

@@ -6,12 +6,10 @@ passwords) is replaced wherever it appears in any string of any log line, includ
 
 from __future__ import annotations
 
-import atexit
 import logging
 import math
 import sys
 import threading
-import time
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
@@ -143,9 +141,7 @@ def _route_stdlib(out: Any, renderer: Any, level: str) -> None:
         )
     )
     handler.set_name(_HANDLER_NAME)
-    repeats = _Repeats()
-    handler.addFilter(repeats)
-    atexit.register(repeats.tell_all)  # before logging's own exit hook (registered earlier)
+    handler.addFilter(_Repeats())
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]
     root.setLevel(level.upper())
@@ -159,74 +155,28 @@ class _Repeats(logging.Filter):
     taken away mid-run, its producer said "Failed to produce messages" four times a second
     (121 lines in 30 s). The first of a kind goes through; the same line again (same logger and
     text) goes through once every ``REPEAT_EVERY`` seconds, saying how many were held back
-    (``held_back``). Repeats that stop within the interval are told when it ends (the last
-    one, with the count held before it), or at exit: a count is never lost."""
+    (``held_back``)."""
 
     def __init__(self) -> None:
         super().__init__()
-        # When each line was let by, how many were held since, and the last held.
-        self._seen: dict[tuple[str, str], tuple[float, int, logging.LogRecord | None]] = {}
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # when let by, held
         self._lock = threading.Lock()  # kafka-python logs from its own threads
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or not record.name.startswith("kafka"):
             return True
-        if getattr(record, "repeats_told", False):
-            return True  # the last of held repeats, told by ``_tell``: counted already
         try:
             key = (record.name, record.getMessage())  # as it reads: arguments' reprs differ
         except Exception:  # noqa: BLE001 - a bad format is the formatter's to report, not ours
             return True
-        told: list[tuple[logging.LogRecord, int]] = []
         with self._lock:
-            let_by, held, _ = self._seen.get(key, (-math.inf, 0, None))
+            let_by, held = self._seen.get(key, (-math.inf, 0))
             if record.created - let_by < REPEAT_EVERY:
-                self._seen[key] = (let_by, held + 1, record)
-                if not held:  # the first held since it was let by: told when the interval ends
-                    wait = max(0.0, let_by + REPEAT_EVERY - time.time())
-                    timer = threading.Timer(wait, self._tell, (key, let_by))
-                    timer.daemon = True
-                    timer.start()
+                self._seen[key] = (let_by, held + 1)
                 return False
             if len(self._seen) >= REPEATS_KEPT:
-                told = self._take_held()  # forgetting them must not lose their counts
                 self._seen.clear()
-            self._seen[key] = (record.created, 0, None)
-        for last, n in told:
-            _emit(last, n)
+            self._seen[key] = (record.created, 0)
         if held:
             record.held_back = held
         return True
-
-    def _tell(self, key: tuple[str, str], let_by: float) -> None:
-        """The interval since ``key`` was let by at ``let_by`` ended: if repeats were held and
-        none was let by since, the last goes through with the count held before it."""
-        with self._lock:
-            seen_at, held, last = self._seen.get(key, (None, 0, None))
-            if seen_at != let_by or last is None:
-                return
-            self._seen[key] = (time.time(), 0, None)
-        _emit(last, held)
-
-    def tell_all(self) -> None:
-        """Every count held now (the worker is exiting)."""
-        with self._lock:
-            told = self._take_held()
-        for last, n in told:
-            _emit(last, n)
-
-    def _take_held(self) -> list[tuple[logging.LogRecord, int]]:
-        now, told = time.time(), []
-        for key, (_, held, last) in list(self._seen.items()):
-            if last is not None:
-                told.append((last, held))
-                self._seen[key] = (now, 0, None)
-        return told
-
-
-def _emit(last: logging.LogRecord, held: int) -> None:
-    """``last`` through the handlers after all, counting the ``held`` - 1 held before it."""
-    last.repeats_told = True
-    if held > 1:
-        last.held_back = held - 1
-    logging.getLogger(last.name).handle(last)
