@@ -175,11 +175,11 @@ class Warmer:
     def warm_now(self, urls: list[Routed]) -> list[dict[str, object]]:
         """Warm ``urls`` from this thread, after the delay and at the zone's pace; what each
         answered (for ``purge --warm``)."""
+        import requests  # noqa: PLC0415 (as in ``_run``)
+
         pace = 1.0 / self._settings.requests_per_second
         self._clock.sleep(self._settings.delay_seconds)
         out: list[dict[str, object]] = []
-        import requests  # noqa: PLC0415 (as in ``_run``)
-
         with requests.Session() as session:
             for i, (zone, _, target) in enumerate(urls):
                 if i:
