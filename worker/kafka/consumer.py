@@ -22,6 +22,7 @@ from worker.events import Record, TopicPartition
 from worker.kafka.client import connecting, kafka_offsets, millis, options, to_record
 from worker.kafka.handover import Listener
 from worker.kafka.metadata import prompt_metadata
+from worker.kafka.records import read_as_records
 
 log = structlog.get_logger("worker.kafka")
 
@@ -82,6 +83,8 @@ class KafkaSource:
             lambda: KafkaConsumer(**settings), config, f"cannot reach Kafka at {servers}"
         )
         self._listener.consumer = self._consumer
+        # Its polls hand out the worker's records, read a batch at a time (``records``).
+        self._as_records = read_as_records(self._consumer)
         self._heard_at: float | None = None
         # End offsets of the assigned partitions not read from yet, asked once per assignment.
         self._ends: dict[KafkaTP, int] = {}
@@ -94,8 +97,11 @@ class KafkaSource:
     def poll(self, timeout: float, max_records: int) -> list[Record]:
         """Raises ``AccessError`` when the group or a topic may not be read."""
         batches = self._poll(timeout, max_records)
-        if batches:
-            self._heard_at = time.monotonic()
+        if not batches:
+            return []
+        self._heard_at = time.monotonic()
+        if self._as_records:
+            return [r for records in batches.values() for r in records]
         return [to_record(r) for records in batches.values() for r in records]
 
     def _poll(self, timeout: float, max_records: int | None = None) -> dict[KafkaTP, list[Any]]:
