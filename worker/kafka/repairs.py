@@ -1,5 +1,5 @@
-"""Four faults of kafka-python 3.0 that a broker outage brings out, and one cost it adds to every
-poll, mended where the worker meets them. Each is applied only to the code it mirrors; a
+"""Four faults of kafka-python 3.0 that a broker outage brings out, and two waits it adds to a
+consumer's polls, mended where the worker meets them. Each is applied only to the code it mirrors; a
 kafka-python that differs is left as it is. The first two apply when ``worker.kafka`` is
 imported; ``mend`` applies the others to each client the worker makes. Cut off from Kafka by a
 network partition, a worker used 1.2 cores before ``steady_sender`` and ``steady_poll`` (0.9 with
@@ -33,6 +33,11 @@ only the first), 0.02 after.
   coordinator polls waited 0.18-0.23 s in all, 0.10-0.14 s with ``known_coordinator`` (the
   group join's own waits are in both). It answers from the poll's own thread when the
   coordinator is known and its connection is up; otherwise the network thread looks, as before.
+- A poll that empties what was fetched sends the next fetch before it returns, on the network
+  thread, and waits for that with the records in hand: 4-15 ms a time on two busy cores;
+  draining 120,000 records, the worker's polls waited 0.04-0.06 s in all for these sends, 0.02 s
+  with ``prompt_fetches``. It hands the records over at once and lets the network thread send;
+  a poll that found nothing still waits for its send, and then for the fetch.
 """
 
 from __future__ import annotations
@@ -42,9 +47,11 @@ import functools
 import inspect
 from typing import Any
 
+import structlog
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.net.inet import KafkaNetSocket
 
+_log = structlog.get_logger("worker.kafka")
 _PARAMETERS = ["self", "net", "addrinfo", "socket_options", "timeout_at"]
 # How long a producer's sender waits on a node it cannot send to yet, at most (ms): the network
 # wakes it as soon as anything changes, this only bounds a missed wake-up.
@@ -58,6 +65,7 @@ def mend(client: Any) -> None:
     steady_sender(client)
     steady_poll(client)
     known_coordinator(client)
+    prompt_fetches(client)
 
 
 def close_failed_connects() -> bool:
@@ -187,4 +195,44 @@ def known_coordinator(consumer: Any) -> bool:
 
     ensure_coordinator_ready.known = True  # type: ignore[attr-defined]
     coordinator.ensure_coordinator_ready = ensure_coordinator_ready
+    return True
+
+
+def prompt_fetches(consumer: Any) -> bool:
+    """Let ``consumer``'s poll hand over the records it has without waiting for the network
+    thread to send the next fetch; a poll that has none still waits for the send (it then
+    waits for the fetch it sent). Returns whether it does (False: not the consumer expected)."""
+    fetcher: Any = getattr(consumer, "_fetcher", None)
+    fetched = getattr(fetcher, "fetched_records", None)
+    send = getattr(fetcher, "send_fetches", None)
+    call_soon = getattr(getattr(fetcher, "_manager", None), "call_soon", None)
+    if fetched is None or send is None or call_soon is None:
+        return False
+    if getattr(send, "prompt", False):
+        return True
+    if not callable(getattr(fetcher, "_send_fetches_async", None)) or not hasattr(
+        fetcher, "fetch_records"
+    ):
+        return False
+    # What the poll's last look at the buffer found: the send that follows it is awaited only
+    # when it found nothing. Only the poll's thread calls either method.
+    found = [False]
+
+    def fetched_records(*args: Any, **kwargs: Any) -> Any:
+        records, partial = fetched(*args, **kwargs)
+        found[0] = bool(records)
+        return records, partial
+
+    def send_fetches() -> Any:
+        if not found[0]:
+            return send()
+        # A send that fails here fails again, awaited, at the first poll that finds nothing.
+        call_soon(fetcher._send_fetches_async).add_errback(
+            lambda exc: _log.debug("fetch not sent; the next poll sends it", error=str(exc))
+        )
+        return []
+
+    send_fetches.prompt = True  # type: ignore[attr-defined]
+    fetcher.fetched_records = fetched_records
+    fetcher.send_fetches = send_fetches
     return True
