@@ -656,7 +656,8 @@ def strong_peer(bootstrap: str, work: Workload, plan: str) -> dict[str, Any]:
 
 
 # The bare reader with a clock on its polls and on its decoding (thread CPU), for the breakdown:
-# kafka-python's fetch and parsing is what every reader pays, the worker's loop included.
+# kafka-python's fetch is what every reader pays; the bare reader's records are read by
+# kafka-python, the worker's by ``worker.kafka.records``.
 def _edited(text: str, *edits: tuple[str, str]) -> str:
     """``text`` with each (old, new) replaced; an ``old`` not there stops the bench (a silent
     miss would report a clock that never ran as zero)."""

@@ -33,7 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 # (module, class, method, what the bench calls it), in the order a record meets them.
 STAGES = [
-    ("worker.intake.stage", "Intake", "poll", "Kafka poll: kafka-python's fetch and parsing"),
+    (
+        "worker.intake.stage",
+        "Intake",
+        "poll",
+        "Kafka poll: kafka-python's fetch, the worker's reading of records",
+    ),
     ("worker.planning.stage", "Planning", "submit", "records to the planning process"),
     ("worker.planning.process", "PlanningProcess", "collect", "plans back (waiting included)"),
     (

@@ -39,6 +39,7 @@ class _Envelope(msgspec.Struct):
 
 
 _read_envelope = msgspec.json.Decoder(_Envelope).decode
+_make = tuple.__new__
 
 DATA, NOTHING = 1, 2  # what a plan depends on besides topic and type (``ByData._depends``)
 _UNKNOWN = -1
@@ -135,7 +136,8 @@ class ByData:
         except InvalidEvent:
             return None
         key = (topic, etype, bytes(envelope.data) if depends == DATA else b"")
-        return Found(key, envelope.id, when, stamp, judge)
+        # A named tuple's own constructor is a Python call; this is its C constructor.
+        return _make(Found, (key, envelope.id, when, stamp, judge))
 
     def _learn(self, topic: str, etype: str) -> int | None:
         reads = self._reads_for(topic, etype)
