@@ -114,7 +114,7 @@ def ledger_time_of(when: float | None, record: float | None, use_event_time: boo
     return when if use_event_time and when is not None else record
 
 
-_make = tuple.__new__
+_make = tuple.__new__  # a named tuple's C constructor: ``_Known.planned`` runs per record
 # The plan of every record no rule fired for: the loop finishes it at once (most page views).
 SKIPPED = Planned(None, None, None, True, (), (), (), ())
 
@@ -133,7 +133,6 @@ class _Known(NamedTuple):
         if not self.fired:
             return SKIPPED
         ledger_time = ledger_time_of(when, record, by)
-        # The named tuple's C constructor: this runs for most records of a backlog.
         return _make(Planned, (event_id, when, ledger_time, False, self.targets, (), self.warm, ()))
 
 
@@ -270,9 +269,7 @@ class Planner:
         cache-key variants, duplicates once."""
         seen: set[tuple[str, Mode, Target]] = set()
         for rt in targets:
-            routed = self._routes.get(rt.target)
-            if routed is None:
-                routed = self._route(rt.target)
+            routed = self._routes.get(rt.target) or self._route(rt.target)
             if isinstance(routed, UnknownZone):
                 if self.settings.unknown_zone == "drop":
                     plan.dropped.append(routed)
