@@ -6,9 +6,11 @@ broker through ``KafkaSource``."""
 
 from __future__ import annotations
 
+import gzip
 import struct
 import time
 import uuid
+import zlib
 from types import SimpleNamespace
 
 import pytest
@@ -167,12 +169,31 @@ def corrupt(data: bytes, *, longer: bool = False, more: bool = False) -> bytes:
     return bytes(out)
 
 
+def legacy_corrupt() -> bytes:
+    """A gzip-compressed format-v1 batch of three records whose second record's value no longer
+    matches its own CRC (the wrapper's CRC made again: only the record's check can tell)."""
+    builder = LegacyRecordBatchBuilder(magic=1, compression_type=1, batch_size=1 << 30)
+    for i in range(3):
+        builder.append(i, timestamp=NOW_MS + i, key=b"k", value=b"value-%d" % i)
+    data = bytes(builder.build())
+    offset, _, _, magic, attributes, stamp = struct.unpack_from(">qiIbbq", data)
+    at = struct.calcsize(">qiIbbq") + 4  # past the wrapper's null key
+    (size,) = struct.unpack_from(">i", data, at)
+    inner = bytearray(gzip.decompress(data[at + 4 : at + 4 + size]))
+    inner[inner.index(b"value-1") + 6] ^= 1
+    value = gzip.compress(bytes(inner))
+    body = struct.pack(">bbqii", magic, attributes, stamp, -1, len(value)) + value
+    message = struct.pack(">I", zlib.crc32(body)) + body
+    return struct.pack(">qi", offset, len(message)) + message
+
+
 @pytest.mark.parametrize(
     ("name", "data", "says"),
     [
         ("crc", v2(plain(3))[:-1] + b"\x01", "failed crc check"),
         ("size", corrupt(v2(plain(3)), longer=True), "Invalid record size"),
         ("count", corrupt(v2(plain(3)), more=True), "invalid record structure"),
+        ("legacy record crc", legacy_corrupt(), "failed crc check"),
     ],
 )
 def test_a_corrupt_batch_is_refused_as_kafka_python_refuses_it(name, data, says):

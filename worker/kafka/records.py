@@ -22,6 +22,7 @@ from typing import Any
 
 from kafka.consumer.fetcher import Fetcher, IsolationLevel
 from kafka.errors import CorruptRecordError
+from kafka.record.default_records import DefaultRecordBatch
 from kafka.record.util import decode_varint as varint
 
 from worker.events import Record
@@ -61,7 +62,7 @@ class BatchRecords(_Base):  # type: ignore[misc]
                         continue
                     read, error = read_batch(batch, topic, partition)
                 else:
-                    read, error = self._read_legacy(batch, topic, partition), None
+                    read, error = self._read_legacy(batch, topic, partition)
                 self.records_read += len(read)
                 self.bytes_read += batch.size_in_bytes
                 for record in read:
@@ -90,17 +91,20 @@ class BatchRecords(_Base):  # type: ignore[misc]
                 return True
         return bool(batch.is_control_batch)
 
-    def _read_legacy(self, batch: Any, topic: str, partition: int) -> list[Record]:
-        out = []
+    def _read_legacy(
+        self, batch: Any, topic: str, partition: int
+    ) -> tuple[list[Record], CorruptRecordError | None]:
+        """``read_batch`` for the formats before v2, record by record as kafka-python reads them."""
+        out: list[Record] = []
         for r in batch:
             if self.check_crcs and not r.validate_crc():
-                raise CorruptRecordError(
+                return out, CorruptRecordError(
                     f"Record for partition {topic}-{partition} at offset {r.offset} failed crc "
                     "check"
                 )
             headers = tuple(h) if (h := r.headers) else ()
             out.append(Record(topic, partition, r.offset, r.key, r.value, headers, r.timestamp))
-        return out
+        return out, None
 
 
 def read_batch(
@@ -186,14 +190,8 @@ def read_as_records(consumer: Any) -> bool:
         or config.get("key_deserializer") is not None
         or config.get("value_deserializer") is not None
         or not all(hasattr(_Base, name) for name in _BASE_NEEDS)
-        or not all(name in getattr(_batch_class(), "__slots__", ()) for name in _BATCH_NEEDS)
+        or not all(name in getattr(DefaultRecordBatch, "__slots__", ()) for name in _BATCH_NEEDS)
     ):
         return False
     fetcher.PartitionRecords = BatchRecords
     return True
-
-
-def _batch_class() -> Any:
-    from kafka.record.default_records import DefaultRecordBatch  # noqa: PLC0415
-
-    return DefaultRecordBatch
